@@ -1,0 +1,116 @@
+//! Redis glob semantics (`*`, `?`, `[abc]`, `[^a-z]`, `\` escapes) for the local tier,
+//! so a pattern deletes the same keys whichever mode the cache runs in.
+
+/// Whether `text` matches the Redis glob `pattern`.
+pub fn matches(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    // Where to resume after the last `*`: iterative backtracking, linear in practice.
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() {
+            match pattern[p] {
+                b'*' => {
+                    star = Some((p, t));
+                    p += 1;
+                    continue;
+                }
+                b'?' => {
+                    p += 1;
+                    t += 1;
+                    continue;
+                }
+                b'[' => {
+                    if let Some((matched, next)) = class(pattern, p, text[t]) {
+                        if matched {
+                            p = next;
+                            t += 1;
+                            continue;
+                        }
+                    }
+                }
+                b'\\' if p + 1 < pattern.len() => {
+                    if pattern[p + 1] == text[t] {
+                        p += 2;
+                        t += 1;
+                        continue;
+                    }
+                }
+                c if c == text[t] => {
+                    p += 1;
+                    t += 1;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        match star {
+            Some((sp, st)) => {
+                p = sp + 1;
+                t = st + 1;
+                star = Some((sp, st + 1));
+            }
+            None => return false,
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// Matches one byte against the class starting at `pattern[start] == b'['`;
+/// returns whether it matched and where the pattern continues.
+fn class(pattern: &[u8], start: usize, c: u8) -> Option<(bool, usize)> {
+    let mut i = start + 1;
+    let negate = pattern.get(i) == Some(&b'^');
+    if negate {
+        i += 1;
+    }
+    let mut matched = false;
+    loop {
+        match *pattern.get(i)? {
+            b']' => break,
+            b'\\' => {
+                i += 1;
+                matched |= *pattern.get(i)? == c;
+                i += 1;
+            }
+            lo if pattern.get(i + 1) == Some(&b'-') && pattern.get(i + 2).is_some_and(|&h| h != b']') => {
+                let hi = pattern[i + 2];
+                let (lo, hi) = if lo <= hi { (lo, hi) } else { (hi, lo) };
+                matched |= (lo..=hi).contains(&c);
+                i += 3;
+            }
+            x => {
+                matched |= x == c;
+                i += 1;
+            }
+        }
+    }
+    Some((matched != negate, i + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::matches;
+
+    fn m(p: &str, t: &str) -> bool {
+        matches(p.as_bytes(), t.as_bytes())
+    }
+
+    #[test]
+    fn redis_glob_cases() {
+        assert!(m("missions:*", "missions:1"));
+        assert!(m("missions:*", "missions:"));
+        assert!(!m("missions:*", "mission:1"));
+        assert!(m("*", ""));
+        assert!(m("h?llo", "hello"));
+        assert!(!m("h?llo", "hllo"));
+        assert!(m("h[ae]llo", "hallo"));
+        assert!(!m("h[^e]llo", "hello"));
+        assert!(m("h[a-b]llo", "hbllo"));
+        assert!(m("a\\*b", "a*b"));
+        assert!(!m("a\\*b", "axb"));
+        assert!(m("*:queue:*:x", "m:queue:high:x"));
+        assert!(m("a*b*c", "aXXbYYbc"));
+        assert!(!m("a*b*c", "aXXbYYb"));
+        assert!(!m("[abc", "a"));
+    }
+}

@@ -1,0 +1,67 @@
+//! Cache-aside for async Rust services: Redis with an in-process fallback tier,
+//! tag and pattern invalidation, and stampede protection.
+//!
+//! ```no_run
+//! use cache_runtime::{cached, CacheConfig};
+//!
+//! #[cached(ttl = 60, prefix = "missions", tags = ["missions"])]
+//! async fn get_mission(id: u64) -> String {
+//!     format!("mission {id}")
+//! }
+//!
+//! # async fn demo() -> Result<(), cache_runtime::CacheError> {
+//! cache_runtime::init(CacheConfig::from_env()?).await?;
+//! let first = get_mission(7).await; // runs the body and stores the result
+//! let again = get_mission(7).await; // served from the cache
+//! get_mission_invalidate(7).await?;
+//! # Ok(()) }
+//! ```
+
+mod cache;
+mod codec;
+mod config;
+mod error;
+mod flight;
+mod glob;
+mod key;
+mod local;
+mod redis_store;
+mod stats;
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+
+pub use cache::{get_cache, init, Cache, KeyTtl, Mode, Set};
+pub use codec::{Serialization, WIRE_VERSION};
+pub use config::{CacheConfig, CacheConfigBuilder, Profile, RedisTarget};
+pub use error::CacheError;
+pub use stats::{CacheStats, Health};
+
+use std::time::Duration;
+
+/// A time to live: whole seconds as an integer, or a `Duration`.
+pub trait IntoTtl {
+    /// The TTL as a `Duration`.
+    fn into_ttl(self) -> Duration;
+}
+
+impl IntoTtl for Duration {
+    fn into_ttl(self) -> Duration {
+        self
+    }
+}
+
+macro_rules! secs_ttl {
+    ($($t:ty),*) => {$(
+        impl IntoTtl for $t {
+            fn into_ttl(self) -> Duration {
+                // Negative seconds can't be meant: treat them as zero, which `set` rejects.
+                Duration::from_secs(u64::try_from(self).unwrap_or(0))
+            }
+        }
+    )*};
+}
+
+secs_ttl!(u64, u32, i32, i64, usize);

@@ -1,0 +1,347 @@
+//! What `#[cached]` expansions call. Not a stable API: only the macro uses it.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::flight::{self, Outcome, Role};
+use crate::key::{escape_glob, push_part as push, UNCACHEABLE};
+use crate::{codec, Cache, CacheError};
+
+pub use crate::IntoTtl;
+pub use serde;
+
+/// The process-wide cache the expansion uses when no `cache = ...` is given.
+pub fn global() -> &'static Cache {
+    crate::get_cache()
+}
+
+/// A `ttl = ...` option.
+#[derive(Debug, Clone, Copy)]
+pub enum TtlSpec {
+    /// A fixed duration.
+    Fixed(Duration),
+    /// A TTL looked up by name in the configuration (`quantum_state_ttl: 300`).
+    Named(&'static str),
+}
+
+/// Converts a `ttl = ...` expression.
+pub fn ttl(v: impl IntoTtl) -> TtlSpec {
+    TtlSpec::Fixed(v.into_ttl())
+}
+
+/// Static description of one cached function.
+#[derive(Debug)]
+pub struct Spec {
+    /// The function's name.
+    pub name: &'static str,
+    /// The `prefix` option.
+    pub prefix: Option<&'static str>,
+    /// The `ttl` option.
+    pub ttl: Option<TtlSpec>,
+    /// The `profile` option.
+    pub profile: Option<&'static str>,
+    /// The `version` option.
+    pub version: u32,
+}
+
+impl Spec {
+    fn prefix<'a>(&'a self, cache: &'a Cache) -> &'a str {
+        if let Some(prefix) = self.prefix {
+            return prefix;
+        }
+        if let Some(name) = self.profile {
+            let config = cache.config();
+            if let Some(profile) = config.profiles.get(name) {
+                return profile.prefix.as_deref().unwrap_or(self.name);
+            }
+            if config.named_ttls.contains_key(name) {
+                return name;
+            }
+        }
+        self.name
+    }
+
+    fn ttl(&self, cache: &Cache) -> Duration {
+        let config = cache.config();
+        let named = |name: &str| {
+            config.named_ttl(name).unwrap_or_else(|| {
+                tracing::warn!(function = self.name, ttl = name, "no such named TTL: using the default TTL");
+                config.default_ttl
+            })
+        };
+        match self.ttl {
+            Some(TtlSpec::Fixed(d)) => d,
+            Some(TtlSpec::Named(name)) => named(name),
+            None => match self.profile {
+                Some(p) => config.profiles.get(p).and_then(|p| p.ttl).unwrap_or_else(|| named(p)),
+                None => config.default_ttl,
+            },
+        }
+    }
+
+    fn tags(&self, cache: &Cache, mut tags: Vec<String>) -> Vec<String> {
+        if let Some(profile) = self.profile.and_then(|p| cache.config().profiles.get(p)) {
+            tags.extend(profile.tags.iter().cloned());
+        }
+        tags
+    }
+}
+
+/// Builds the relative key `{fn prefix}:v{wire}[.{version}]:{part}:{part}…`.
+pub struct KeyBuilder {
+    key: String,
+}
+
+impl KeyBuilder {
+    /// Starts the key of one call to the function `spec` describes.
+    pub fn new(cache: &Cache, spec: &Spec) -> Self {
+        use std::fmt::Write as _;
+        let prefix = spec.prefix(cache);
+        let mut key = String::with_capacity(prefix.len() + 32);
+        key.push_str(prefix);
+        let _ = write!(key, ":v{}", codec::WIRE_VERSION);
+        if spec.version != 0 {
+            let _ = write!(key, ".{}", spec.version);
+        }
+        KeyBuilder { key }
+    }
+
+    /// Appends one argument.
+    pub fn arg<T: Serialize + ?Sized>(&mut self, value: &T) {
+        self.key.push(':');
+        push(&mut self.key, value);
+    }
+
+    /// Starts a `key = "..."` format.
+    pub fn custom(&mut self) {
+        self.key.push(':');
+    }
+
+    /// Appends literal text of a `key` format.
+    pub fn lit(&mut self, s: &str) {
+        self.key.push_str(s);
+    }
+
+    /// Appends an interpolated value of a `key` format.
+    pub fn part<T: Serialize + ?Sized>(&mut self, value: &T) {
+        push(&mut self.key, value);
+    }
+
+    /// The relative key.
+    pub fn finish(self) -> String {
+        self.key
+    }
+}
+
+/// Appends the key-part form of `value` (escaped scalar or hash) to `out`.
+pub fn push_part<T: Serialize + ?Sized>(out: &mut String, value: &T) {
+    push(out, value);
+}
+
+/// Selects caching of the whole return value.
+pub struct Plain;
+/// Selects caching of `Ok` values only.
+pub struct OkOnly;
+/// Selects caching of `Some` values only.
+pub struct SomeOnly;
+
+/// How a return type is split into what is stored and rebuilt from it.
+pub trait Cacheable<M>: Sized {
+    /// What is stored.
+    type Value: Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// The part to store, if any.
+    fn stored(&self) -> Option<&Self::Value>;
+    /// Rebuilds the return value from a stored one.
+    fn from_cached(v: Self::Value) -> Self;
+}
+
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cacheable<Plain> for T {
+    type Value = T;
+    fn stored(&self) -> Option<&T> {
+        Some(self)
+    }
+    fn from_cached(v: T) -> T {
+        v
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static, E> Cacheable<OkOnly> for Result<T, E> {
+    type Value = T;
+    fn stored(&self) -> Option<&T> {
+        self.as_ref().ok()
+    }
+    fn from_cached(v: T) -> Self {
+        Ok(v)
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cacheable<SomeOnly> for Option<T> {
+    type Value = T;
+    fn stored(&self) -> Option<&T> {
+        self.as_ref()
+    }
+    fn from_cached(v: T) -> Self {
+        Some(v)
+    }
+}
+
+/// One call: which cache, the function's spec, the finished key, and the call's tags.
+pub struct Call<'a> {
+    /// The cache to use.
+    pub cache: &'a Cache,
+    /// The function's spec.
+    pub spec: &'a Spec,
+    /// The relative key.
+    pub key: String,
+    /// Tags of this call.
+    pub tags: Vec<String>,
+}
+
+/// The condition when none is given.
+pub fn always<V: ?Sized>(_: &V) -> bool {
+    true
+}
+
+/// Cache-aside: a hit returns the stored value; a miss runs `body` once per key in
+/// this process (other callers wait for it) and stores what `condition` accepts.
+/// Any cache fault falls back to `body`'s own result.
+pub async fn get_or_compute<M, Out, C, Fut>(call: Call<'_>, condition: C, body: Fut) -> Out
+where
+    Out: Cacheable<M>,
+    C: FnOnce(&Out::Value) -> bool,
+    Fut: Future<Output = Out>,
+{
+    let cache = call.cache;
+    if call.key.contains(UNCACHEABLE) {
+        return body.await;
+    }
+    let full = cache.full_key(&call.key);
+    match cache.read(&full).await {
+        Ok(Some(raw)) => {
+            if let Some(v) = cache.decode_or_drop::<Out::Value>(&full, &raw) {
+                cache.inner.counters.record_lookup(&cache.inner.config, true);
+                return Out::from_cached(v);
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            cache.record_fault("get", &full, &e);
+            return body.await;
+        }
+    }
+    cache.inner.counters.record_lookup(&cache.inner.config, false);
+
+    let leader = loop {
+        match cache.inner.flights.join(&full) {
+            Role::Leader(leader) => break leader,
+            Role::Follower(slot) => match flight::follow(slot).await {
+                Some(Outcome::Value(bytes)) => match codec::decode::<Out::Value>(&bytes) {
+                    Ok(v) => return Out::from_cached(v),
+                    Err(_) => return body.await,
+                },
+                Some(Outcome::Uncacheable) => return body.await,
+                // The leader was cancelled or panicked: race to take over.
+                None => continue,
+            },
+        }
+    };
+
+    // The previous leader may have stored the value between our read and our
+    // joining; the epoch read in the same breath guards the fill below.
+    let epoch = match recheck::<Out::Value>(cache, &full).await {
+        Ok((Some(v), _)) => {
+            if let Ok(bytes) = codec::encode(cache.config().serialization, &v) {
+                leader.publish(Outcome::Value(bytes.into()));
+            }
+            return Out::from_cached(v);
+        }
+        Ok((None, epoch)) => Some(epoch),
+        Err(e) => {
+            cache.record_fault("get", &full, &e);
+            None
+        }
+    };
+    let out = body.await;
+    let outcome = match epoch {
+        Some(epoch) => store(&call, &full, &out, condition, Some(epoch)).await,
+        None => encode_only(cache, &out),
+    };
+    leader.publish(outcome);
+    out
+}
+
+/// Write-through: runs `body` and stores what `condition` accepts.
+pub async fn refresh<M, Out, C, Fut>(call: Call<'_>, condition: C, body: Fut) -> Out
+where
+    Out: Cacheable<M>,
+    C: FnOnce(&Out::Value) -> bool,
+    Fut: Future<Output = Out>,
+{
+    if call.key.contains(UNCACHEABLE) {
+        return body.await;
+    }
+    let full = call.cache.full_key(&call.key);
+    let epoch = call.cache.epoch().await;
+    let out = body.await;
+    match epoch {
+        Ok(epoch) => drop(store(&call, &full, &out, condition, Some(epoch)).await),
+        Err(e) => call.cache.record_fault("refresh", &full, &e),
+    }
+    out
+}
+
+/// Removes one cached result.
+pub async fn invalidate(cache: &Cache, key: &str) -> Result<bool, CacheError> {
+    cache.delete(key).await
+}
+
+/// Removes every cached result of the function `spec` describes.
+pub async fn invalidate_all(cache: &Cache, spec: &Spec) -> Result<u64, CacheError> {
+    cache.delete_pattern(&format!("{}:*", escape_glob(spec.prefix(cache)))).await
+}
+
+async fn recheck<V: DeserializeOwned>(cache: &Cache, full: &str) -> Result<(Option<V>, u64), CacheError> {
+    let epoch = cache.epoch().await?;
+    let value = cache.read(full).await?.and_then(|raw| cache.decode_or_drop(full, &raw));
+    Ok((value, epoch))
+}
+
+async fn store<M, Out, C>(call: &Call<'_>, full: &str, out: &Out, condition: C, epoch: Option<u64>) -> Outcome
+where
+    Out: Cacheable<M>,
+    C: FnOnce(&Out::Value) -> bool,
+{
+    let cache = call.cache;
+    let Some(value) = out.stored() else { return Outcome::Uncacheable };
+    let bytes = match codec::encode(cache.config().serialization, value) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            cache.record_fault("encode", full, &e);
+            return Outcome::Uncacheable;
+        }
+    };
+    if condition(value) {
+        let ttl = call.spec.ttl(cache);
+        let tags = call.spec.tags(cache, call.tags.clone());
+        match cache.write(full, &bytes, ttl, &tags, epoch).await {
+            Ok(true) => {}
+            Ok(false) => {
+                cache.inner.counters.fills_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(key = full, "fill refused: invalidated while computing");
+            }
+            Err(e) => cache.record_fault("set", full, &e),
+        }
+    }
+    Outcome::Value(bytes.into())
+}
+
+fn encode_only<M, Out: Cacheable<M>>(cache: &Cache, out: &Out) -> Outcome {
+    match out.stored().map(|v| codec::encode(cache.config().serialization, v)) {
+        Some(Ok(bytes)) => Outcome::Value(bytes.into()),
+        _ => Outcome::Uncacheable,
+    }
+}

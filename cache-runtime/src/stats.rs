@@ -1,0 +1,122 @@
+//! Counters kept on every call, and the shapes `stats()` and `health()` return.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::cache::Mode;
+use crate::config::CacheConfig;
+use crate::CacheError;
+
+/// Relaxed atomics: each is an independent count, read only for reporting.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) decode_failures: AtomicU64,
+    pub(crate) fills_refused: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn record_lookup(&self, config: &CacheConfig, hit: bool) {
+        if config.track_stats {
+            let counter = if hit { &self.hits } else { &self.misses };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn snapshot(&self, mode: Mode, local_entries: u64, local_bytes: u64) -> CacheStats {
+        let hits = self.hits.load(Ordering::Relaxed);
+        let misses = self.misses.load(Ordering::Relaxed);
+        let lookups = hits + misses;
+        CacheStats {
+            connected: false,
+            mode,
+            total_keys: 0,
+            redis_version: None,
+            used_memory_bytes: None,
+            used_memory_human: None,
+            peak_memory_bytes: None,
+            peak_memory_human: None,
+            connected_clients: None,
+            local_cache_size: local_entries,
+            local_cache_bytes: local_bytes,
+            hits,
+            misses,
+            hit_rate: if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
+            errors: self.errors.load(Ordering::Relaxed),
+            decode_failures: self.decode_failures.load(Ordering::Relaxed),
+            fills_refused: self.fills_refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What [`Cache::stats`](crate::Cache::stats) reports.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Whether Redis answered.
+    pub connected: bool,
+    /// Which store serves the cache.
+    pub mode: Mode,
+    /// Keys under this cache's prefix.
+    pub total_keys: u64,
+    /// The Redis server's version.
+    pub redis_version: Option<String>,
+    /// Memory Redis uses, in bytes.
+    pub used_memory_bytes: Option<u64>,
+    /// Memory Redis uses, as Redis prints it (`1.23M`).
+    pub used_memory_human: Option<String>,
+    /// Peak memory Redis used, in bytes.
+    pub peak_memory_bytes: Option<u64>,
+    /// Peak memory, as Redis prints it.
+    pub peak_memory_human: Option<String>,
+    /// Clients connected to Redis.
+    pub connected_clients: Option<u64>,
+    /// Entries in the local tier.
+    pub local_cache_size: u64,
+    /// Bytes held by the local tier (keys and encoded values).
+    pub local_cache_bytes: u64,
+    /// Lookups that found a value.
+    pub hits: u64,
+    /// Lookups that found none.
+    pub misses: u64,
+    /// `hits / (hits + misses)`, 0 before any lookup.
+    pub hit_rate: f64,
+    /// Cache faults absorbed by falling back to the function.
+    pub errors: u64,
+    /// Entries that could not be decoded and were dropped.
+    pub decode_failures: u64,
+    /// Fills skipped because an invalidation ran while the value was computed.
+    pub fills_refused: u64,
+}
+
+/// What [`Cache::health`](crate::Cache::health) reports.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct Health {
+    /// `healthy`, or `degraded` when the store did not answer.
+    pub status: &'static str,
+    /// Whether Redis answered a PING (false in local mode).
+    pub connected: bool,
+    /// Which store serves the cache.
+    pub mode: Mode,
+    /// How long the check took, in milliseconds.
+    pub latency_ms: f64,
+    /// Why the check failed.
+    pub error: Option<String>,
+}
+
+impl Health {
+    pub(crate) fn new(mode: Mode, took: Duration, error: Option<CacheError>) -> Health {
+        Health {
+            status: if error.is_none() { "healthy" } else { "degraded" },
+            connected: mode == Mode::Redis && error.is_none(),
+            mode,
+            latency_ms: took.as_secs_f64() * 1e3,
+            error: error.map(|e| e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! A real `redis-server` per test, on a free loopback port, killed on drop.
+//!
+//! With `REDIS_URL` set, [`Redis::start`] uses that server instead and every
+//! test gets a key prefix of its own; tests that must stop or pause the server
+//! always start their own with [`Redis::spawn`].
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use cache_runtime::{Cache, CacheConfig, CacheConfigBuilder, Serialization};
+
+pub struct Redis {
+    url: String,
+    port: u16,
+    dir: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A key prefix no other test in any process uses.
+pub fn unique_prefix(name: &str) -> String {
+    format!("t{}x{}{name}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Redis {
+    /// The server in `REDIS_URL`, or a fresh one of our own.
+    pub fn start() -> Redis {
+        match std::env::var("REDIS_URL") {
+            Ok(url) if !url.is_empty() => Redis { url, port: 0, dir: None, child: None },
+            _ => Redis::spawn(),
+        }
+    }
+
+    /// Always a fresh `redis-server` of our own, so it can be killed and restarted.
+    pub fn spawn() -> Redis {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("cache-runtime-test-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create a temp dir for redis-server");
+        let mut redis = Redis { url: format!("redis://127.0.0.1:{port}/0"), port, dir: Some(dir), child: None };
+        redis.boot();
+        redis
+    }
+
+    fn boot(&mut self) {
+        let dir = self.dir.as_ref().expect("only our own server can be booted");
+        let log = dir.join("redis.log");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--logfile")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                panic!("redis-server not found: install it (apt-get install redis-server) or set REDIS_URL")
+            }
+            Err(e) => panic!("could not start redis-server: {e}"),
+        };
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if ping(self.port) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        panic!("redis-server on port {} did not answer PING within 10 s; its log:\n{log}", self.port);
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// SIGKILL and wait, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port after [`kill`](Self::kill).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.boot();
+    }
+
+    /// A cache builder on this server with a prefix of the test's own.
+    pub fn config(&self, name: &str) -> CacheConfigBuilder {
+        CacheConfig::builder().redis_url(self.url.clone()).key_prefix(unique_prefix(name))
+    }
+
+    /// A Redis-mode cache in `format`, asserting that Redis mode was reached.
+    pub async fn cache(&self, name: &str, format: Serialization) -> Cache {
+        let cache = Cache::new(self.config(name).serialization(format).build().unwrap()).await.unwrap();
+        assert_eq!(cache.mode(), cache_runtime::Mode::Redis, "test server unreachable at {}", self.url);
+        cache
+    }
+
+    /// A plain redis-rs connection, for planting and inspecting raw keys.
+    pub async fn raw(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("raw connection to the test server")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = [0u8; 16];
+    stream.write_all(b"PING\r\n").is_ok() && stream.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+}
+
+/// A local-mode cache in `format`.
+pub fn local_cache(name: &str, format: Serialization) -> Cache {
+    let config = CacheConfig::builder().key_prefix(unique_prefix(name)).serialization(format).build().unwrap();
+    Cache::local(config)
+}
+
+pub const FORMATS: [Serialization; 3] = [Serialization::Json, Serialization::MsgPack, Serialization::Binary];

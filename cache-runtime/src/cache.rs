@@ -325,6 +325,21 @@ impl Cache {
         }
     }
 
+    /// Reads `full` and the invalidation epoch together.
+    pub(crate) async fn read_with_epoch(&self, full: &str) -> Result<(Option<Raw>, u64), CacheError> {
+        match &self.inner.redis {
+            Some(redis) => {
+                let (value, epoch) = redis.get_with_epoch(full, &self.inner.epoch_key).await?;
+                Ok((value.map(Raw::Owned), epoch))
+            }
+            // Epoch first: a value read after it is at least as new.
+            None => {
+                let epoch = self.inner.local.epoch();
+                Ok((self.inner.local.get(full).map(Raw::Shared), epoch))
+            }
+        }
+    }
+
     /// Stores encoded bytes; with `expected_epoch`, only if no invalidation happened since.
     pub(crate) async fn write(
         &self,

@@ -305,9 +305,8 @@ pub async fn invalidate_all(cache: &Cache, spec: &Spec) -> Result<u64, CacheErro
 }
 
 async fn recheck<V: DeserializeOwned>(cache: &Cache, full: &str) -> Result<(Option<V>, u64), CacheError> {
-    let epoch = cache.epoch().await?;
-    let value = cache.read(full).await?.and_then(|raw| cache.decode_or_drop(full, &raw));
-    Ok((value, epoch))
+    let (raw, epoch) = cache.read_with_epoch(full).await?;
+    Ok((raw.and_then(|raw| cache.decode_or_drop(full, &raw)), epoch))
 }
 
 async fn store<M, Out, C>(call: &Call<'_>, full: &str, out: &Out, condition: C, epoch: Option<u64>) -> Outcome

@@ -109,6 +109,13 @@ impl RedisStore {
         Ok(v.unwrap_or(0))
     }
 
+    /// One round trip for both: the leader's re-read and the epoch its fill is checked against.
+    pub(crate) async fn get_with_epoch(&self, key: &str, epoch_key: &str) -> Result<(Option<Vec<u8>>, u64), CacheError> {
+        let (value, epoch): (Option<Vec<u8>>, Option<u64>) =
+            redis::pipe().cmd("GET").arg(key).cmd("GET").arg(epoch_key).query_async(&mut self.conn()).await?;
+        Ok((value, epoch.unwrap_or(0)))
+    }
+
     pub(crate) async fn set(
         &self,
         key: &str,

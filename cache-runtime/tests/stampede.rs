@@ -1,0 +1,174 @@
+//! The cache-aside path under concurrency: one body run per cold key, leaders
+//! that vanish, and fills that lose to an invalidation.
+
+mod support;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cache_runtime::__private::{always, get_or_compute, Call, KeyBuilder, OkOnly, Plain, Spec};
+use cache_runtime::Cache;
+use support::{local_cache, Redis, FORMATS};
+use tokio::sync::{Barrier, Notify};
+
+const SPEC: Spec = Spec { name: "load", prefix: Some("load"), ttl: None, profile: None, version: 0 };
+
+fn call<'a>(cache: &'a Cache, id: u32, tags: &[&str]) -> Call<'a> {
+    let mut key = KeyBuilder::new(cache, &SPEC);
+    key.arg(&id);
+    Call { cache, spec: &SPEC, key: key.finish(), tags: tags.iter().map(|t| t.to_string()).collect() }
+}
+
+async fn load(cache: &Cache, id: u32, runs: &AtomicU32, delay: Duration) -> u64 {
+    get_or_compute::<Plain, _, _, _>(call(cache, id, &["load"]), always, async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(delay).await;
+        u64::from(id) * 10
+    })
+    .await
+}
+
+async fn caches(redis: &Redis, name: &str) -> Vec<Cache> {
+    vec![redis.cache(name, FORMATS[0]).await, local_cache(name, FORMATS[1])]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_callers_of_a_cold_key_run_the_body_once() {
+    let redis = Redis::start();
+    for cache in caches(&redis, "stampede").await {
+        let runs = Arc::new(AtomicU32::new(0));
+        let start = Arc::new(Barrier::new(1000));
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| {
+                let (cache, runs, start) = (cache.clone(), runs.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    load(&cache, 7, &runs, Duration::from_millis(50)).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 70);
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "{:?}", cache.mode());
+        assert_eq!(load(&cache, 7, &runs, Duration::ZERO).await, 70);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_leader_hands_over_to_a_follower() {
+    let redis = Redis::start();
+    for cache in caches(&redis, "cancel").await {
+        let runs = Arc::new(AtomicU32::new(0));
+        let leader = {
+            let (cache, runs) = (cache.clone(), runs.clone());
+            tokio::spawn(async move { load(&cache, 1, &runs, Duration::from_secs(30)).await })
+        };
+        while runs.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let followers: Vec<_> = (0..20)
+            .map(|_| {
+                let (cache, runs) = (cache.clone(), runs.clone());
+                tokio::spawn(async move { load(&cache, 1, &runs, Duration::from_millis(20)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        leader.abort();
+        let results = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut out = Vec::new();
+            for f in followers {
+                out.push(f.await.unwrap());
+            }
+            out
+        })
+        .await
+        .expect("followers hung after the leader was cancelled");
+        assert!(results.iter().all(|&v| v == 10));
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "exactly one follower took over");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_leader_hands_over_and_leaves_no_lock() {
+    let redis = Redis::start();
+    for cache in caches(&redis, "panic").await {
+        let runs = Arc::new(AtomicU32::new(0));
+        let entered = Arc::new(Notify::new());
+        let leader = {
+            let (cache, entered) = (cache.clone(), entered.clone());
+            tokio::spawn(async move {
+                get_or_compute::<Plain, _, _, _>(call(&cache, 2, &[]), always, async move {
+                    entered.notify_one();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    panic!("the body failed");
+                    #[allow(unreachable_code)]
+                    0u64
+                })
+                .await
+            })
+        };
+        entered.notified().await;
+        let follower = {
+            let (cache, runs) = (cache.clone(), runs.clone());
+            tokio::spawn(async move { load(&cache, 2, &runs, Duration::ZERO).await })
+        };
+        assert!(leader.await.unwrap_err().is_panic());
+        let v = tokio::time::timeout(Duration::from_secs(5), follower).await.expect("follower hung").unwrap();
+        assert_eq!(v, 20);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_computed_before_an_invalidation_is_refused() {
+    let redis = Redis::start();
+    for cache in caches(&redis, "stale").await {
+        for invalidate in ["key", "tag", "pattern", "clear"] {
+            let in_body = Arc::new(Notify::new());
+            let release = Arc::new(Notify::new());
+            let reader = {
+                let (cache, in_body, release) = (cache.clone(), in_body.clone(), release.clone());
+                tokio::spawn(async move {
+                    get_or_compute::<Plain, _, _, _>(call(&cache, 3, &["load"]), always, async move {
+                        in_body.notify_one();
+                        release.notified().await;
+                        "read before the update".to_owned()
+                    })
+                    .await
+                })
+            };
+            in_body.notified().await;
+            let key = call(&cache, 3, &[]).key;
+            match invalidate {
+                "key" => drop(cache.delete(&key).await.unwrap()),
+                "tag" => drop(cache.invalidate_tags(["load"]).await.unwrap()),
+                "pattern" => drop(cache.delete_pattern("load:*").await.unwrap()),
+                _ => drop(cache.clear().await.unwrap()),
+            }
+            release.notify_one();
+            assert_eq!(reader.await.unwrap(), "read before the update");
+            assert_eq!(cache.get::<String>(&key).await.unwrap(), None, "{:?} {invalidate}: stale fill landed", cache.mode());
+        }
+        assert!(cache.stats().await.unwrap().fills_refused >= 4);
+    }
+}
+
+#[tokio::test]
+async fn errors_pass_through_and_are_not_stored() {
+    let redis = Redis::start();
+    for cache in caches(&redis, "errors").await {
+        let runs = AtomicU32::new(0);
+        for _ in 0..3 {
+            let r: Result<u32, String> = get_or_compute::<OkOnly, _, _, _>(call(&cache, 4, &[]), always, async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Err("db down".to_owned())
+            })
+            .await;
+            assert_eq!(r.unwrap_err(), "db down");
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+    }
+}

@@ -173,7 +173,9 @@ impl Cache {
         let full = self.full_key(key);
         let raw = self.read(&full).await?;
         let value = raw.and_then(|raw| self.decode_or_drop(&full, &raw));
-        self.inner.counters.record_lookup(&self.inner.config, value.is_some());
+        self.inner
+            .counters
+            .record_lookup(&self.inner.config, value.is_some());
         Ok(value)
     }
 
@@ -184,8 +186,18 @@ impl Cache {
     /// cache.set("missions:123", &"launch").ttl(60).tags(["missions", "queue"]).await?;
     /// # Ok(()) }
     /// ```
-    pub fn set<'a, T: Serialize + ?Sized + Sync>(&'a self, key: &'a str, value: &'a T) -> Set<'a, T> {
-        Set { cache: self, key, value, ttl: None, tags: Vec::new() }
+    pub fn set<'a, T: Serialize + ?Sized + Sync>(
+        &'a self,
+        key: &'a str,
+        value: &'a T,
+    ) -> Set<'a, T> {
+        Set {
+            cache: self,
+            key,
+            value,
+            ttl: None,
+            tags: Vec::new(),
+        }
     }
 
     /// Deletes `key`; whether it existed.
@@ -215,7 +227,11 @@ impl Cache {
                 ms if ms < 0 => KeyTtl::Persistent,
                 ms => KeyTtl::Expires(Duration::from_millis(ms as u64)),
             }),
-            None => Ok(self.inner.local.remaining(&full).map_or(KeyTtl::Missing, KeyTtl::Expires)),
+            None => Ok(self
+                .inner
+                .local
+                .remaining(&full)
+                .map_or(KeyTtl::Missing, KeyTtl::Expires)),
         }
     }
 
@@ -223,11 +239,17 @@ impl Cache {
     /// how many were deleted. Uses SCAN, never KEYS.
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
         if pattern.is_empty() {
-            return Err(CacheError::InvalidArgument("empty pattern (use clear() to delete everything)".into()));
+            return Err(CacheError::InvalidArgument(
+                "empty pattern (use clear() to delete everything)".into(),
+            ));
         }
         let full = format!("{}:{pattern}", escape_glob(&self.inner.config.key_prefix));
         match &self.inner.redis {
-            Some(redis) => redis.delete_pattern(&full, Some(&self.inner.epoch_key)).await,
+            Some(redis) => {
+                redis
+                    .delete_pattern(&full, Some(&self.inner.epoch_key))
+                    .await
+            }
             None => Ok(self.inner.local.delete_pattern(&full)),
         }
     }
@@ -254,8 +276,12 @@ impl Cache {
         let prefix = escape_glob(&self.inner.config.key_prefix);
         match &self.inner.redis {
             Some(redis) => {
-                let deleted = redis.delete_pattern(&format!("{prefix}:*"), Some(&self.inner.epoch_key)).await?;
-                redis.delete_pattern(&format!("{prefix}#tag:*"), None).await?;
+                let deleted = redis
+                    .delete_pattern(&format!("{prefix}:*"), Some(&self.inner.epoch_key))
+                    .await?;
+                redis
+                    .delete_pattern(&format!("{prefix}#tag:*"), None)
+                    .await?;
                 Ok(deleted)
             }
             None => {
@@ -270,7 +296,10 @@ impl Cache {
     pub async fn stats(&self) -> Result<CacheStats, CacheError> {
         let pattern = format!("{}:*", escape_glob(&self.inner.config.key_prefix));
         let local = &self.inner.local;
-        let mut stats = self.inner.counters.snapshot(self.mode(), local.len(), local.size_bytes());
+        let mut stats = self
+            .inner
+            .counters
+            .snapshot(self.mode(), local.len(), local.size_bytes());
         match &self.inner.redis {
             Some(redis) => {
                 stats.total_keys = redis.count(&pattern).await?;
@@ -326,7 +355,10 @@ impl Cache {
     }
 
     /// Reads `full` and the invalidation epoch together.
-    pub(crate) async fn read_with_epoch(&self, full: &str) -> Result<(Option<Raw>, u64), CacheError> {
+    pub(crate) async fn read_with_epoch(
+        &self,
+        full: &str,
+    ) -> Result<(Option<Raw>, u64), CacheError> {
         match &self.inner.redis {
             Some(redis) => {
                 let (value, epoch) = redis.get_with_epoch(full, &self.inner.epoch_key).await?;
@@ -352,9 +384,21 @@ impl Cache {
         match &self.inner.redis {
             Some(redis) => {
                 let tag_keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
-                redis.set(full, bytes, ttl, &self.inner.epoch_key, &tag_keys, expected_epoch).await
+                redis
+                    .set(
+                        full,
+                        bytes,
+                        ttl,
+                        &self.inner.epoch_key,
+                        &tag_keys,
+                        expected_epoch,
+                    )
+                    .await
             }
-            None => Ok(self.inner.local.set(full, bytes.to_vec(), ttl, tags, expected_epoch)),
+            None => Ok(self
+                .inner
+                .local
+                .set(full, bytes.to_vec(), ttl, tags, expected_epoch)),
         }
     }
 
@@ -363,7 +407,10 @@ impl Cache {
         match codec::decode(raw) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.inner.counters.decode_failures.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .counters
+                    .decode_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key = full, error = %e, "unreadable cache entry dropped");
                 let this = self.clone();
                 let full = full.to_owned();
@@ -422,7 +469,9 @@ impl<'a, T: Serialize + ?Sized + Sync> Set<'a, T> {
         }
         let bytes = codec::encode(self.cache.inner.config.serialization, self.value)?;
         let full = self.cache.full_key(self.key);
-        self.cache.write(&full, &bytes, ttl, &self.tags, None).await?;
+        self.cache
+            .write(&full, &bytes, ttl, &self.tags, None)
+            .await?;
         Ok(())
     }
 }
@@ -443,16 +492,18 @@ static GLOBAL: OnceLock<Cache> = OnceLock::new();
 /// Fails if it was already set (by an earlier `init` or a `get_cache` before it).
 pub async fn init(config: CacheConfig) -> Result<&'static Cache, CacheError> {
     let cache = Cache::new(config).await?;
-    GLOBAL
-        .set(cache)
-        .map_err(|_| CacheError::InvalidArgument("the global cache is already initialised".into()))?;
+    GLOBAL.set(cache).map_err(|_| {
+        CacheError::InvalidArgument("the global cache is already initialised".into())
+    })?;
     Ok(get_cache())
 }
 
 /// The process-wide cache; before [`init`], a local-mode cache with default settings.
 pub fn get_cache() -> &'static Cache {
     GLOBAL.get_or_init(|| {
-        tracing::warn!("cache_runtime::init was not called: using a local-mode cache with default settings");
+        tracing::warn!(
+            "cache_runtime::init was not called: using a local-mode cache with default settings"
+        );
         Cache::local(CacheConfig::default())
     })
 }

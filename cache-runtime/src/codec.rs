@@ -74,13 +74,19 @@ impl FromStr for Serialization {
             "json" => Ok(Serialization::Json),
             "msgpack" | "messagepack" => Ok(Serialization::MsgPack),
             "binary" | "bincode" | "postcard" | "pickle" => Ok(Serialization::Binary),
-            _ => Err("expected one of json, msgpack, bincode (binary, postcard and pickle are aliases)".into()),
+            _ => Err(
+                "expected one of json, msgpack, bincode (binary, postcard and pickle are aliases)"
+                    .into(),
+            ),
         }
     }
 }
 
 /// Encodes `value` as `format`, header included.
-pub fn encode<T: Serialize + ?Sized>(format: Serialization, value: &T) -> Result<Vec<u8>, CacheError> {
+pub fn encode<T: Serialize + ?Sized>(
+    format: Serialization,
+    value: &T,
+) -> Result<Vec<u8>, CacheError> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&[MAGIC, WIRE_VERSION, format.tag()]);
     let result = match format {
@@ -126,9 +132,13 @@ fn split_header(bytes: &[u8]) -> Result<(Serialization, &[u8]), CacheError> {
         return Err(bad("no cache header (written by something else?)".into()));
     }
     if bytes[1] != WIRE_VERSION {
-        return Err(bad(format!("wire version {} (this build reads {WIRE_VERSION})", bytes[1])));
+        return Err(bad(format!(
+            "wire version {} (this build reads {WIRE_VERSION})",
+            bytes[1]
+        )));
     }
-    let format = Serialization::from_tag(bytes[2]).ok_or_else(|| bad(format!("format tag {}", bytes[2])))?;
+    let format =
+        Serialization::from_tag(bytes[2]).ok_or_else(|| bad(format!("format tag {}", bytes[2])))?;
     Ok((format, &bytes[HEADER_LEN..]))
 }
 
@@ -152,12 +162,20 @@ mod tests {
     }
 
     fn sample() -> Mission {
-        Mission { id: 7, name: "apollo".into(), tags: vec!["a".into()] }
+        Mission {
+            id: 7,
+            name: "apollo".into(),
+            tags: vec!["a".into()],
+        }
     }
 
     #[test]
     fn every_format_round_trips() {
-        for format in [Serialization::Json, Serialization::MsgPack, Serialization::Binary] {
+        for format in [
+            Serialization::Json,
+            Serialization::MsgPack,
+            Serialization::Binary,
+        ] {
             let bytes = encode(format, &sample()).unwrap();
             assert_eq!(bytes[2], format.tag());
             assert_eq!(decode::<Mission>(&bytes).unwrap(), sample(), "{format}");
@@ -184,8 +202,14 @@ mod tests {
 
     #[test]
     fn names_parse_with_aliases() {
-        assert_eq!("pickle".parse::<Serialization>().unwrap(), Serialization::Binary);
-        assert_eq!("MsgPack".parse::<Serialization>().unwrap(), Serialization::MsgPack);
+        assert_eq!(
+            "pickle".parse::<Serialization>().unwrap(),
+            Serialization::Binary
+        );
+        assert_eq!(
+            "MsgPack".parse::<Serialization>().unwrap(),
+            Serialization::MsgPack
+        );
         assert!("xml".parse::<Serialization>().is_err());
     }
 }

@@ -9,7 +9,9 @@ pub enum CacheError {
     Redis(#[from] redis::RedisError),
 
     /// A Redis call did not finish within its timeout.
-    #[error("redis did not answer within {0:?} (raise `socket_timeout` or check the server's load)")]
+    #[error(
+        "redis did not answer within {0:?} (raise `socket_timeout` or check the server's load)"
+    )]
     Timeout(Duration),
 
     /// A value could not be encoded into the configured format.
@@ -56,7 +58,11 @@ pub enum CacheError {
 }
 
 impl CacheError {
-    pub(crate) fn config(key: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+    pub(crate) fn config(
+        key: &str,
+        value: impl std::fmt::Display,
+        reason: impl Into<String>,
+    ) -> Self {
         CacheError::Config {
             key: key.to_owned(),
             value: value.to_string(),

@@ -28,13 +28,13 @@ pub fn matches(pattern: &[u8], text: &[u8]) -> bool {
                         }
                     }
                 }
-                b'\\' if p + 1 < pattern.len() => {
-                    if pattern[p + 1] == text[t] {
-                        p += 2;
-                        t += 1;
-                        continue;
-                    }
+                b'\\' if p + 1 < pattern.len() && pattern[p + 1] == text[t] => {
+                    p += 2;
+                    t += 1;
+                    continue;
                 }
+                // An escape that does not match must not fall through to the literal arm.
+                b'\\' if p + 1 < pattern.len() => {}
                 c if c == text[t] => {
                     p += 1;
                     t += 1;
@@ -72,7 +72,9 @@ fn class(pattern: &[u8], start: usize, c: u8) -> Option<(bool, usize)> {
                 matched |= *pattern.get(i)? == c;
                 i += 1;
             }
-            lo if pattern.get(i + 1) == Some(&b'-') && pattern.get(i + 2).is_some_and(|&h| h != b']') => {
+            lo if pattern.get(i + 1) == Some(&b'-')
+                && pattern.get(i + 2).is_some_and(|&h| h != b']') =>
+            {
                 let hi = pattern[i + 2];
                 let (lo, hi) = if lo <= hi { (lo, hi) } else { (hi, lo) };
                 matched |= (lo..=hi).contains(&c);
@@ -108,6 +110,7 @@ mod tests {
         assert!(m("h[a-b]llo", "hbllo"));
         assert!(m("a\\*b", "a*b"));
         assert!(!m("a\\*b", "axb"));
+        assert!(!m("a\\*", "a\\"));
         assert!(m("*:queue:*:x", "m:queue:high:x"));
         assert!(m("a*b*c", "aXXbYYbc"));
         assert!(!m("a*b*c", "aXXbYYb"));

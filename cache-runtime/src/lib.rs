@@ -18,7 +18,7 @@
 //! ```
 
 mod cache;
-mod codec;
+pub mod codec;
 mod config;
 mod error;
 mod flight;
@@ -32,9 +32,8 @@ mod stats;
 #[path = "private.rs"]
 pub mod __private;
 
-
 pub use cache::{get_cache, init, Cache, KeyTtl, Mode, Set};
-pub use codec::{Serialization, WIRE_VERSION};
+pub use codec::Serialization;
 pub use config::{CacheConfig, CacheConfigBuilder, Profile, RedisTarget};
 pub use error::CacheError;
 pub use stats::{CacheStats, Health};

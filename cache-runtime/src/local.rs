@@ -24,7 +24,13 @@ impl Expiry<Arc<str>, Entry> for PerEntryTtl {
         Some(entry.expires_at.saturating_duration_since(now))
     }
 
-    fn expire_after_update(&self, _: &Arc<str>, entry: &Entry, now: Instant, _: Option<Duration>) -> Option<Duration> {
+    fn expire_after_update(
+        &self,
+        _: &Arc<str>,
+        entry: &Entry,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
         Some(entry.expires_at.saturating_duration_since(now))
     }
 }
@@ -47,7 +53,10 @@ pub(crate) struct LocalTier {
 impl LocalTier {
     pub(crate) fn new(max_entries: u64) -> Self {
         LocalTier {
-            entries: Moka::builder().max_capacity(max_entries).expire_after(PerEntryTtl).build(),
+            entries: Moka::builder()
+                .max_capacity(max_entries)
+                .expire_after(PerEntryTtl)
+                .build(),
             tags: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
         }
@@ -64,8 +73,18 @@ impl LocalTier {
     }
 
     /// Stores unless `expected_epoch` is given and an invalidation happened since.
-    pub(crate) fn set(&self, key: &str, bytes: Vec<u8>, ttl: Duration, tags: &[String], expected_epoch: Option<u64>) -> bool {
-        let entry = Entry { bytes: bytes.into(), expires_at: Instant::now() + ttl };
+    pub(crate) fn set(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        ttl: Duration,
+        tags: &[String],
+        expected_epoch: Option<u64>,
+    ) -> bool {
+        let entry = Entry {
+            bytes: bytes.into(),
+            expires_at: Instant::now() + ttl,
+        };
         let key: Arc<str> = Arc::from(key);
         // Invalidations bump the epoch while holding the tag lock, so checking it
         // under the same lock makes check-and-insert atomic against them.
@@ -88,7 +107,9 @@ impl LocalTier {
 
     pub(crate) fn delete(&self, key: &str) -> bool {
         let _index = self.lock_and_bump();
-        self.entries.remove(key).is_some_and(|e| e.expires_at > Instant::now())
+        self.entries
+            .remove(key)
+            .is_some_and(|e| e.expires_at > Instant::now())
     }
 
     pub(crate) fn remaining(&self, key: &str) -> Option<Duration> {
@@ -136,7 +157,10 @@ impl LocalTier {
     }
 
     pub(crate) fn size_bytes(&self) -> u64 {
-        self.entries.iter().map(|(k, e)| (k.len() + e.bytes.len()) as u64).sum()
+        self.entries
+            .iter()
+            .map(|(k, e)| (k.len() + e.bytes.len()) as u64)
+            .sum()
     }
 
     pub(crate) fn drop_tag_index(&self) {
@@ -144,7 +168,9 @@ impl LocalTier {
     }
 
     fn remove_live(&self, key: &str) -> bool {
-        self.entries.remove(key).is_some_and(|e| e.expires_at > Instant::now())
+        self.entries
+            .remove(key)
+            .is_some_and(|e| e.expires_at > Instant::now())
     }
 
     fn lock_and_bump(&self) -> std::sync::MutexGuard<'_, HashMap<String, TagSet>> {

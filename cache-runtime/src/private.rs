@@ -69,7 +69,11 @@ impl Spec {
         let config = cache.config();
         let named = |name: &str| {
             config.named_ttl(name).unwrap_or_else(|| {
-                tracing::warn!(function = self.name, ttl = name, "no such named TTL: using the default TTL");
+                tracing::warn!(
+                    function = self.name,
+                    ttl = name,
+                    "no such named TTL: using the default TTL"
+                );
                 config.default_ttl
             })
         };
@@ -77,7 +81,11 @@ impl Spec {
             Some(TtlSpec::Fixed(d)) => d,
             Some(TtlSpec::Named(name)) => named(name),
             None => match self.profile {
-                Some(p) => config.profiles.get(p).and_then(|p| p.ttl).unwrap_or_else(|| named(p)),
+                Some(p) => config
+                    .profiles
+                    .get(p)
+                    .and_then(|p| p.ttl)
+                    .unwrap_or_else(|| named(p)),
                 None => config.default_ttl,
             },
         }
@@ -169,7 +177,9 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cacheable<Plain> f
     }
 }
 
-impl<T: Serialize + DeserializeOwned + Send + Sync + 'static, E> Cacheable<OkOnly> for Result<T, E> {
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static, E> Cacheable<OkOnly>
+    for Result<T, E>
+{
     type Value = T;
     fn stored(&self) -> Option<&T> {
         self.as_ref().ok()
@@ -223,7 +233,10 @@ where
     match cache.read(&full).await {
         Ok(Some(raw)) => {
             if let Some(v) = cache.decode_or_drop::<Out::Value>(&full, &raw) {
-                cache.inner.counters.record_lookup(&cache.inner.config, true);
+                cache
+                    .inner
+                    .counters
+                    .record_lookup(&cache.inner.config, true);
                 return Out::from_cached(v);
             }
         }
@@ -233,7 +246,10 @@ where
             return body.await;
         }
     }
-    cache.inner.counters.record_lookup(&cache.inner.config, false);
+    cache
+        .inner
+        .counters
+        .record_lookup(&cache.inner.config, false);
 
     let leader = loop {
         match cache.inner.flights.join(&full) {
@@ -301,21 +317,34 @@ pub async fn invalidate(cache: &Cache, key: &str) -> Result<bool, CacheError> {
 
 /// Removes every cached result of the function `spec` describes.
 pub async fn invalidate_all(cache: &Cache, spec: &Spec) -> Result<u64, CacheError> {
-    cache.delete_pattern(&format!("{}:*", escape_glob(spec.prefix(cache)))).await
+    cache
+        .delete_pattern(&format!("{}:*", escape_glob(spec.prefix(cache))))
+        .await
 }
 
-async fn recheck<V: DeserializeOwned>(cache: &Cache, full: &str) -> Result<(Option<V>, u64), CacheError> {
+async fn recheck<V: DeserializeOwned>(
+    cache: &Cache,
+    full: &str,
+) -> Result<(Option<V>, u64), CacheError> {
     let (raw, epoch) = cache.read_with_epoch(full).await?;
     Ok((raw.and_then(|raw| cache.decode_or_drop(full, &raw)), epoch))
 }
 
-async fn store<M, Out, C>(call: &Call<'_>, full: &str, out: &Out, condition: C, epoch: Option<u64>) -> Outcome
+async fn store<M, Out, C>(
+    call: &Call<'_>,
+    full: &str,
+    out: &Out,
+    condition: C,
+    epoch: Option<u64>,
+) -> Outcome
 where
     Out: Cacheable<M>,
     C: FnOnce(&Out::Value) -> bool,
 {
     let cache = call.cache;
-    let Some(value) = out.stored() else { return Outcome::Uncacheable };
+    let Some(value) = out.stored() else {
+        return Outcome::Uncacheable;
+    };
     let bytes = match codec::encode(cache.config().serialization, value) {
         Ok(bytes) => bytes,
         Err(e) => {
@@ -329,7 +358,11 @@ where
         match cache.write(full, &bytes, ttl, &tags, epoch).await {
             Ok(true) => {}
             Ok(false) => {
-                cache.inner.counters.fills_refused.fetch_add(1, Ordering::Relaxed);
+                cache
+                    .inner
+                    .counters
+                    .fills_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(key = full, "fill refused: invalidated while computing");
             }
             Err(e) => cache.record_fault("set", full, &e),
@@ -339,7 +372,10 @@ where
 }
 
 fn encode_only<M, Out: Cacheable<M>>(cache: &Cache, out: &Out) -> Outcome {
-    match out.stored().map(|v| codec::encode(cache.config().serialization, v)) {
+    match out
+        .stored()
+        .map(|v| codec::encode(cache.config().serialization, v))
+    {
         Some(Ok(bytes)) => Outcome::Value(bytes.into()),
         _ => Outcome::Uncacheable,
     }

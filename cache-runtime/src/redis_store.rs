@@ -79,7 +79,9 @@ impl RedisStore {
             .set_response_timeout(Some(config.socket_timeout));
         let mut conns = Vec::with_capacity(config.connections);
         for _ in 0..config.connections {
-            let mut conn = client.get_multiplexed_async_connection_with_config(&conn_config).await?;
+            let mut conn = client
+                .get_multiplexed_async_connection_with_config(&conn_config)
+                .await?;
             redis::cmd("PING").query_async::<()>(&mut conn).await?;
             conns.push(conn);
         }
@@ -101,18 +103,33 @@ impl RedisStore {
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        Ok(redis::cmd("GET").arg(key).query_async(&mut self.conn()).await?)
+        Ok(redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut self.conn())
+            .await?)
     }
 
     pub(crate) async fn epoch(&self, epoch_key: &str) -> Result<u64, CacheError> {
-        let v: Option<u64> = redis::cmd("GET").arg(epoch_key).query_async(&mut self.conn()).await?;
+        let v: Option<u64> = redis::cmd("GET")
+            .arg(epoch_key)
+            .query_async(&mut self.conn())
+            .await?;
         Ok(v.unwrap_or(0))
     }
 
     /// One round trip for both: the leader's re-read and the epoch its fill is checked against.
-    pub(crate) async fn get_with_epoch(&self, key: &str, epoch_key: &str) -> Result<(Option<Vec<u8>>, u64), CacheError> {
-        let (value, epoch): (Option<Vec<u8>>, Option<u64>) =
-            redis::pipe().cmd("GET").arg(key).cmd("GET").arg(epoch_key).query_async(&mut self.conn()).await?;
+    pub(crate) async fn get_with_epoch(
+        &self,
+        key: &str,
+        epoch_key: &str,
+    ) -> Result<(Option<Vec<u8>>, u64), CacheError> {
+        let (value, epoch): (Option<Vec<u8>>, Option<u64>) = redis::pipe()
+            .cmd("GET")
+            .arg(key)
+            .cmd("GET")
+            .arg(epoch_key)
+            .query_async(&mut self.conn())
+            .await?;
         Ok((value, epoch.unwrap_or(0)))
     }
 
@@ -128,7 +145,13 @@ impl RedisStore {
         let ttl_ms = ttl.as_millis().max(1) as u64;
         let mut conn = self.conn();
         if tag_keys.is_empty() && expected_epoch.is_none() {
-            redis::cmd("SET").arg(key).arg(bytes).arg("PX").arg(ttl_ms).query_async::<()>(&mut conn).await?;
+            redis::cmd("SET")
+                .arg(key)
+                .arg(bytes)
+                .arg("PX")
+                .arg(ttl_ms)
+                .query_async::<()>(&mut conn)
+                .await?;
             return Ok(true);
         }
         let mut call = self.set_script.key(key);
@@ -136,7 +159,9 @@ impl RedisStore {
         for tag in tag_keys {
             call.key(tag);
         }
-        call.arg(bytes).arg(ttl_ms).arg(expected_epoch.map(|e| e.to_string()).unwrap_or_default());
+        call.arg(bytes)
+            .arg(ttl_ms)
+            .arg(expected_epoch.map(|e| e.to_string()).unwrap_or_default());
         let stored: i64 = call.invoke_async(&mut conn).await?;
         Ok(stored == 1)
     }
@@ -154,16 +179,26 @@ impl RedisStore {
     }
 
     pub(crate) async fn exists(&self, key: &str) -> Result<bool, CacheError> {
-        let n: u64 = redis::cmd("EXISTS").arg(key).query_async(&mut self.conn()).await?;
+        let n: u64 = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut self.conn())
+            .await?;
         Ok(n > 0)
     }
 
     /// PTTL: -2 for a missing key, -1 for one without expiry.
     pub(crate) async fn pttl(&self, key: &str) -> Result<i64, CacheError> {
-        Ok(redis::cmd("PTTL").arg(key).query_async(&mut self.conn()).await?)
+        Ok(redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut self.conn())
+            .await?)
     }
 
-    pub(crate) async fn invalidate_tags(&self, epoch_key: &str, tag_keys: &[String]) -> Result<u64, CacheError> {
+    pub(crate) async fn invalidate_tags(
+        &self,
+        epoch_key: &str,
+        tag_keys: &[String],
+    ) -> Result<u64, CacheError> {
         let mut call = self.invalidate_script.key(epoch_key);
         for tag in tag_keys {
             call.key(tag);
@@ -174,14 +209,24 @@ impl RedisStore {
     /// SCAN MATCH + UNLINK in batches. The epoch is bumped first: a fill that read
     /// the old epoch is refused, and one that landed earlier is found by the scan
     /// (SCAN returns every key present for the whole iteration).
-    pub(crate) async fn delete_pattern(&self, pattern: &str, epoch_key: Option<&str>) -> Result<u64, CacheError> {
+    pub(crate) async fn delete_pattern(
+        &self,
+        pattern: &str,
+        epoch_key: Option<&str>,
+    ) -> Result<u64, CacheError> {
         let mut conn = self.conn();
         if let Some(epoch_key) = epoch_key {
-            redis::cmd("INCR").arg(epoch_key).query_async::<()>(&mut conn).await?;
+            redis::cmd("INCR")
+                .arg(epoch_key)
+                .query_async::<()>(&mut conn)
+                .await?;
         }
         let mut deleted = 0;
         let unlink = |keys: Vec<String>| async move {
-            let n: u64 = redis::cmd("UNLINK").arg(keys).query_async(&mut self.conn()).await?;
+            let n: u64 = redis::cmd("UNLINK")
+                .arg(keys)
+                .query_async(&mut self.conn())
+                .await?;
             Ok(n)
         };
         self.scan(pattern, unlink, &mut deleted).await?;
@@ -190,11 +235,21 @@ impl RedisStore {
 
     pub(crate) async fn count(&self, pattern: &str) -> Result<u64, CacheError> {
         let mut total = 0;
-        self.scan(pattern, |keys| async move { Ok(keys.len() as u64) }, &mut total).await?;
+        self.scan(
+            pattern,
+            |keys| async move { Ok(keys.len() as u64) },
+            &mut total,
+        )
+        .await?;
         Ok(total)
     }
 
-    async fn scan<F, Fut>(&self, pattern: &str, mut each: F, total: &mut u64) -> Result<(), CacheError>
+    async fn scan<F, Fut>(
+        &self,
+        pattern: &str,
+        mut each: F,
+        total: &mut u64,
+    ) -> Result<(), CacheError>
     where
         F: FnMut(Vec<String>) -> Fut,
         Fut: std::future::Future<Output = Result<u64, CacheError>>,
@@ -228,7 +283,9 @@ impl RedisStore {
         let text: String = redis::cmd("INFO").query_async(&mut self.conn()).await?;
         let mut info = ServerInfo::default();
         for line in text.lines() {
-            let Some((k, v)) = line.trim_end().split_once(':') else { continue };
+            let Some((k, v)) = line.trim_end().split_once(':') else {
+                continue;
+            };
             match k {
                 "redis_version" => info.version = v.to_owned(),
                 "used_memory" => info.used_memory = v.parse().unwrap_or(0),

@@ -45,7 +45,11 @@ impl Counters {
             local_cache_bytes: local_bytes,
             hits,
             misses,
-            hit_rate: if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
+            hit_rate: if lookups == 0 {
+                0.0
+            } else {
+                hits as f64 / lookups as f64
+            },
             errors: self.errors.load(Ordering::Relaxed),
             decode_failures: self.decode_failures.load(Ordering::Relaxed),
             fills_refused: self.fills_refused.load(Ordering::Relaxed),
@@ -112,7 +116,11 @@ pub struct Health {
 impl Health {
     pub(crate) fn new(mode: Mode, took: Duration, error: Option<CacheError>) -> Health {
         Health {
-            status: if error.is_none() { "healthy" } else { "degraded" },
+            status: if error.is_none() {
+                "healthy"
+            } else {
+                "degraded"
+            },
             connected: mode == Mode::Redis && error.is_none(),
             mode,
             latency_ms: took.as_secs_f64() * 1e3,

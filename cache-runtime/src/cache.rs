@@ -14,6 +14,7 @@ use crate::config::CacheConfig;
 use crate::flight::SingleFlight;
 use crate::key::escape_glob;
 use crate::local::LocalTier;
+use crate::metrics::{Metrics, Op};
 use crate::redis_store::RedisStore;
 use crate::stats::{CacheStats, Counters, Health};
 use crate::{CacheError, IntoTtl};
@@ -71,6 +72,7 @@ pub(crate) struct Inner {
     pub(crate) redis: Option<RedisStore>,
     pub(crate) local: LocalTier,
     pub(crate) counters: Counters,
+    pub(crate) metrics: Metrics,
     pub(crate) flights: SingleFlight,
     epoch_key: String,
 }
@@ -141,10 +143,22 @@ impl Cache {
 
     fn assemble(config: CacheConfig, redis: Option<RedisStore>) -> Cache {
         let epoch_key = format!("{}#epoch", config.key_prefix);
+        // Checked when the config was built; a hand-assembled bad namespace degrades to the default.
+        let metrics = Metrics::new(&config.metrics_namespace).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "bad metrics namespace: using `cache`");
+            Metrics::new("cache").expect("the default namespace is valid")
+        });
+        for (name, ttl) in &config.named_ttls {
+            metrics
+                .ttl_seconds
+                .with_label_values(&[name])
+                .set(ttl.as_secs() as i64);
+        }
         Cache {
             inner: Arc::new(Inner {
                 local: LocalTier::new(config.local_max_entries),
                 counters: Counters::default(),
+                metrics,
                 flights: SingleFlight::default(),
                 redis,
                 epoch_key,
@@ -173,9 +187,7 @@ impl Cache {
         let full = self.full_key(key);
         let raw = self.read(&full).await?;
         let value = raw.and_then(|raw| self.decode_or_drop(&full, &raw));
-        self.inner
-            .counters
-            .record_lookup(&self.inner.config, value.is_some());
+        self.record_lookup(value.is_some());
         Ok(value)
     }
 
@@ -203,10 +215,13 @@ impl Cache {
     /// Deletes `key`; whether it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
         let full = self.full_key(key);
-        match &self.inner.redis {
-            Some(redis) => redis.delete(&full, &self.inner.epoch_key).await,
-            None => Ok(self.inner.local.delete(&full)),
-        }
+        self.timed(Op::Delete, async {
+            match &self.inner.redis {
+                Some(redis) => redis.delete(&full, &self.inner.epoch_key).await,
+                None => Ok(self.inner.local.delete(&full)),
+            }
+        })
+        .await
     }
 
     /// Whether `key` holds a live entry.
@@ -244,14 +259,17 @@ impl Cache {
             ));
         }
         let full = format!("{}:{pattern}", escape_glob(&self.inner.config.key_prefix));
-        match &self.inner.redis {
-            Some(redis) => {
-                redis
-                    .delete_pattern(&full, Some(&self.inner.epoch_key))
-                    .await
+        self.timed(Op::DeletePattern, async {
+            match &self.inner.redis {
+                Some(redis) => {
+                    redis
+                        .delete_pattern(&full, Some(&self.inner.epoch_key))
+                        .await
+                }
+                None => Ok(self.inner.local.delete_pattern(&full)),
             }
-            None => Ok(self.inner.local.delete_pattern(&full)),
-        }
+        })
+        .await
     }
 
     /// Deletes every entry carrying any of `tags`; how many were deleted. Once it
@@ -262,34 +280,40 @@ impl Cache {
         S: AsRef<str>,
     {
         let tags: Vec<String> = tags.into_iter().map(|t| t.as_ref().to_owned()).collect();
-        match &self.inner.redis {
-            Some(redis) => {
-                let keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
-                redis.invalidate_tags(&self.inner.epoch_key, &keys).await
+        self.timed(Op::InvalidateTags, async {
+            match &self.inner.redis {
+                Some(redis) => {
+                    let keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
+                    redis.invalidate_tags(&self.inner.epoch_key, &keys).await
+                }
+                None => Ok(self.inner.local.invalidate_tags(&tags)),
             }
-            None => Ok(self.inner.local.invalidate_tags(&tags)),
-        }
+        })
+        .await
     }
 
     /// Deletes every entry under this cache's prefix (and its tag index); never FLUSHDB.
     pub async fn clear(&self) -> Result<u64, CacheError> {
         let prefix = escape_glob(&self.inner.config.key_prefix);
-        match &self.inner.redis {
-            Some(redis) => {
-                let deleted = redis
-                    .delete_pattern(&format!("{prefix}:*"), Some(&self.inner.epoch_key))
-                    .await?;
-                redis
-                    .delete_pattern(&format!("{prefix}#tag:*"), None)
-                    .await?;
-                Ok(deleted)
+        self.timed(Op::Clear, async {
+            match &self.inner.redis {
+                Some(redis) => {
+                    let deleted = redis
+                        .delete_pattern(&format!("{prefix}:*"), Some(&self.inner.epoch_key))
+                        .await?;
+                    redis
+                        .delete_pattern(&format!("{prefix}#tag:*"), None)
+                        .await?;
+                    Ok(deleted)
+                }
+                None => {
+                    let deleted = self.inner.local.delete_pattern(&format!("{prefix}:*"));
+                    self.inner.local.drop_tag_index();
+                    Ok(deleted)
+                }
             }
-            None => {
-                let deleted = self.inner.local.delete_pattern(&format!("{prefix}:*"));
-                self.inner.local.drop_tag_index();
-                Ok(deleted)
-            }
-        }
+        })
+        .await
     }
 
     /// Counts, sizes and server facts. Counting keys scans the prefix: not for hot paths.
@@ -299,7 +323,7 @@ impl Cache {
         let mut stats = self
             .inner
             .counters
-            .snapshot(self.mode(), local.len(), local.size_bytes());
+            .snapshot(&self.inner.metrics, self.mode(), local.len(), local.size_bytes());
         match &self.inner.redis {
             Some(redis) => {
                 stats.total_keys = redis.count(&pattern).await?;
@@ -341,10 +365,13 @@ impl Cache {
     }
 
     pub(crate) async fn read(&self, full: &str) -> Result<Option<Raw>, CacheError> {
-        match &self.inner.redis {
-            Some(redis) => Ok(redis.get(full).await?.map(Raw::Owned)),
-            None => Ok(self.inner.local.get(full).map(Raw::Shared)),
-        }
+        self.timed(Op::Get, async {
+            match &self.inner.redis {
+                Some(redis) => Ok(redis.get(full).await?.map(Raw::Owned)),
+                None => Ok(self.inner.local.get(full).map(Raw::Shared)),
+            }
+        })
+        .await
     }
 
     pub(crate) async fn epoch(&self) -> Result<u64, CacheError> {
@@ -381,25 +408,28 @@ impl Cache {
         tags: &[String],
         expected_epoch: Option<u64>,
     ) -> Result<bool, CacheError> {
-        match &self.inner.redis {
-            Some(redis) => {
-                let tag_keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
-                redis
-                    .set(
-                        full,
-                        bytes,
-                        ttl,
-                        &self.inner.epoch_key,
-                        &tag_keys,
-                        expected_epoch,
-                    )
-                    .await
+        self.timed(Op::Set, async {
+            match &self.inner.redis {
+                Some(redis) => {
+                    let tag_keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
+                    redis
+                        .set(
+                            full,
+                            bytes,
+                            ttl,
+                            &self.inner.epoch_key,
+                            &tag_keys,
+                            expected_epoch,
+                        )
+                        .await
+                }
+                None => Ok(self
+                    .inner
+                    .local
+                    .set(full, bytes.to_vec(), ttl, tags, expected_epoch)),
             }
-            None => Ok(self
-                .inner
-                .local
-                .set(full, bytes.to_vec(), ttl, tags, expected_epoch)),
-        }
+        })
+        .await
     }
 
     /// Decodes, or removes the unreadable entry and reports a miss.
@@ -429,8 +459,49 @@ impl Cache {
         }
     }
 
+    pub(crate) fn record_lookup(&self, hit: bool) {
+        if self.inner.config.track_stats {
+            if hit {
+                &self.inner.metrics.hits
+            } else {
+                &self.inner.metrics.misses
+            }
+            .inc();
+        }
+    }
+
+    /// This cache's Prometheus metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Sets the gauges that need Redis (keys, memory) and the local tier's size.
+    /// Runs a SCAN over the prefix: call it from a background task, not per request.
+    pub async fn refresh_gauges(&self) -> Result<(), CacheError> {
+        let stats = self.stats().await?;
+        let m = &self.inner.metrics;
+        m.keys.set(stats.total_keys as i64);
+        m.memory_bytes
+            .set(stats.used_memory_bytes.unwrap_or(stats.local_cache_bytes) as i64);
+        m.size_bytes.set(stats.local_cache_bytes as i64);
+        Ok(())
+    }
+
+    pub(crate) async fn timed<T>(
+        &self,
+        op: Op,
+        fut: impl std::future::Future<Output = Result<T, CacheError>>,
+    ) -> Result<T, CacheError> {
+        let started = Instant::now();
+        let result = fut.await;
+        self.inner
+            .metrics
+            .record(op, result.is_ok(), started.elapsed());
+        result
+    }
+
     pub(crate) fn record_fault(&self, op: &'static str, key: &str, error: &CacheError) {
-        self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+        self.inner.metrics.errors.inc();
         tracing::warn!(op, key, error = %error, "cache fault: serving the function's own result");
     }
 }

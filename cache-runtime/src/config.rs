@@ -71,6 +71,7 @@ pub struct CacheConfig {
     pub(crate) default_ttl: Duration,
     pub(crate) serialization: Serialization,
     pub(crate) track_stats: bool,
+    pub(crate) metrics_namespace: String,
     pub(crate) connections: usize,
     pub(crate) max_connections: usize,
     pub(crate) socket_timeout: Duration,
@@ -96,6 +97,7 @@ impl Default for CacheConfig {
             default_ttl: Duration::from_secs(300),
             serialization: Serialization::Json,
             track_stats: true,
+            metrics_namespace: "cache".into(),
             connections: 1,
             max_connections: 50,
             socket_timeout: Duration::from_secs(5),
@@ -164,6 +166,9 @@ impl CacheConfig {
         if let Some(v) = var("CACHE_TRACK_STATS") {
             self.track_stats = parse_bool("CACHE_TRACK_STATS", &v)?;
         }
+        if let Some(v) = var("CACHE_METRICS_NAMESPACE") {
+            self.metrics_namespace = check_namespace("CACHE_METRICS_NAMESPACE", v)?;
+        }
         if let Some(v) = var("CACHE_KEY_PREFIX") {
             self.key_prefix = check_prefix("CACHE_KEY_PREFIX", v)?;
         }
@@ -225,6 +230,9 @@ impl CacheConfig {
                         s.parse().map_err(|e| CacheError::config(key_path, &s, e))?;
                 }
                 "track_stats" => config.track_stats = yaml_bool(key_path, v)?,
+                "metrics_namespace" => {
+                    config.metrics_namespace = check_namespace(key_path, yaml_str(key_path, v)?)?
+                }
                 "connections" => {
                     config.connections = positive(key_path, v, yaml_num(key_path, v)?)?
                 }
@@ -296,6 +304,10 @@ impl CacheConfig {
     /// Whether hits and misses are counted.
     pub fn track_stats(&self) -> bool {
         self.track_stats
+    }
+    /// Metric names are `{namespace}_cache_*` (`cache` gives `cache_*`).
+    pub fn metrics_namespace(&self) -> &str {
+        &self.metrics_namespace
     }
     /// How many multiplexed Redis connections share the load, in round robin.
     pub fn connections(&self) -> usize {
@@ -407,6 +419,11 @@ impl CacheConfigBuilder {
         self.config.track_stats = on;
         self
     }
+    /// Sets the metrics namespace: `brain` gives `brain_cache_hits_total`.
+    pub fn metrics_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.config.metrics_namespace = namespace.into();
+        self
+    }
     /// Sets how many multiplexed connections share the load.
     pub fn connections(mut self, n: usize) -> Self {
         self.config.connections = n;
@@ -441,6 +458,7 @@ impl CacheConfigBuilder {
     pub fn build(self) -> Result<CacheConfig, CacheError> {
         let c = self.config;
         check_prefix("key_prefix", c.key_prefix.clone())?;
+        check_namespace("metrics_namespace", c.metrics_namespace.clone())?;
         for (key, d) in [
             ("default_ttl", c.default_ttl),
             ("socket_timeout", c.socket_timeout),
@@ -464,14 +482,29 @@ fn show(v: &Value) -> String {
 }
 
 fn check_prefix(key: &str, prefix: String) -> Result<String, CacheError> {
-    if prefix.is_empty() || prefix.contains(['*', '?', '[', ']', '\\', ':', ' ']) {
+    if prefix.is_empty() || prefix.contains(['*', '?', '[', ']', '\\', ':', ' ', '#']) {
         return Err(CacheError::config(
             key,
             &prefix,
-            "must be non-empty, without `:`, spaces or glob characters",
+            "must be non-empty, without `:`, `#`, spaces or glob characters",
         ));
     }
     Ok(prefix)
+}
+
+fn check_namespace(key: &str, ns: String) -> Result<String, CacheError> {
+    let valid = ns
+        .chars()
+        .enumerate()
+        .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()));
+    if ns.is_empty() || !valid {
+        return Err(CacheError::config(
+            key,
+            &ns,
+            "must be a Prometheus name: letters, digits and `_`",
+        ));
+    }
+    Ok(ns)
 }
 
 fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, CacheError> {

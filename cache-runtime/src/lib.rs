@@ -25,6 +25,7 @@ mod flight;
 mod glob;
 mod key;
 mod local;
+mod metrics;
 mod redis_store;
 mod stats;
 
@@ -36,6 +37,7 @@ pub use cache::{get_cache, init, Cache, KeyTtl, Mode, Set};
 pub use codec::Serialization;
 pub use config::{CacheConfig, CacheConfigBuilder, Profile, RedisTarget};
 pub use error::CacheError;
+pub use metrics::{Metrics, Op};
 pub use stats::{CacheStats, Health};
 
 use std::time::Duration;

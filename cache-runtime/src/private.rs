@@ -233,10 +233,7 @@ where
     match cache.read(&full).await {
         Ok(Some(raw)) => {
             if let Some(v) = cache.decode_or_drop::<Out::Value>(&full, &raw) {
-                cache
-                    .inner
-                    .counters
-                    .record_lookup(&cache.inner.config, true);
+                cache.record_lookup(true);
                 return Out::from_cached(v);
             }
         }
@@ -246,10 +243,7 @@ where
             return body.await;
         }
     }
-    cache
-        .inner
-        .counters
-        .record_lookup(&cache.inner.config, false);
+    cache.record_lookup(false);
 
     let leader = loop {
         match cache.inner.flights.join(&full) {

@@ -6,30 +6,26 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cache::Mode;
-use crate::config::CacheConfig;
+use crate::metrics::Metrics;
 use crate::CacheError;
 
 /// Relaxed atomics: each is an independent count, read only for reporting.
 #[derive(Default)]
 pub(crate) struct Counters {
-    pub(crate) hits: AtomicU64,
-    pub(crate) misses: AtomicU64,
-    pub(crate) errors: AtomicU64,
     pub(crate) decode_failures: AtomicU64,
     pub(crate) fills_refused: AtomicU64,
 }
 
 impl Counters {
-    pub(crate) fn record_lookup(&self, config: &CacheConfig, hit: bool) {
-        if config.track_stats {
-            let counter = if hit { &self.hits } else { &self.misses };
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    pub(crate) fn snapshot(&self, mode: Mode, local_entries: u64, local_bytes: u64) -> CacheStats {
-        let hits = self.hits.load(Ordering::Relaxed);
-        let misses = self.misses.load(Ordering::Relaxed);
+    pub(crate) fn snapshot(
+        &self,
+        metrics: &Metrics,
+        mode: Mode,
+        local_entries: u64,
+        local_bytes: u64,
+    ) -> CacheStats {
+        let hits = metrics.hits.get();
+        let misses = metrics.misses.get();
         let lookups = hits + misses;
         CacheStats {
             connected: false,
@@ -50,7 +46,7 @@ impl Counters {
             } else {
                 hits as f64 / lookups as f64
             },
-            errors: self.errors.load(Ordering::Relaxed),
+            errors: metrics.errors.get(),
             decode_failures: self.decode_failures.load(Ordering::Relaxed),
             fills_refused: self.fills_refused.load(Ordering::Relaxed),
         }

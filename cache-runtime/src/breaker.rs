@@ -93,6 +93,13 @@ impl Breaker {
         }
     }
 
+    /// Opens the breaker now, as at a start with Redis unreachable.
+    pub(crate) fn trip(&self) {
+        if self.enabled {
+            self.open(CLOSED);
+        }
+    }
+
     pub(crate) fn opened_total(&self) -> u64 {
         self.opened_total.load(Ordering::Relaxed)
     }
@@ -156,6 +163,10 @@ impl Breaker {
 }
 
 impl Permit<'_> {
+    pub(crate) fn is_probe(&self) -> bool {
+        self.probe
+    }
+
     /// Reports how the call went. `healthy` is false only for failures that say
     /// Redis itself is unreachable (I/O, timeouts), not for errors it answered with.
     pub(crate) fn report(mut self, healthy: bool) {

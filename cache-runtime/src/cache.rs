@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::breaker::{Breaker, BreakerState, Permit};
 use crate::codec;
 use crate::config::CacheConfig;
 use crate::flight::SingleFlight;
 use crate::key::escape_glob;
 use crate::local::LocalTier;
+use crate::pending::{Pending, PendingLog};
 use crate::metrics::{Metrics, Op};
 use crate::redis_store::RedisStore;
 use crate::stats::{CacheStats, Counters, Health};
@@ -70,11 +72,21 @@ pub struct Cache {
 pub(crate) struct Inner {
     pub(crate) config: CacheConfig,
     pub(crate) redis: Option<RedisStore>,
+    pub(crate) breaker: Breaker,
+    pub(crate) pending: PendingLog,
     pub(crate) local: LocalTier,
     pub(crate) counters: Counters,
     pub(crate) metrics: Metrics,
     pub(crate) flights: SingleFlight,
     epoch_key: String,
+}
+
+/// The invalidation epoch a fill was computed under, and which tier it came from:
+/// a fill is stored only in the tier, and at the epoch, it read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Epoch {
+    redis: bool,
+    value: u64,
 }
 
 /// Bytes read from a tier.
@@ -112,28 +124,38 @@ impl std::fmt::Debug for Cache {
 
 impl Cache {
     /// Builds a cache from `config`. With Redis configured and reachable the mode is
-    /// `redis`; with none configured, or none reachable now, it is `local`, said once in the log.
+    /// `redis`; with none configured, or none reachable now, it is `local`, said once
+    /// in the log, and a background health check switches to `redis` once Redis answers.
     pub async fn new(config: CacheConfig) -> Result<Cache, CacheError> {
-        let redis = match config.redis() {
-            None => {
-                tracing::info!(prefix = %config.key_prefix, "no Redis configured: cache runs in local mode");
-                None
-            }
-            Some(target) => match RedisStore::connect(&config, target.as_str()).await {
-                Ok(store) => {
-                    tracing::info!(redis = %target, prefix = %config.key_prefix, "cache runs in redis mode");
-                    Some(store)
-                }
-                Err(CacheError::Redis(e)) if e.kind() == redis::ErrorKind::InvalidClientConfig => {
-                    return Err(CacheError::config("REDIS_URL", target, e.to_string()));
-                }
-                Err(e) => {
-                    tracing::warn!(redis = %target, error = %e, "Redis unreachable at start: cache runs in local mode");
-                    None
-                }
-            },
+        let Some(target) = config.redis().cloned() else {
+            tracing::info!(prefix = %config.key_prefix, "no Redis configured: cache runs in local mode");
+            return Ok(Cache::assemble(config, None));
         };
-        Ok(Cache::assemble(config, redis))
+        let store = RedisStore::new(&config, target.as_str()).map_err(|e| match e {
+            CacheError::Redis(e) => CacheError::config("REDIS_URL", &target, e.to_string()),
+            other => other,
+        })?;
+        let cache = Cache::assemble(config, Some(store));
+        let connect = cache.inner.config.socket_connect_timeout.max(cache.inner.config.operation_timeout());
+        let reachable = match &cache.inner.redis {
+            Some(redis) => tokio::time::timeout(connect, redis.ping()).await,
+            None => unreachable!("assembled with a store"),
+        };
+        match reachable {
+            Ok(Ok(())) => {
+                tracing::info!(redis = %target, prefix = %cache.inner.config.key_prefix, "cache runs in redis mode")
+            }
+            Ok(Err(e)) => cache.start_degraded(&target, &e),
+            Err(_) => cache.start_degraded(&target, &CacheError::Timeout(connect)),
+        }
+        tokio::spawn(health_loop(Arc::downgrade(&cache.inner)));
+        Ok(cache)
+    }
+
+    fn start_degraded(&self, target: &crate::RedisTarget, error: &CacheError) {
+        tracing::warn!(redis = %target, error = %error, "Redis unreachable at start: cache runs in local mode until it answers");
+        self.inner.breaker.trip();
+        self.inner.metrics.breaker_state.set(self.inner.breaker.state().as_gauge());
     }
 
     /// A cache in local mode, whatever `config` says about Redis.
@@ -149,10 +171,7 @@ impl Cache {
             Metrics::new("cache").expect("the default namespace is valid")
         });
         for (name, ttl) in &config.named_ttls {
-            metrics
-                .ttl_seconds
-                .with_label_values(&[name])
-                .set(ttl.as_secs() as i64);
+            metrics.ttl_seconds.with_label_values(&[name]).set(ttl.as_secs() as i64);
         }
         Cache {
             inner: Arc::new(Inner {
@@ -160,6 +179,12 @@ impl Cache {
                 counters: Counters::default(),
                 metrics,
                 flights: SingleFlight::default(),
+                breaker: Breaker::new(
+                    config.circuit_breaker_enabled,
+                    config.circuit_breaker_threshold,
+                    config.circuit_breaker_timeout,
+                ),
+                pending: PendingLog::new(),
                 redis,
                 epoch_key,
                 config,
@@ -172,13 +197,17 @@ impl Cache {
         &self.inner.config
     }
 
-    /// Which store serves the cache.
+    /// Which store serves the cache now: `redis` only while the breaker is closed.
     pub fn mode(&self) -> Mode {
-        if self.inner.redis.is_some() {
-            Mode::Redis
-        } else {
-            Mode::Local
+        match (&self.inner.redis, self.inner.breaker.state()) {
+            (Some(_), BreakerState::Closed) => Mode::Redis,
+            _ => Mode::Local,
         }
+    }
+
+    /// The circuit breaker's state (always closed in local-only mode).
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.breaker.state()
     }
 
     /// Reads `key`; `None` when it is missing, expired or unreadable (an unreadable
@@ -198,37 +227,20 @@ impl Cache {
     /// cache.set("missions:123", &"launch").ttl(60).tags(["missions", "queue"]).await?;
     /// # Ok(()) }
     /// ```
-    pub fn set<'a, T: Serialize + ?Sized + Sync>(
-        &'a self,
-        key: &'a str,
-        value: &'a T,
-    ) -> Set<'a, T> {
-        Set {
-            cache: self,
-            key,
-            value,
-            ttl: None,
-            tags: Vec::new(),
-        }
+    pub fn set<'a, T: Serialize + ?Sized + Sync>(&'a self, key: &'a str, value: &'a T) -> Set<'a, T> {
+        Set { cache: self, key, value, ttl: None, tags: Vec::new() }
     }
 
     /// Deletes `key`; whether it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
-        let full = self.full_key(key);
-        self.timed(Op::Delete, async {
-            match &self.inner.redis {
-                Some(redis) => redis.delete(&full, &self.inner.epoch_key).await,
-                None => Ok(self.inner.local.delete(&full)),
-            }
-        })
-        .await
+        Ok(self.invalidate(Op::Delete, Pending::Key(self.full_key(key))).await? > 0)
     }
 
     /// Whether `key` holds a live entry.
     pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
         let full = self.full_key(key);
-        match &self.inner.redis {
-            Some(redis) => redis.exists(&full).await,
+        match self.redis().await {
+            Some((redis, permit)) => self.settle(permit, redis.exists(&full).await),
             None => Ok(self.inner.local.remaining(&full).is_some()),
         }
     }
@@ -236,17 +248,13 @@ impl Cache {
     /// How long `key` has left.
     pub async fn ttl(&self, key: &str) -> Result<KeyTtl, CacheError> {
         let full = self.full_key(key);
-        match &self.inner.redis {
-            Some(redis) => Ok(match redis.pttl(&full).await? {
+        match self.redis().await {
+            Some((redis, permit)) => Ok(match self.settle(permit, redis.pttl(&full).await)? {
                 -2 => KeyTtl::Missing,
                 ms if ms < 0 => KeyTtl::Persistent,
                 ms => KeyTtl::Expires(Duration::from_millis(ms as u64)),
             }),
-            None => Ok(self
-                .inner
-                .local
-                .remaining(&full)
-                .map_or(KeyTtl::Missing, KeyTtl::Expires)),
+            None => Ok(self.inner.local.remaining(&full).map_or(KeyTtl::Missing, KeyTtl::Expires)),
         }
     }
 
@@ -254,22 +262,10 @@ impl Cache {
     /// how many were deleted. Uses SCAN, never KEYS.
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
         if pattern.is_empty() {
-            return Err(CacheError::InvalidArgument(
-                "empty pattern (use clear() to delete everything)".into(),
-            ));
+            return Err(CacheError::InvalidArgument("empty pattern (use clear() to delete everything)".into()));
         }
         let full = format!("{}:{pattern}", escape_glob(&self.inner.config.key_prefix));
-        self.timed(Op::DeletePattern, async {
-            match &self.inner.redis {
-                Some(redis) => {
-                    redis
-                        .delete_pattern(&full, Some(&self.inner.epoch_key))
-                        .await
-                }
-                None => Ok(self.inner.local.delete_pattern(&full)),
-            }
-        })
-        .await
+        self.invalidate(Op::DeletePattern, Pending::Pattern(full)).await
     }
 
     /// Deletes every entry carrying any of `tags`; how many were deleted. Once it
@@ -279,55 +275,35 @@ impl Cache {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let tags: Vec<String> = tags.into_iter().map(|t| t.as_ref().to_owned()).collect();
-        self.timed(Op::InvalidateTags, async {
-            match &self.inner.redis {
-                Some(redis) => {
-                    let keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
-                    redis.invalidate_tags(&self.inner.epoch_key, &keys).await
-                }
-                None => Ok(self.inner.local.invalidate_tags(&tags)),
-            }
-        })
-        .await
+        let tags = tags.into_iter().map(|t| t.as_ref().to_owned()).collect();
+        self.invalidate(Op::InvalidateTags, Pending::Tags(tags)).await
     }
 
     /// Deletes every entry under this cache's prefix (and its tag index); never FLUSHDB.
     pub async fn clear(&self) -> Result<u64, CacheError> {
-        let prefix = escape_glob(&self.inner.config.key_prefix);
-        self.timed(Op::Clear, async {
-            match &self.inner.redis {
-                Some(redis) => {
-                    let deleted = redis
-                        .delete_pattern(&format!("{prefix}:*"), Some(&self.inner.epoch_key))
-                        .await?;
-                    redis
-                        .delete_pattern(&format!("{prefix}#tag:*"), None)
-                        .await?;
-                    Ok(deleted)
-                }
-                None => {
-                    let deleted = self.inner.local.delete_pattern(&format!("{prefix}:*"));
-                    self.inner.local.drop_tag_index();
-                    Ok(deleted)
-                }
-            }
-        })
-        .await
+        self.invalidate(Op::Clear, Pending::Everything).await
     }
 
-    /// Counts, sizes and server facts. Counting keys scans the prefix: not for hot paths.
+    /// Counts, sizes and server facts. Counting keys scans the prefix: not for hot
+    /// paths. A Redis fault degrades the answer (`connected: false`) instead of failing it.
     pub async fn stats(&self) -> Result<CacheStats, CacheError> {
         let pattern = format!("{}:*", escape_glob(&self.inner.config.key_prefix));
         let local = &self.inner.local;
-        let mut stats = self
-            .inner
-            .counters
-            .snapshot(&self.inner.metrics, self.mode(), local.len(), local.size_bytes());
-        match &self.inner.redis {
-            Some(redis) => {
-                stats.total_keys = redis.count(&pattern).await?;
-                let info = redis.info().await?;
+        let mut stats =
+            self.inner.counters.snapshot(&self.inner.metrics, self.mode(), local.len(), local.size_bytes());
+        stats.breaker = self.inner.breaker.state();
+        stats.breaker_opened = self.inner.breaker.opened_total();
+        stats.pending_invalidations = self.inner.pending.len() as u64;
+        let from_redis = match self.redis().await {
+            Some((redis, permit)) => {
+                let result = async { Ok((redis.count(&pattern).await?, redis.info().await?)) }.await;
+                self.settle(permit, result).ok()
+            }
+            None => None,
+        };
+        match from_redis {
+            Some((keys, info)) => {
+                stats.total_keys = keys;
                 stats.connected = true;
                 stats.redis_version = Some(info.version);
                 stats.used_memory_bytes = Some(info.used_memory);
@@ -338,17 +314,36 @@ impl Cache {
             }
             None => stats.total_keys = local.count(&pattern),
         }
+        stats.mode = self.mode();
         Ok(stats)
     }
 
     /// Whether the store answers, and how fast. Never fails: a failure is the answer.
     pub async fn health(&self) -> Health {
         let started = Instant::now();
-        let result = match &self.inner.redis {
-            Some(redis) => redis.ping().await,
-            None => Ok(()),
+        let result = match (&self.inner.redis, self.redis().await) {
+            (None, _) => Ok(()),
+            (Some(_), Some((redis, permit))) => self.settle(permit, redis.ping().await),
+            (Some(_), None) => Err(CacheError::Unavailable("the circuit breaker is open".into())),
         };
-        Health::new(self.mode(), started.elapsed(), result.err())
+        Health::new(self.mode(), self.inner.breaker.state(), started.elapsed(), result.err())
+    }
+
+    /// This cache's Prometheus metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Sets the gauges that need Redis (keys, memory) and the local tier's size.
+    /// Runs a SCAN over the prefix: call it from a background task, not per request.
+    pub async fn refresh_gauges(&self) -> Result<(), CacheError> {
+        let stats = self.stats().await?;
+        let m = &self.inner.metrics;
+        m.keys.set(stats.total_keys as i64);
+        m.memory_bytes.set(stats.used_memory_bytes.unwrap_or(stats.local_cache_bytes) as i64);
+        m.size_bytes.set(stats.local_cache_bytes as i64);
+        m.breaker_state.set(stats.breaker.as_gauge());
+        Ok(())
     }
 
     pub(crate) fn full_key(&self, key: &str) -> String {
@@ -364,69 +359,169 @@ impl Cache {
         format!("{}#tag:{tag}", self.inner.config.key_prefix)
     }
 
+    /// Redis and the breaker's permit, or `None` when calls must use the local tier:
+    /// no Redis configured, the breaker open, or invalidations pending that could
+    /// not be replayed (Redis serves nothing while one is outstanding).
+    #[inline]
+    async fn redis(&self) -> Option<(&RedisStore, Permit<'_>)> {
+        let redis = self.inner.redis.as_ref()?;
+        let permit = self.inner.breaker.permit()?;
+        if self.inner.pending.is_dirty() {
+            if let Err(e) = self.replay(redis).await {
+                let _ = self.settle(permit, Err::<(), _>(e));
+                return None;
+            }
+        }
+        Some((redis, permit))
+    }
+
+    /// Reports a Redis call's outcome to the breaker and passes it on.
+    fn settle<T>(&self, permit: Permit<'_>, result: Result<T, CacheError>) -> Result<T, CacheError> {
+        let healthy = result.as_ref().map_or_else(|e| !e.is_unavailable(), |_| true);
+        let probe = permit.is_probe();
+        permit.report(healthy);
+        if probe || !healthy {
+            self.inner.metrics.breaker_state.set(self.inner.breaker.state().as_gauge());
+        }
+        if probe && healthy {
+            // Whatever the local tier learned during the outage is not Redis's truth.
+            self.inner.local.clear();
+        }
+        result
+    }
+
+    async fn replay(&self, redis: &RedisStore) -> Result<(), CacheError> {
+        let _one_at_a_time = self.inner.pending.replaying.lock().await;
+        loop {
+            let batch = self.inner.pending.take();
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for (i, entry) in batch.iter().enumerate() {
+                if let Err(e) = self.apply_redis(redis, entry).await {
+                    self.inner.pending.restore(batch[i..].to_vec());
+                    return Err(e);
+                }
+            }
+            tracing::info!(replayed = batch.len(), "invalidations made during the outage replayed into Redis");
+        }
+    }
+
+    /// Runs an invalidation on both tiers. When Redis can't take it now, it is
+    /// logged and replayed before Redis serves anything again.
+    async fn invalidate(&self, op: Op, what: Pending) -> Result<u64, CacheError> {
+        self.timed(op, async {
+            let local = self.apply_local(&what);
+            if self.inner.redis.is_none() {
+                return Ok(local);
+            }
+            match self.redis().await {
+                Some((redis, permit)) => {
+                    let result = self.apply_redis(redis, &what).await;
+                    let result = self.settle(permit, result);
+                    if result.is_err() {
+                        self.inner.pending.push(what);
+                    }
+                    result
+                }
+                None => {
+                    self.inner.pending.push(what);
+                    Ok(local)
+                }
+            }
+        })
+        .await
+    }
+
+    fn apply_local(&self, what: &Pending) -> u64 {
+        let local = &self.inner.local;
+        match what {
+            Pending::Key(full) => u64::from(local.delete(full)),
+            Pending::Tags(tags) => local.invalidate_tags(tags),
+            Pending::Pattern(full) => local.delete_pattern(full),
+            Pending::Everything => {
+                let deleted = local.delete_pattern(&format!("{}:*", escape_glob(&self.inner.config.key_prefix)));
+                local.drop_tag_index();
+                deleted
+            }
+        }
+    }
+
+    async fn apply_redis(&self, redis: &RedisStore, what: &Pending) -> Result<u64, CacheError> {
+        let epoch = Some(self.inner.epoch_key.as_str());
+        match what {
+            Pending::Key(full) => Ok(u64::from(redis.delete(full, &self.inner.epoch_key).await?)),
+            Pending::Tags(tags) => {
+                let keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
+                redis.invalidate_tags(&self.inner.epoch_key, &keys).await
+            }
+            Pending::Pattern(full) => redis.delete_pattern(full, epoch).await,
+            Pending::Everything => {
+                let prefix = escape_glob(&self.inner.config.key_prefix);
+                let deleted = redis.delete_pattern(&format!("{prefix}:*"), epoch).await?;
+                redis.delete_pattern(&format!("{prefix}#tag:*"), None).await?;
+                Ok(deleted)
+            }
+        }
+    }
+
     pub(crate) async fn read(&self, full: &str) -> Result<Option<Raw>, CacheError> {
         self.timed(Op::Get, async {
-            match &self.inner.redis {
-                Some(redis) => Ok(redis.get(full).await?.map(Raw::Owned)),
+            match self.redis().await {
+                Some((redis, permit)) => Ok(self.settle(permit, redis.get(full).await)?.map(Raw::Owned)),
                 None => Ok(self.inner.local.get(full).map(Raw::Shared)),
             }
         })
         .await
     }
 
-    pub(crate) async fn epoch(&self) -> Result<u64, CacheError> {
-        match &self.inner.redis {
-            Some(redis) => redis.epoch(&self.inner.epoch_key).await,
-            None => Ok(self.inner.local.epoch()),
-        }
-    }
-
     /// Reads `full` and the invalidation epoch together.
-    pub(crate) async fn read_with_epoch(
-        &self,
-        full: &str,
-    ) -> Result<(Option<Raw>, u64), CacheError> {
-        match &self.inner.redis {
-            Some(redis) => {
-                let (value, epoch) = redis.get_with_epoch(full, &self.inner.epoch_key).await?;
-                Ok((value.map(Raw::Owned), epoch))
+    pub(crate) async fn read_with_epoch(&self, full: &str) -> Result<(Option<Raw>, Epoch), CacheError> {
+        match self.redis().await {
+            Some((redis, permit)) => {
+                let (value, epoch) = self.settle(permit, redis.get_with_epoch(full, &self.inner.epoch_key).await)?;
+                Ok((value.map(Raw::Owned), Epoch { redis: true, value: epoch }))
             }
             // Epoch first: a value read after it is at least as new.
             None => {
-                let epoch = self.inner.local.epoch();
+                let epoch = Epoch { redis: false, value: self.inner.local.epoch() };
                 Ok((self.inner.local.get(full).map(Raw::Shared), epoch))
             }
         }
     }
 
-    /// Stores encoded bytes; with `expected_epoch`, only if no invalidation happened since.
+    pub(crate) async fn epoch(&self) -> Result<Epoch, CacheError> {
+        match self.redis().await {
+            Some((redis, permit)) => {
+                let value = self.settle(permit, redis.epoch(&self.inner.epoch_key).await)?;
+                Ok(Epoch { redis: true, value })
+            }
+            None => Ok(Epoch { redis: false, value: self.inner.local.epoch() }),
+        }
+    }
+
+    /// Stores encoded bytes; with `expected`, only in the tier it was read from and
+    /// only if no invalidation happened since. Fills made from the local tier during
+    /// an outage therefore never reach Redis.
     pub(crate) async fn write(
         &self,
         full: &str,
         bytes: &[u8],
         ttl: Duration,
         tags: &[String],
-        expected_epoch: Option<u64>,
+        expected: Option<Epoch>,
     ) -> Result<bool, CacheError> {
         self.timed(Op::Set, async {
-            match &self.inner.redis {
-                Some(redis) => {
+            match self.redis().await {
+                Some(_) if expected.is_some_and(|e| !e.redis) => Ok(false),
+                Some((redis, permit)) => {
                     let tag_keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
-                    redis
-                        .set(
-                            full,
-                            bytes,
-                            ttl,
-                            &self.inner.epoch_key,
-                            &tag_keys,
-                            expected_epoch,
-                        )
-                        .await
+                    let expected = expected.map(|e| e.value);
+                    let stored = redis.set(full, bytes, ttl, &self.inner.epoch_key, &tag_keys, expected).await;
+                    self.settle(permit, stored)
                 }
-                None => Ok(self
-                    .inner
-                    .local
-                    .set(full, bytes.to_vec(), ttl, tags, expected_epoch)),
+                None if expected.is_some_and(|e| e.redis) => Ok(false),
+                None => Ok(self.inner.local.set(full, bytes.to_vec(), ttl, tags, expected.map(|e| e.value))),
             }
         })
         .await
@@ -437,21 +532,14 @@ impl Cache {
         match codec::decode(raw) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.inner
-                    .counters
-                    .decode_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.counters.decode_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key = full, error = %e, "unreadable cache entry dropped");
                 let this = self.clone();
                 let full = full.to_owned();
                 // Best effort and off the caller's path: the entry reads as a miss either way.
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move {
-                        if let Some(redis) = &this.inner.redis {
-                            let _ = redis.delete(&full, &this.inner.epoch_key).await;
-                        } else {
-                            this.inner.local.delete(&full);
-                        }
+                        let _ = this.invalidate(Op::Delete, Pending::Key(full)).await;
                     });
                 }
                 None
@@ -461,30 +549,8 @@ impl Cache {
 
     pub(crate) fn record_lookup(&self, hit: bool) {
         if self.inner.config.track_stats {
-            if hit {
-                &self.inner.metrics.hits
-            } else {
-                &self.inner.metrics.misses
-            }
-            .inc();
+            if hit { &self.inner.metrics.hits } else { &self.inner.metrics.misses }.inc();
         }
-    }
-
-    /// This cache's Prometheus metrics.
-    pub fn metrics(&self) -> &Metrics {
-        &self.inner.metrics
-    }
-
-    /// Sets the gauges that need Redis (keys, memory) and the local tier's size.
-    /// Runs a SCAN over the prefix: call it from a background task, not per request.
-    pub async fn refresh_gauges(&self) -> Result<(), CacheError> {
-        let stats = self.stats().await?;
-        let m = &self.inner.metrics;
-        m.keys.set(stats.total_keys as i64);
-        m.memory_bytes
-            .set(stats.used_memory_bytes.unwrap_or(stats.local_cache_bytes) as i64);
-        m.size_bytes.set(stats.local_cache_bytes as i64);
-        Ok(())
     }
 
     pub(crate) async fn timed<T>(
@@ -494,15 +560,31 @@ impl Cache {
     ) -> Result<T, CacheError> {
         let started = Instant::now();
         let result = fut.await;
-        self.inner
-            .metrics
-            .record(op, result.is_ok(), started.elapsed());
+        self.inner.metrics.record(op, result.is_ok(), started.elapsed());
         result
     }
 
     pub(crate) fn record_fault(&self, op: &'static str, key: &str, error: &CacheError) {
         self.inner.metrics.errors.inc();
         tracing::warn!(op, key, error = %error, "cache fault: serving the function's own result");
+    }
+}
+
+/// PINGs Redis every `health_check_interval`: counts failures while the breaker is
+/// closed, and probes it (replaying pending invalidations first) once it may close.
+/// Holds only a weak reference, so it ends with the last clone of the cache.
+async fn health_loop(inner: std::sync::Weak<Inner>) {
+    let interval = match inner.upgrade() {
+        Some(inner) => inner.config.health_check_interval,
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let cache = Cache { inner };
+        if let Some((redis, permit)) = cache.redis().await {
+            let _ = cache.settle(permit, redis.ping().await);
+        };
     }
 }
 

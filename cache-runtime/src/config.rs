@@ -75,6 +75,7 @@ pub struct CacheConfig {
     pub(crate) connections: usize,
     pub(crate) max_connections: usize,
     pub(crate) socket_timeout: Duration,
+    pub(crate) operation_timeout: Duration,
     pub(crate) socket_connect_timeout: Duration,
     pub(crate) retry_on_timeout: bool,
     pub(crate) health_check_interval: Duration,
@@ -101,6 +102,7 @@ impl Default for CacheConfig {
             connections: 1,
             max_connections: 50,
             socket_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_millis(250),
             socket_connect_timeout: Duration::from_secs(5),
             retry_on_timeout: true,
             health_check_interval: Duration::from_secs(30),
@@ -243,6 +245,7 @@ impl CacheConfig {
                     config.local_max_entries = positive(key_path, v, yaml_num(key_path, v)?)?
                 }
                 "socket_timeout" => config.socket_timeout = yaml_secs(key_path, v)?,
+                "operation_timeout" => config.operation_timeout = yaml_secs(key_path, v)?,
                 "socket_connect_timeout" => config.socket_connect_timeout = yaml_secs(key_path, v)?,
                 "retry_on_timeout" => config.retry_on_timeout = yaml_bool(key_path, v)?,
                 "health_check_interval" => config.health_check_interval = yaml_secs(key_path, v)?,
@@ -322,6 +325,10 @@ impl CacheConfig {
     pub fn socket_timeout(&self) -> Duration {
         self.socket_timeout
     }
+    /// The most one cache call may spend on Redis before the call falls back (default 250 ms).
+    pub fn operation_timeout(&self) -> Duration {
+        self.operation_timeout.min(self.socket_timeout)
+    }
     /// How long connecting to Redis may take.
     pub fn socket_connect_timeout(&self) -> Duration {
         self.socket_connect_timeout
@@ -330,7 +337,7 @@ impl CacheConfig {
     pub fn retry_on_timeout(&self) -> bool {
         self.retry_on_timeout
     }
-    /// Read but not acted on yet: background health checks come with the circuit breaker.
+    /// How often a background task PINGs Redis and probes an open breaker.
     pub fn health_check_interval(&self) -> Duration {
         self.health_check_interval
     }
@@ -368,15 +375,15 @@ impl CacheConfig {
     pub fn warmup_concurrency(&self) -> usize {
         self.warmup_concurrency
     }
-    /// Read but not acted on yet: the circuit breaker is a later feature.
+    /// Whether failures open the circuit breaker (off: every call tries Redis).
     pub fn circuit_breaker_enabled(&self) -> bool {
         self.circuit_breaker_enabled
     }
-    /// Read but not acted on yet: consecutive failures before the breaker opens.
+    /// Consecutive failures that open the breaker.
     pub fn circuit_breaker_threshold(&self) -> u32 {
         self.circuit_breaker_threshold
     }
-    /// Read but not acted on yet: how long the breaker stays open before probing.
+    /// How long the breaker stays open before one probe is let through.
     pub fn circuit_breaker_timeout(&self) -> Duration {
         self.circuit_breaker_timeout
     }
@@ -434,6 +441,31 @@ impl CacheConfigBuilder {
         self.config.socket_timeout = timeout;
         self
     }
+    /// Sets the most one cache call may spend on Redis.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.config.operation_timeout = timeout;
+        self
+    }
+    /// Sets how often the background health check runs.
+    pub fn health_check_interval(mut self, every: Duration) -> Self {
+        self.config.health_check_interval = every;
+        self
+    }
+    /// Turns the circuit breaker on or off.
+    pub fn circuit_breaker_enabled(mut self, on: bool) -> Self {
+        self.config.circuit_breaker_enabled = on;
+        self
+    }
+    /// Sets the consecutive failures that open the breaker.
+    pub fn circuit_breaker_threshold(mut self, failures: u32) -> Self {
+        self.config.circuit_breaker_threshold = failures;
+        self
+    }
+    /// Sets how long the breaker stays open before probing.
+    pub fn circuit_breaker_timeout(mut self, timeout: Duration) -> Self {
+        self.config.circuit_breaker_timeout = timeout;
+        self
+    }
     /// Sets how long connecting may take.
     pub fn socket_connect_timeout(mut self, timeout: Duration) -> Self {
         self.config.socket_connect_timeout = timeout;
@@ -462,6 +494,8 @@ impl CacheConfigBuilder {
         for (key, d) in [
             ("default_ttl", c.default_ttl),
             ("socket_timeout", c.socket_timeout),
+            ("operation_timeout", c.operation_timeout),
+            ("health_check_interval", c.health_check_interval),
             ("socket_connect_timeout", c.socket_connect_timeout),
         ] {
             if d.is_zero() {

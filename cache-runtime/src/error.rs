@@ -14,6 +14,10 @@ pub enum CacheError {
     )]
     Timeout(Duration),
 
+    /// Redis is not being used right now (the circuit breaker is open).
+    #[error("redis is unavailable: {0} (the cache serves from the local tier until Redis recovers)")]
+    Unavailable(String),
+
     /// A value could not be encoded into the configured format.
     #[error("could not encode the value as {format}: {message} (choose another serialization or change the type)")]
     Encode {
@@ -58,6 +62,20 @@ pub enum CacheError {
 }
 
 impl CacheError {
+    /// Whether this says Redis can't be reached (I/O, timeouts, a server still
+    /// loading), as opposed to an error Redis answered with.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            CacheError::Timeout(_) | CacheError::Unavailable(_) => true,
+            CacheError::Redis(e) => match e.kind() {
+                redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading) => true,
+                redis::ErrorKind::Server(_) | redis::ErrorKind::UnexpectedReturnType | redis::ErrorKind::Parse => false,
+                _ => true,
+            },
+            _ => false,
+        }
+    }
+
     pub(crate) fn config(
         key: &str,
         value: impl std::fmt::Display,

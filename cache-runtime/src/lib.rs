@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+mod breaker;
 mod cache;
 pub mod codec;
 mod config;
@@ -26,6 +27,7 @@ mod glob;
 mod key;
 mod local;
 mod metrics;
+mod pending;
 mod redis_store;
 mod stats;
 
@@ -33,6 +35,7 @@ mod stats;
 #[path = "private.rs"]
 pub mod __private;
 
+pub use breaker::BreakerState;
 pub use cache::{get_cache, init, Cache, KeyTtl, Mode, Set};
 pub use codec::Serialization;
 pub use config::{CacheConfig, CacheConfigBuilder, Profile, RedisTarget};

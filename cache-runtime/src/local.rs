@@ -163,6 +163,13 @@ impl LocalTier {
             .sum()
     }
 
+    /// Forgets every entry.
+    pub(crate) fn clear(&self) {
+        let mut index = self.lock_and_bump();
+        index.clear();
+        self.entries.invalidate_all();
+    }
+
     pub(crate) fn drop_tag_index(&self) {
         self.lock_and_bump().clear();
     }

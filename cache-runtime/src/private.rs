@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::flight::{self, Outcome, Role};
 use crate::key::{escape_glob, push_part as push, UNCACHEABLE};
+use crate::cache::Epoch;
 use crate::{codec, Cache, CacheError};
 
 pub use crate::IntoTtl;
@@ -319,7 +320,7 @@ pub async fn invalidate_all(cache: &Cache, spec: &Spec) -> Result<u64, CacheErro
 async fn recheck<V: DeserializeOwned>(
     cache: &Cache,
     full: &str,
-) -> Result<(Option<V>, u64), CacheError> {
+) -> Result<(Option<V>, Epoch), CacheError> {
     let (raw, epoch) = cache.read_with_epoch(full).await?;
     Ok((raw.and_then(|raw| cache.decode_or_drop(full, &raw)), epoch))
 }
@@ -329,7 +330,7 @@ async fn store<M, Out, C>(
     full: &str,
     out: &Out,
     condition: C,
-    epoch: Option<u64>,
+    epoch: Option<Epoch>,
 ) -> Outcome
 where
     Out: Cacheable<M>,

@@ -5,12 +5,17 @@
 //! pool checkout per GET. No pool is kept at all: SCAN keeps its cursor on the
 //! client side and the multi-key writes are Lua scripts or MULTI/EXEC sent as one
 //! pipeline, so nothing needs a connection of its own.
+//!
+//! The connections are `ConnectionManager`s, which reconnect with jittered
+//! exponential backoff. Each command runs under the operation timeout; a caller
+//! dropped mid-command leaves the connection in sync, because replies are
+//! matched to requests by the connection's own driver task, not by the caller.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Script};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Cmd, FromRedisValue, Script};
 
 use crate::config::CacheConfig;
 use crate::CacheError;
@@ -54,7 +59,8 @@ return n
 ";
 
 pub(crate) struct RedisStore {
-    conns: Vec<MultiplexedConnection>,
+    conns: Vec<ConnectionManager>,
+    op_timeout: Duration,
     next: AtomicUsize,
     set_script: Script,
     invalidate_script: Script,
@@ -72,28 +78,37 @@ pub(crate) struct ServerInfo {
 }
 
 impl RedisStore {
-    pub(crate) async fn connect(config: &CacheConfig, url: &str) -> Result<Self, CacheError> {
+    /// Builds the connections without waiting for Redis: they connect on first use.
+    pub(crate) fn new(config: &CacheConfig, url: &str) -> Result<Self, CacheError> {
         let client = Client::open(url)?;
-        let conn_config = AsyncConnectionConfig::new()
+        let op_timeout = config.operation_timeout();
+        let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.socket_connect_timeout))
-            .set_response_timeout(Some(config.socket_timeout));
-        let mut conns = Vec::with_capacity(config.connections);
-        for _ in 0..config.connections {
-            let mut conn = client
-                .get_multiplexed_async_connection_with_config(&conn_config)
-                .await?;
-            redis::cmd("PING").query_async::<()>(&mut conn).await?;
-            conns.push(conn);
-        }
+            .set_response_timeout(Some(config.socket_timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_secs(1));
+        let conns = (0..config.connections)
+            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone()))
+            .collect::<Result<_, _>>()?;
         Ok(RedisStore {
             conns,
+            op_timeout,
             next: AtomicUsize::new(0),
             set_script: Script::new(SET_SCRIPT),
             invalidate_script: Script::new(INVALIDATE_TAGS_SCRIPT),
         })
     }
 
-    fn conn(&self) -> MultiplexedConnection {
+    /// Runs one command under the operation timeout.
+    async fn bounded<T>(&self, fut: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, CacheError> {
+        match tokio::time::timeout(self.op_timeout, fut).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(CacheError::Timeout(self.op_timeout)),
+        }
+    }
+
+    fn conn(&self) -> ConnectionManager {
         let i = if self.conns.len() == 1 {
             0
         } else {
@@ -102,34 +117,28 @@ impl RedisStore {
         self.conns[i].clone()
     }
 
+    async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, CacheError> {
+        self.bounded(cmd.query_async(&mut self.conn())).await
+    }
+
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        Ok(redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut self.conn())
-            .await?)
+        match self.query(redis::cmd("GET").arg(key)).await {
+            // A key of another Redis type was not written by a cache: it is a miss.
+            Err(CacheError::Redis(e)) if e.code() == Some("WRONGTYPE") => Ok(None),
+            other => other,
+        }
     }
 
     pub(crate) async fn epoch(&self, epoch_key: &str) -> Result<u64, CacheError> {
-        let v: Option<u64> = redis::cmd("GET")
-            .arg(epoch_key)
-            .query_async(&mut self.conn())
-            .await?;
+        let v: Option<u64> = self.query(redis::cmd("GET").arg(epoch_key)).await?;
         Ok(v.unwrap_or(0))
     }
 
     /// One round trip for both: the leader's re-read and the epoch its fill is checked against.
-    pub(crate) async fn get_with_epoch(
-        &self,
-        key: &str,
-        epoch_key: &str,
-    ) -> Result<(Option<Vec<u8>>, u64), CacheError> {
-        let (value, epoch): (Option<Vec<u8>>, Option<u64>) = redis::pipe()
-            .cmd("GET")
-            .arg(key)
-            .cmd("GET")
-            .arg(epoch_key)
-            .query_async(&mut self.conn())
-            .await?;
+    pub(crate) async fn get_with_epoch(&self, key: &str, epoch_key: &str) -> Result<(Option<Vec<u8>>, u64), CacheError> {
+        let pipe = redis::pipe().cmd("GET").arg(key).cmd("GET").arg(epoch_key).clone();
+        let (value, epoch): (Option<Vec<u8>>, Option<u64>) =
+            self.bounded(pipe.query_async(&mut self.conn())).await?;
         Ok((value, epoch.unwrap_or(0)))
     }
 
@@ -143,15 +152,8 @@ impl RedisStore {
         expected_epoch: Option<u64>,
     ) -> Result<bool, CacheError> {
         let ttl_ms = ttl.as_millis().max(1) as u64;
-        let mut conn = self.conn();
         if tag_keys.is_empty() && expected_epoch.is_none() {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(bytes)
-                .arg("PX")
-                .arg(ttl_ms)
-                .query_async::<()>(&mut conn)
-                .await?;
+            self.query::<()>(redis::cmd("SET").arg(key).arg(bytes).arg("PX").arg(ttl_ms)).await?;
             return Ok(true);
         }
         let mut call = self.set_script.key(key);
@@ -159,111 +161,64 @@ impl RedisStore {
         for tag in tag_keys {
             call.key(tag);
         }
-        call.arg(bytes)
-            .arg(ttl_ms)
-            .arg(expected_epoch.map(|e| e.to_string()).unwrap_or_default());
-        let stored: i64 = call.invoke_async(&mut conn).await?;
+        call.arg(bytes).arg(ttl_ms).arg(expected_epoch.map(|e| e.to_string()).unwrap_or_default());
+        let stored: i64 = self.bounded(call.invoke_async(&mut self.conn())).await?;
         Ok(stored == 1)
     }
 
     pub(crate) async fn delete(&self, key: &str, epoch_key: &str) -> Result<bool, CacheError> {
-        let (_, n): (u64, u64) = redis::pipe()
-            .atomic()
-            .cmd("INCR")
-            .arg(epoch_key)
-            .cmd("UNLINK")
-            .arg(key)
-            .query_async(&mut self.conn())
-            .await?;
+        let pipe = redis::pipe().atomic().cmd("INCR").arg(epoch_key).cmd("UNLINK").arg(key).clone();
+        let (_, n): (u64, u64) = self.bounded(pipe.query_async(&mut self.conn())).await?;
         Ok(n > 0)
     }
 
     pub(crate) async fn exists(&self, key: &str) -> Result<bool, CacheError> {
-        let n: u64 = redis::cmd("EXISTS")
-            .arg(key)
-            .query_async(&mut self.conn())
-            .await?;
+        let n: u64 = self.query(redis::cmd("EXISTS").arg(key)).await?;
         Ok(n > 0)
     }
 
     /// PTTL: -2 for a missing key, -1 for one without expiry.
     pub(crate) async fn pttl(&self, key: &str) -> Result<i64, CacheError> {
-        Ok(redis::cmd("PTTL")
-            .arg(key)
-            .query_async(&mut self.conn())
-            .await?)
+        self.query(redis::cmd("PTTL").arg(key)).await
     }
 
-    pub(crate) async fn invalidate_tags(
-        &self,
-        epoch_key: &str,
-        tag_keys: &[String],
-    ) -> Result<u64, CacheError> {
+    pub(crate) async fn invalidate_tags(&self, epoch_key: &str, tag_keys: &[String]) -> Result<u64, CacheError> {
         let mut call = self.invalidate_script.key(epoch_key);
         for tag in tag_keys {
             call.key(tag);
         }
-        Ok(call.invoke_async(&mut self.conn()).await?)
+        self.bounded(call.invoke_async(&mut self.conn())).await
     }
 
     /// SCAN MATCH + UNLINK in batches. The epoch is bumped first: a fill that read
     /// the old epoch is refused, and one that landed earlier is found by the scan
     /// (SCAN returns every key present for the whole iteration).
-    pub(crate) async fn delete_pattern(
-        &self,
-        pattern: &str,
-        epoch_key: Option<&str>,
-    ) -> Result<u64, CacheError> {
-        let mut conn = self.conn();
+    pub(crate) async fn delete_pattern(&self, pattern: &str, epoch_key: Option<&str>) -> Result<u64, CacheError> {
         if let Some(epoch_key) = epoch_key {
-            redis::cmd("INCR")
-                .arg(epoch_key)
-                .query_async::<()>(&mut conn)
-                .await?;
+            self.query::<()>(redis::cmd("INCR").arg(epoch_key)).await?;
         }
         let mut deleted = 0;
-        let unlink = |keys: Vec<String>| async move {
-            let n: u64 = redis::cmd("UNLINK")
-                .arg(keys)
-                .query_async(&mut self.conn())
-                .await?;
-            Ok(n)
-        };
+        let unlink = |keys: Vec<String>| async move { self.query::<u64>(redis::cmd("UNLINK").arg(keys)).await };
         self.scan(pattern, unlink, &mut deleted).await?;
         Ok(deleted)
     }
 
     pub(crate) async fn count(&self, pattern: &str) -> Result<u64, CacheError> {
         let mut total = 0;
-        self.scan(
-            pattern,
-            |keys| async move { Ok(keys.len() as u64) },
-            &mut total,
-        )
-        .await?;
+        self.scan(pattern, |keys| async move { Ok(keys.len() as u64) }, &mut total).await?;
         Ok(total)
     }
 
-    async fn scan<F, Fut>(
-        &self,
-        pattern: &str,
-        mut each: F,
-        total: &mut u64,
-    ) -> Result<(), CacheError>
+    /// Calls `each` with every page of keys matching `pattern`; adds up what it returns.
+    pub(crate) async fn scan<F, Fut>(&self, pattern: &str, mut each: F, total: &mut u64) -> Result<(), CacheError>
     where
         F: FnMut(Vec<String>) -> Fut,
         Fut: std::future::Future<Output = Result<u64, CacheError>>,
     {
-        let mut conn = self.conn();
         let mut cursor = 0u64;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(BATCH)
-                .query_async(&mut conn)
+            let (next, keys): (u64, Vec<String>) = self
+                .query(redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(BATCH))
                 .await?;
             if !keys.is_empty() {
                 *total += each(keys).await?;
@@ -276,11 +231,11 @@ impl RedisStore {
     }
 
     pub(crate) async fn ping(&self) -> Result<(), CacheError> {
-        Ok(redis::cmd("PING").query_async(&mut self.conn()).await?)
+        self.query(&redis::cmd("PING")).await
     }
 
     pub(crate) async fn info(&self) -> Result<ServerInfo, CacheError> {
-        let text: String = redis::cmd("INFO").query_async(&mut self.conn()).await?;
+        let text: String = self.query(&redis::cmd("INFO")).await?;
         let mut info = ServerInfo::default();
         for line in text.lines() {
             let Some((k, v)) = line.trim_end().split_once(':') else {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::breaker::BreakerState;
 use crate::cache::Mode;
 use crate::metrics::Metrics;
 use crate::CacheError;
@@ -49,6 +50,9 @@ impl Counters {
             errors: metrics.errors.get(),
             decode_failures: self.decode_failures.load(Ordering::Relaxed),
             fills_refused: self.fills_refused.load(Ordering::Relaxed),
+            breaker: BreakerState::Closed,
+            breaker_opened: 0,
+            pending_invalidations: 0,
         }
     }
 }
@@ -91,6 +95,12 @@ pub struct CacheStats {
     pub decode_failures: u64,
     /// Fills skipped because an invalidation ran while the value was computed.
     pub fills_refused: u64,
+    /// The circuit breaker's state.
+    pub breaker: BreakerState,
+    /// How often the breaker has opened.
+    pub breaker_opened: u64,
+    /// Invalidations waiting to be replayed into Redis.
+    pub pending_invalidations: u64,
 }
 
 /// What [`Cache::health`](crate::Cache::health) reports.
@@ -103,6 +113,8 @@ pub struct Health {
     pub connected: bool,
     /// Which store serves the cache.
     pub mode: Mode,
+    /// The circuit breaker's state.
+    pub breaker: BreakerState,
     /// How long the check took, in milliseconds.
     pub latency_ms: f64,
     /// Why the check failed.
@@ -110,7 +122,7 @@ pub struct Health {
 }
 
 impl Health {
-    pub(crate) fn new(mode: Mode, took: Duration, error: Option<CacheError>) -> Health {
+    pub(crate) fn new(mode: Mode, breaker: BreakerState, took: Duration, error: Option<CacheError>) -> Health {
         Health {
             status: if error.is_none() {
                 "healthy"
@@ -119,6 +131,7 @@ impl Health {
             },
             connected: mode == Mode::Redis && error.is_none(),
             mode,
+            breaker,
             latency_ms: took.as_secs_f64() * 1e3,
             error: error.map(|e| e.to_string()),
         }

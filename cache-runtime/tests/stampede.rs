@@ -12,12 +12,23 @@ use cache_runtime::Cache;
 use support::{local_cache, Redis, FORMATS};
 use tokio::sync::{Barrier, Notify};
 
-const SPEC: Spec = Spec { name: "load", prefix: Some("load"), ttl: None, profile: None, version: 0 };
+const SPEC: Spec = Spec {
+    name: "load",
+    prefix: Some("load"),
+    ttl: None,
+    profile: None,
+    version: 0,
+};
 
 fn call<'a>(cache: &'a Cache, id: u32, tags: &[&str]) -> Call<'a> {
     let mut key = KeyBuilder::new(cache, &SPEC);
     key.arg(&id);
-    Call { cache, spec: &SPEC, key: key.finish(), tags: tags.iter().map(|t| t.to_string()).collect() }
+    Call {
+        cache,
+        spec: &SPEC,
+        key: key.finish(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+    }
 }
 
 async fn load(cache: &Cache, id: u32, runs: &AtomicU32, delay: Duration) -> u64 {
@@ -30,7 +41,10 @@ async fn load(cache: &Cache, id: u32, runs: &AtomicU32, delay: Duration) -> u64 
 }
 
 async fn caches(redis: &Redis, name: &str) -> Vec<Cache> {
-    vec![redis.cache(name, FORMATS[0]).await, local_cache(name, FORMATS[1])]
+    vec![
+        redis.cache(name, FORMATS[0]).await,
+        local_cache(name, FORMATS[1]),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +101,11 @@ async fn a_cancelled_leader_hands_over_to_a_follower() {
         .await
         .expect("followers hung after the leader was cancelled");
         assert!(results.iter().all(|&v| v == 10));
-        assert_eq!(runs.load(Ordering::SeqCst), 2, "exactly one follower took over");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            2,
+            "exactly one follower took over"
+        );
     }
 }
 
@@ -116,7 +134,10 @@ async fn a_panicking_leader_hands_over_and_leaves_no_lock() {
             tokio::spawn(async move { load(&cache, 2, &runs, Duration::ZERO).await })
         };
         assert!(leader.await.unwrap_err().is_panic());
-        let v = tokio::time::timeout(Duration::from_secs(5), follower).await.expect("follower hung").unwrap();
+        let v = tokio::time::timeout(Duration::from_secs(5), follower)
+            .await
+            .expect("follower hung")
+            .unwrap();
         assert_eq!(v, 20);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
@@ -132,11 +153,15 @@ async fn a_fill_computed_before_an_invalidation_is_refused() {
             let reader = {
                 let (cache, in_body, release) = (cache.clone(), in_body.clone(), release.clone());
                 tokio::spawn(async move {
-                    get_or_compute::<Plain, _, _, _>(call(&cache, 3, &["load"]), always, async move {
-                        in_body.notify_one();
-                        release.notified().await;
-                        "read before the update".to_owned()
-                    })
+                    get_or_compute::<Plain, _, _, _>(
+                        call(&cache, 3, &["load"]),
+                        always,
+                        async move {
+                            in_body.notify_one();
+                            release.notified().await;
+                            "read before the update".to_owned()
+                        },
+                    )
                     .await
                 })
             };
@@ -150,7 +175,12 @@ async fn a_fill_computed_before_an_invalidation_is_refused() {
             }
             release.notify_one();
             assert_eq!(reader.await.unwrap(), "read before the update");
-            assert_eq!(cache.get::<String>(&key).await.unwrap(), None, "{:?} {invalidate}: stale fill landed", cache.mode());
+            assert_eq!(
+                cache.get::<String>(&key).await.unwrap(),
+                None,
+                "{:?} {invalidate}: stale fill landed",
+                cache.mode()
+            );
         }
         assert!(cache.stats().await.unwrap().fills_refused >= 4);
     }
@@ -162,11 +192,12 @@ async fn errors_pass_through_and_are_not_stored() {
     for cache in caches(&redis, "errors").await {
         let runs = AtomicU32::new(0);
         for _ in 0..3 {
-            let r: Result<u32, String> = get_or_compute::<OkOnly, _, _, _>(call(&cache, 4, &[]), always, async {
-                runs.fetch_add(1, Ordering::SeqCst);
-                Err("db down".to_owned())
-            })
-            .await;
+            let r: Result<u32, String> =
+                get_or_compute::<OkOnly, _, _, _>(call(&cache, 4, &[]), always, async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Err("db down".to_owned())
+                })
+                .await;
             assert_eq!(r.unwrap_err(), "db down");
         }
         assert_eq!(runs.load(Ordering::SeqCst), 3);

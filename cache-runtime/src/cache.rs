@@ -138,7 +138,7 @@ impl Cache {
         let cache = Cache::assemble(config, Some(store));
         let connect = cache.inner.config.socket_connect_timeout.max(cache.inner.config.operation_timeout());
         let reachable = match &cache.inner.redis {
-            Some(redis) => tokio::time::timeout(connect, redis.ping()).await,
+            Some(redis) => tokio::time::timeout(connect, redis.connect()).await,
             None => unreachable!("assembled with a store"),
         };
         match reachable {
@@ -155,6 +155,9 @@ impl Cache {
     fn start_degraded(&self, target: &crate::RedisTarget, error: &CacheError) {
         tracing::warn!(redis = %target, error = %error, "Redis unreachable at start: cache runs in local mode until it answers");
         self.inner.breaker.trip();
+        if let Some(redis) = &self.inner.redis {
+            redis.revive();
+        }
         self.inner.metrics.breaker_state.set(self.inner.breaker.state().as_gauge());
     }
 

@@ -67,11 +67,13 @@ impl CacheError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             CacheError::Timeout(_) | CacheError::Unavailable(_) => true,
-            CacheError::Redis(e) => match e.kind() {
-                redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading) => true,
-                redis::ErrorKind::Server(_) | redis::ErrorKind::UnexpectedReturnType | redis::ErrorKind::Parse => false,
-                _ => true,
-            },
+            CacheError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+            }
             _ => false,
         }
     }

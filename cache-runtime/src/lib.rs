@@ -21,6 +21,7 @@ mod breaker;
 mod cache;
 pub mod codec;
 mod config;
+mod conn;
 mod error;
 mod flight;
 mod glob;

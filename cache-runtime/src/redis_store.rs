@@ -6,16 +6,19 @@
 //! client side and the multi-key writes are Lua scripts or MULTI/EXEC sent as one
 //! pipeline, so nothing needs a connection of its own.
 //!
-//! The connections are `ConnectionManager`s, which reconnect with jittered
-//! exponential backoff. Each command runs under the operation timeout; a caller
-//! dropped mid-command leaves the connection in sync, because replies are
-//! matched to requests by the connection's own driver task, not by the caller.
+//! Each command runs under the operation timeout. A caller dropped mid-command
+//! leaves the connection in sync, because replies are matched to requests by the
+//! connection's own driver task, not by the caller; a command that times out or
+//! hits an I/O error poisons its connection (see `conn.rs`).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Cmd, FromRedisValue, Script};
+use std::sync::Arc;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Script};
+
+use crate::conn::Connections;
 
 use crate::config::CacheConfig;
 use crate::CacheError;
@@ -45,8 +48,9 @@ return 1
 ";
 
 // KEYS: epoch, tag sets... Deletes every member of every tag set and the sets.
+// pcall: under OOM the INCR is refused, and so is every fill, so deleting goes on.
 const INVALIDATE_TAGS_SCRIPT: &str = r"
-redis.call('INCR', KEYS[1])
+redis.pcall('INCR', KEYS[1])
 local n = 0
 for i = 2, #KEYS do
   local members = redis.call('ZRANGE', KEYS[i], 0, -1)
@@ -59,9 +63,8 @@ return n
 ";
 
 pub(crate) struct RedisStore {
-    conns: Vec<ConnectionManager>,
+    conns: Arc<Connections>,
     op_timeout: Duration,
-    next: AtomicUsize,
     set_script: Script,
     invalidate_script: Script,
 }
@@ -78,47 +81,57 @@ pub(crate) struct ServerInfo {
 }
 
 impl RedisStore {
-    /// Builds the connections without waiting for Redis: they connect on first use.
+    /// Builds the store without connecting; [`connect`](Self::connect) tries once now.
     pub(crate) fn new(config: &CacheConfig, url: &str) -> Result<Self, CacheError> {
         let client = Client::open(url)?;
-        let op_timeout = config.operation_timeout();
-        let manager_config = ConnectionManagerConfig::new()
+        // The operation timeout below bounds every command; this one only keeps a
+        // wedged connection from holding replies forever.
+        let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.socket_connect_timeout))
-            .set_response_timeout(Some(config.socket_timeout))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_secs(1));
-        let conns = (0..config.connections)
-            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone()))
-            .collect::<Result<_, _>>()?;
+            .set_response_timeout(Some(config.socket_timeout));
         Ok(RedisStore {
-            conns,
-            op_timeout,
-            next: AtomicUsize::new(0),
+            conns: Connections::new(client, conn_config, config.connections),
+            op_timeout: config.operation_timeout(),
             set_script: Script::new(SET_SCRIPT),
             invalidate_script: Script::new(INVALIDATE_TAGS_SCRIPT),
         })
     }
 
-    /// Runs one command under the operation timeout.
-    async fn bounded<T>(&self, fut: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, CacheError> {
-        match tokio::time::timeout(self.op_timeout, fut).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(CacheError::Timeout(self.op_timeout)),
+    pub(crate) async fn connect(&self) -> Result<(), CacheError> {
+        self.conns.connect_all().await
+    }
+
+    /// Reconnects in the background whatever is not connected.
+    pub(crate) fn revive(&self) {
+        self.conns.revive();
+    }
+
+    /// Runs one command under the operation timeout, poisoning its connection
+    /// when the reply stream can no longer be trusted.
+    async fn run<T, F, Fut>(&self, command: F) -> Result<T, CacheError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let lease = self.conns.lease()?;
+        match tokio::time::timeout(self.op_timeout, command(lease.conn.clone())).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                let e = CacheError::from(e);
+                if e.is_unavailable() {
+                    self.conns.poison(&lease);
+                }
+                Err(e)
+            }
+            Err(_) => {
+                self.conns.poison(&lease);
+                Err(CacheError::Timeout(self.op_timeout))
+            }
         }
     }
 
-    fn conn(&self) -> ConnectionManager {
-        let i = if self.conns.len() == 1 {
-            0
-        } else {
-            self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len()
-        };
-        self.conns[i].clone()
-    }
-
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, CacheError> {
-        self.bounded(cmd.query_async(&mut self.conn())).await
+        self.run(|mut conn| async move { cmd.query_async(&mut conn).await }).await
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
@@ -138,7 +151,7 @@ impl RedisStore {
     pub(crate) async fn get_with_epoch(&self, key: &str, epoch_key: &str) -> Result<(Option<Vec<u8>>, u64), CacheError> {
         let pipe = redis::pipe().cmd("GET").arg(key).cmd("GET").arg(epoch_key).clone();
         let (value, epoch): (Option<Vec<u8>>, Option<u64>) =
-            self.bounded(pipe.query_async(&mut self.conn())).await?;
+            self.run(|mut conn| async move { pipe.query_async(&mut conn).await }).await?;
         Ok((value, epoch.unwrap_or(0)))
     }
 
@@ -162,14 +175,25 @@ impl RedisStore {
             call.key(tag);
         }
         call.arg(bytes).arg(ttl_ms).arg(expected_epoch.map(|e| e.to_string()).unwrap_or_default());
-        let stored: i64 = self.bounded(call.invoke_async(&mut self.conn())).await?;
+        let stored: i64 = self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         Ok(stored == 1)
     }
 
     pub(crate) async fn delete(&self, key: &str, epoch_key: &str) -> Result<bool, CacheError> {
-        let pipe = redis::pipe().atomic().cmd("INCR").arg(epoch_key).cmd("UNLINK").arg(key).clone();
-        let (_, n): (u64, u64) = self.bounded(pipe.query_async(&mut self.conn())).await?;
+        self.bump_epoch(epoch_key).await?;
+        let n: u64 = self.query(redis::cmd("UNLINK").arg(key)).await?;
         Ok(n > 0)
+    }
+
+    /// Bumps the epoch before an invalidation deletes anything: a fill that read the
+    /// old epoch is refused, and one that landed earlier is deleted. Under OOM with
+    /// `noeviction` Redis refuses the INCR, but it refuses every fill too, so the
+    /// invalidation goes ahead without it.
+    async fn bump_epoch(&self, epoch_key: &str) -> Result<(), CacheError> {
+        match self.query::<()>(redis::cmd("INCR").arg(epoch_key)).await {
+            Err(CacheError::Redis(e)) if e.code() == Some("OOM") => Ok(()),
+            other => other,
+        }
     }
 
     pub(crate) async fn exists(&self, key: &str) -> Result<bool, CacheError> {
@@ -187,7 +211,7 @@ impl RedisStore {
         for tag in tag_keys {
             call.key(tag);
         }
-        self.bounded(call.invoke_async(&mut self.conn())).await
+        self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await
     }
 
     /// SCAN MATCH + UNLINK in batches. The epoch is bumped first: a fill that read
@@ -195,7 +219,7 @@ impl RedisStore {
     /// (SCAN returns every key present for the whole iteration).
     pub(crate) async fn delete_pattern(&self, pattern: &str, epoch_key: Option<&str>) -> Result<u64, CacheError> {
         if let Some(epoch_key) = epoch_key {
-            self.query::<()>(redis::cmd("INCR").arg(epoch_key)).await?;
+            self.bump_epoch(epoch_key).await?;
         }
         let mut deleted = 0;
         let unlink = |keys: Vec<String>| async move { self.query::<u64>(redis::cmd("UNLINK").arg(keys)).await };

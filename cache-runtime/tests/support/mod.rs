@@ -131,6 +131,22 @@ impl Redis {
         self.boot();
     }
 
+    /// SIGSTOP: the server keeps its sockets open and answers nothing.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().expect("only our own server can be signalled");
+        let status = Command::new("kill").arg(sig).arg(child.id().to_string()).status().expect("run kill");
+        assert!(status.success(), "kill {sig} failed");
+    }
+
     /// A cache builder on this server with a prefix of the test's own.
     pub fn config(&self, name: &str) -> CacheConfigBuilder {
         CacheConfig::builder()
@@ -223,3 +239,5 @@ pub async fn both_modes(redis: &Redis, name: &str) -> [Cache; 2] {
         local_cache(name, FORMATS[1]),
     ]
 }
+
+pub mod proxy;

@@ -1,0 +1,175 @@
+//! Multiplexed Redis connections that are thrown away at the first sign of trouble.
+//!
+//! A multiplexed connection matches replies to requests by order. After a
+//! timeout that order can no longer be trusted (a middlebox may have dropped the
+//! request, so the next reply would answer someone else's question), and after
+//! an I/O error the socket is gone. Either way the connection is poisoned: it is
+//! dropped from its slot, callers fail fast until a background task has
+//! reconnected with jittered exponential backoff, and no caller ever waits on a
+//! reconnect.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client};
+
+use crate::CacheError;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(20);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+struct Live {
+    conn: MultiplexedConnection,
+    id: u64,
+}
+
+#[derive(Default)]
+struct Slot {
+    live: ArcSwapOption<Live>,
+    reconnecting: AtomicBool,
+}
+
+pub(crate) struct Connections {
+    client: Client,
+    config: AsyncConnectionConfig,
+    slots: Vec<Slot>,
+    next: AtomicUsize,
+    ids: AtomicU64,
+    me: Weak<Connections>,
+}
+
+/// A connection handed to one command, with what is needed to poison it.
+pub(crate) struct Lease {
+    pub(crate) conn: MultiplexedConnection,
+    slot: usize,
+    id: u64,
+}
+
+impl Connections {
+    pub(crate) fn new(client: Client, config: AsyncConnectionConfig, count: usize) -> Arc<Self> {
+        Arc::new_cyclic(|me| Connections {
+            client,
+            config,
+            slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
+            next: AtomicUsize::new(0),
+            ids: AtomicU64::new(0),
+            me: me.clone(),
+        })
+    }
+
+    /// Connects every slot now; an error leaves the slots to the background reconnect.
+    pub(crate) async fn connect_all(&self) -> Result<(), CacheError> {
+        for i in 0..self.slots.len() {
+            match self.client.get_multiplexed_async_connection_with_config(&self.config).await {
+                Ok(conn) => self.install(i, conn),
+                Err(e) => {
+                    self.reconnect(i);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts reconnecting every slot that has no live connection.
+    pub(crate) fn revive(&self) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            if slot.live.load().is_none() {
+                self.reconnect(i);
+            }
+        }
+    }
+
+    /// A live connection, round robin; an error while none is live in the chosen slot.
+    #[inline]
+    pub(crate) fn lease(&self) -> Result<Lease, CacheError> {
+        let slot = if self.slots.len() == 1 { 0 } else { self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len() };
+        match &*self.slots[slot].live.load() {
+            Some(live) => Ok(Lease { conn: live.conn.clone(), slot, id: live.id }),
+            None => {
+                self.reconnect(slot);
+                Err(CacheError::Unavailable("reconnecting to Redis".into()))
+            }
+        }
+    }
+
+    /// Drops the leased connection from its slot (if still there) and reconnects.
+    pub(crate) fn poison(&self, lease: &Lease) {
+        let slot = &self.slots[lease.slot];
+        let current = slot.live.load();
+        if current.as_ref().is_some_and(|live| live.id == lease.id) {
+            slot.live.compare_and_swap(&*current, None);
+            tracing::debug!(slot = lease.slot, "redis connection poisoned: reconnecting");
+        }
+        drop(current);
+        self.reconnect(lease.slot);
+    }
+
+    fn install(&self, slot: usize, conn: MultiplexedConnection) {
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        self.slots[slot].live.store(Some(Arc::new(Live { conn, id })));
+    }
+
+    fn reconnect(&self, slot: usize) {
+        if self.slots[slot].reconnecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.slots[slot].reconnecting.store(false, Ordering::Release);
+            return;
+        };
+        let me = self.me.clone();
+        runtime.spawn(async move {
+            let mut attempt = 0u32;
+            loop {
+                // Ends with the cache: only a weak reference is held between attempts.
+                let Some(this) = me.upgrade() else { return };
+                match this.client.get_multiplexed_async_connection_with_config(&this.config).await {
+                    Ok(conn) => {
+                        this.install(slot, conn);
+                        this.slots[slot].reconnecting.store(false, Ordering::Release);
+                        tracing::info!(slot, attempts = attempt + 1, "reconnected to Redis");
+                        return;
+                    }
+                    Err(e) => tracing::debug!(slot, attempt, error = %e, "reconnect failed"),
+                }
+                drop(this);
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt = attempt.saturating_add(1);
+            }
+        });
+    }
+}
+
+/// Full jitter: uniform in [0, min(MAX, MIN·2^attempt)], so reconnecting clients spread out.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling = MIN_BACKOFF.saturating_mul(1u32 << attempt.min(16)).min(MAX_BACKOFF);
+    ceiling.mul_f64(jitter())
+}
+
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh RandomState is randomly keyed: enough entropy for jitter, no extra dependency.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            let ceiling = MIN_BACKOFF.saturating_mul(1u32 << attempt.min(16)).min(MAX_BACKOFF);
+            assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
+        }
+        let spread: std::collections::HashSet<_> = (0..20).map(|_| backoff(10)).collect();
+        assert!(spread.len() > 1, "no jitter");
+    }
+}

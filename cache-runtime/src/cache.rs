@@ -550,6 +550,16 @@ impl Cache {
         }
     }
 
+    /// Refuses (and counts) a value over `max_value_bytes`.
+    pub(crate) fn check_size(&self, size: usize) -> Result<(), CacheError> {
+        let limit = self.inner.config.max_value_bytes;
+        if size > limit {
+            self.inner.counters.oversized.fetch_add(1, Ordering::Relaxed);
+            return Err(CacheError::TooLarge { size, limit });
+        }
+        Ok(())
+    }
+
     pub(crate) fn record_lookup(&self, hit: bool) {
         if self.inner.config.track_stats {
             if hit { &self.inner.metrics.hits } else { &self.inner.metrics.misses }.inc();
@@ -624,6 +634,7 @@ impl<'a, T: Serialize + ?Sized + Sync> Set<'a, T> {
             return Err(CacheError::InvalidArgument("ttl must be positive".into()));
         }
         let bytes = codec::encode(self.cache.inner.config.serialization, self.value)?;
+        self.cache.check_size(bytes.len())?;
         let full = self.cache.full_key(self.key);
         self.cache
             .write(&full, &bytes, ttl, &self.tags, None)

@@ -1,8 +1,10 @@
-//! The stored representation: a three-byte header, then the payload.
+//! The stored representation: a seven-byte header, then the payload.
 //!
-//! The header names the format, so a reader never decodes bytes with the wrong
-//! decoder: entries are decoded by what they say they are, whatever the reader's
-//! own configured format is.
+//! The header is a magic byte, the wire version, the format, and a 32-bit
+//! checksum of the payload (xxh3). It names the format, so a reader never
+//! decodes bytes with the wrong decoder whatever its own configured format is,
+//! and the checksum turns corrupted, truncated or foreign bytes into a miss
+//! even where they would happen to decode.
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,7 +17,7 @@ use crate::CacheError;
 const MAGIC: u8 = 0xCA;
 /// Bumped when the header or an encoding changes incompatibly; also part of macro keys.
 pub const WIRE_VERSION: u8 = 1;
-const HEADER_LEN: usize = 3;
+const HEADER_LEN: usize = 7;
 
 /// How values are encoded before they are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -88,7 +90,7 @@ pub fn encode<T: Serialize + ?Sized>(
     value: &T,
 ) -> Result<Vec<u8>, CacheError> {
     let mut out = Vec::with_capacity(64);
-    out.extend_from_slice(&[MAGIC, WIRE_VERSION, format.tag()]);
+    out.extend_from_slice(&[MAGIC, WIRE_VERSION, format.tag(), 0, 0, 0, 0]);
     let result = match format {
         Serialization::Json => serde_json::to_writer(&mut out, value).map_err(|e| e.to_string()),
         Serialization::MsgPack => {
@@ -102,6 +104,8 @@ pub fn encode<T: Serialize + ?Sized>(
         format: format.as_str(),
         message,
     })?;
+    let sum = checksum(&out[HEADER_LEN..]);
+    out[3..HEADER_LEN].copy_from_slice(&sum);
     Ok(out)
 }
 
@@ -139,7 +143,15 @@ fn split_header(bytes: &[u8]) -> Result<(Serialization, &[u8]), CacheError> {
     }
     let format =
         Serialization::from_tag(bytes[2]).ok_or_else(|| bad(format!("format tag {}", bytes[2])))?;
-    Ok((format, &bytes[HEADER_LEN..]))
+    let payload = &bytes[HEADER_LEN..];
+    if bytes[3..HEADER_LEN] != checksum(payload) {
+        return Err(bad("checksum mismatch (corrupted or truncated)".into()));
+    }
+    Ok((format, payload))
+}
+
+fn checksum(payload: &[u8]) -> [u8; 4] {
+    (xxhash_rust::xxh3::xxh3_64(payload) as u32).to_le_bytes()
 }
 
 #[cfg(test)]
@@ -193,7 +205,10 @@ mod tests {
     fn foreign_and_truncated_bytes_are_errors() {
         assert!(decode::<Mission>(b"{\"id\":7}").is_err());
         assert!(decode::<Mission>(&[MAGIC]).is_err());
-        assert!(decode::<Mission>(&[MAGIC, WIRE_VERSION + 1, 1, b'1']).is_err());
+        assert!(decode::<Mission>(&[MAGIC, WIRE_VERSION + 1, 1, 0, 0, 0, 0, b'1']).is_err());
+        let mut flipped = encode(Serialization::Json, &sample()).unwrap();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(decode::<Mission>(&flipped).is_err(), "a flipped bit must be caught");
         let bytes = encode(Serialization::Binary, &sample()).unwrap();
         for cut in 0..bytes.len() {
             assert!(decode::<Mission>(&bytes[..cut]).is_err(), "cut at {cut}");

@@ -82,6 +82,7 @@ pub struct CacheConfig {
     pub(crate) named_ttls: HashMap<String, Duration>,
     pub(crate) profiles: HashMap<String, Profile>,
     pub(crate) local_max_entries: u64,
+    pub(crate) max_value_bytes: usize,
     pub(crate) warmup_enabled: bool,
     pub(crate) warmup_batch_size: usize,
     pub(crate) warmup_concurrency: usize,
@@ -109,6 +110,7 @@ impl Default for CacheConfig {
             named_ttls: HashMap::new(),
             profiles: HashMap::new(),
             local_max_entries: 100_000,
+            max_value_bytes: 8 << 20,
             warmup_enabled: true,
             warmup_batch_size: 100,
             warmup_concurrency: 5,
@@ -241,6 +243,7 @@ impl CacheConfig {
                 "max_connections" => {
                     config.max_connections = positive(key_path, v, yaml_num(key_path, v)?)?
                 }
+                "max_value_bytes" => config.max_value_bytes = positive(key_path, v, yaml_num(key_path, v)?)?,
                 "local_max_entries" => {
                     config.local_max_entries = positive(key_path, v, yaml_num(key_path, v)?)?
                 }
@@ -363,6 +366,10 @@ impl CacheConfig {
     pub fn local_max_entries(&self) -> u64 {
         self.local_max_entries
     }
+    /// Encoded values larger than this are not stored (default 8 MiB).
+    pub fn max_value_bytes(&self) -> usize {
+        self.max_value_bytes
+    }
     /// Read but not acted on yet: cache warming is a later feature.
     pub fn warmup_enabled(&self) -> bool {
         self.warmup_enabled
@@ -484,6 +491,11 @@ impl CacheConfigBuilder {
     /// Bounds the local tier.
     pub fn local_max_entries(mut self, n: u64) -> Self {
         self.config.local_max_entries = n;
+        self
+    }
+    /// Sets the largest encoded value that is stored.
+    pub fn max_value_bytes(mut self, n: usize) -> Self {
+        self.config.max_value_bytes = n;
         self
     }
     /// Checks the values and returns the config.

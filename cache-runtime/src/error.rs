@@ -36,6 +36,15 @@ pub enum CacheError {
         message: String,
     },
 
+    /// An encoded value exceeded `max_value_bytes` and was not stored.
+    #[error("value of {size} bytes exceeds max_value_bytes ({limit}); it was not stored (raise the limit or cache less)")]
+    TooLarge {
+        /// The encoded size.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+
     /// A configuration key was unknown or its value was invalid.
     #[error("invalid configuration: `{key}` = `{value}`: {reason}")]
     Config {

@@ -43,7 +43,8 @@ pub(crate) const UNCACHEABLE: &str = "#!uncacheable";
 
 fn push_escaped(out: &mut String, s: &str) {
     if s.is_empty() {
-        out.push_str("%00");
+        // A lone `%` can't come from escaping, which always writes `%XX`.
+        out.push('%');
         return;
     }
     let start = out.len();

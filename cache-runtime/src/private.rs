@@ -347,7 +347,9 @@ where
             return Outcome::Uncacheable;
         }
     };
-    if condition(value) {
+    if cache.check_size(bytes.len()).is_err() {
+        tracing::debug!(key = full, size = bytes.len(), "result too large to cache");
+    } else if condition(value) {
         let ttl = call.spec.ttl(cache);
         let tags = call.spec.tags(cache, call.tags.clone());
         match cache.write(full, &bytes, ttl, &tags, epoch).await {

@@ -15,6 +15,7 @@ use crate::CacheError;
 pub(crate) struct Counters {
     pub(crate) decode_failures: AtomicU64,
     pub(crate) fills_refused: AtomicU64,
+    pub(crate) oversized: AtomicU64,
 }
 
 impl Counters {
@@ -50,6 +51,7 @@ impl Counters {
             errors: metrics.errors.get(),
             decode_failures: self.decode_failures.load(Ordering::Relaxed),
             fills_refused: self.fills_refused.load(Ordering::Relaxed),
+            oversized: self.oversized.load(Ordering::Relaxed),
             breaker: BreakerState::Closed,
             breaker_opened: 0,
             pending_invalidations: 0,
@@ -95,6 +97,8 @@ pub struct CacheStats {
     pub decode_failures: u64,
     /// Fills skipped because an invalidation ran while the value was computed.
     pub fills_refused: u64,
+    /// Values not stored because they exceeded `max_value_bytes`.
+    pub oversized: u64,
     /// The circuit breaker's state.
     pub breaker: BreakerState,
     /// How often the breaker has opened.

@@ -32,16 +32,14 @@ async fn corrupt_bytes_planted_with_a_raw_set_read_as_a_miss() {
         )
         .await
         .unwrap();
-        let planted: [(&str, Vec<u8>); 5] = [
+        let planted: [(&str, Vec<u8>); 6] = [
             ("plain", b"{\"id\":1,\"name\":\"a\"}".to_vec()),
             ("garbage", vec![0xCA, 1, 2, 0xFF, 0x00, 0x13]),
             ("truncated", vec![0xCA, 1]),
+            ("bad-checksum", vec![0xCA, 1, 1, 0, 0, 0, 0, b'{', b'}']),
             ("unknown-format", vec![0xCA, 1, 9, b'{', b'}']),
-            ("wrong-shape", {
-                let mut v = vec![0xCA, 1, 1];
-                v.extend_from_slice(b"[1,2,3]");
-                v
-            }),
+            // Intact, but of another type than the reader asks for.
+            ("wrong-shape", cache_runtime::codec::encode(format, "hi").unwrap()),
         ];
         for (key, bytes) in &planted {
             let _: () = raw.set(full(key), bytes.as_slice()).await.unwrap();

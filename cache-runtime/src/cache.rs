@@ -15,8 +15,8 @@ use crate::config::CacheConfig;
 use crate::flight::SingleFlight;
 use crate::key::escape_glob;
 use crate::local::LocalTier;
-use crate::pending::{Pending, PendingLog};
 use crate::metrics::{Metrics, Op};
+use crate::pending::{Pending, PendingLog};
 use crate::redis_store::RedisStore;
 use crate::stats::{CacheStats, Counters, Health};
 use crate::{CacheError, IntoTtl};
@@ -136,7 +136,11 @@ impl Cache {
             other => other,
         })?;
         let cache = Cache::assemble(config, Some(store));
-        let connect = cache.inner.config.socket_connect_timeout.max(cache.inner.config.operation_timeout());
+        let connect = cache
+            .inner
+            .config
+            .socket_connect_timeout
+            .max(cache.inner.config.operation_timeout());
         let reachable = match &cache.inner.redis {
             Some(redis) => tokio::time::timeout(connect, redis.connect()).await,
             None => unreachable!("assembled with a store"),
@@ -158,7 +162,10 @@ impl Cache {
         if let Some(redis) = &self.inner.redis {
             redis.revive();
         }
-        self.inner.metrics.breaker_state.set(self.inner.breaker.state().as_gauge());
+        self.inner
+            .metrics
+            .breaker_state
+            .set(self.inner.breaker.state().as_gauge());
     }
 
     /// A cache in local mode, whatever `config` says about Redis.
@@ -174,7 +181,10 @@ impl Cache {
             Metrics::new("cache").expect("the default namespace is valid")
         });
         for (name, ttl) in &config.named_ttls {
-            metrics.ttl_seconds.with_label_values(&[name]).set(ttl.as_secs() as i64);
+            metrics
+                .ttl_seconds
+                .with_label_values(&[name])
+                .set(ttl.as_secs() as i64);
         }
         Cache {
             inner: Arc::new(Inner {
@@ -230,13 +240,26 @@ impl Cache {
     /// cache.set("missions:123", &"launch").ttl(60).tags(["missions", "queue"]).await?;
     /// # Ok(()) }
     /// ```
-    pub fn set<'a, T: Serialize + ?Sized + Sync>(&'a self, key: &'a str, value: &'a T) -> Set<'a, T> {
-        Set { cache: self, key, value, ttl: None, tags: Vec::new() }
+    pub fn set<'a, T: Serialize + ?Sized + Sync>(
+        &'a self,
+        key: &'a str,
+        value: &'a T,
+    ) -> Set<'a, T> {
+        Set {
+            cache: self,
+            key,
+            value,
+            ttl: None,
+            tags: Vec::new(),
+        }
     }
 
     /// Deletes `key`; whether it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
-        Ok(self.invalidate(Op::Delete, Pending::Key(self.full_key(key))).await? > 0)
+        Ok(self
+            .invalidate(Op::Delete, Pending::Key(self.full_key(key)))
+            .await?
+            > 0)
     }
 
     /// Whether `key` holds a live entry.
@@ -257,7 +280,11 @@ impl Cache {
                 ms if ms < 0 => KeyTtl::Persistent,
                 ms => KeyTtl::Expires(Duration::from_millis(ms as u64)),
             }),
-            None => Ok(self.inner.local.remaining(&full).map_or(KeyTtl::Missing, KeyTtl::Expires)),
+            None => Ok(self
+                .inner
+                .local
+                .remaining(&full)
+                .map_or(KeyTtl::Missing, KeyTtl::Expires)),
         }
     }
 
@@ -265,10 +292,13 @@ impl Cache {
     /// how many were deleted. Uses SCAN, never KEYS.
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
         if pattern.is_empty() {
-            return Err(CacheError::InvalidArgument("empty pattern (use clear() to delete everything)".into()));
+            return Err(CacheError::InvalidArgument(
+                "empty pattern (use clear() to delete everything)".into(),
+            ));
         }
         let full = format!("{}:{pattern}", escape_glob(&self.inner.config.key_prefix));
-        self.invalidate(Op::DeletePattern, Pending::Pattern(full)).await
+        self.invalidate(Op::DeletePattern, Pending::Pattern(full))
+            .await
     }
 
     /// Deletes every entry carrying any of `tags`; how many were deleted. Once it
@@ -279,7 +309,8 @@ impl Cache {
         S: AsRef<str>,
     {
         let tags = tags.into_iter().map(|t| t.as_ref().to_owned()).collect();
-        self.invalidate(Op::InvalidateTags, Pending::Tags(tags)).await
+        self.invalidate(Op::InvalidateTags, Pending::Tags(tags))
+            .await
     }
 
     /// Deletes every entry under this cache's prefix (and its tag index); never FLUSHDB.
@@ -292,14 +323,19 @@ impl Cache {
     pub async fn stats(&self) -> Result<CacheStats, CacheError> {
         let pattern = format!("{}:*", escape_glob(&self.inner.config.key_prefix));
         let local = &self.inner.local;
-        let mut stats =
-            self.inner.counters.snapshot(&self.inner.metrics, self.mode(), local.len(), local.size_bytes());
+        let mut stats = self.inner.counters.snapshot(
+            &self.inner.metrics,
+            self.mode(),
+            local.len(),
+            local.size_bytes(),
+        );
         stats.breaker = self.inner.breaker.state();
         stats.breaker_opened = self.inner.breaker.opened_total();
         stats.pending_invalidations = self.inner.pending.len() as u64;
         let from_redis = match self.redis().await {
             Some((redis, permit)) => {
-                let result = async { Ok((redis.count(&pattern).await?, redis.info().await?)) }.await;
+                let result =
+                    async { Ok((redis.count(&pattern).await?, redis.info().await?)) }.await;
                 self.settle(permit, result).ok()
             }
             None => None,
@@ -327,9 +363,16 @@ impl Cache {
         let result = match (&self.inner.redis, self.redis().await) {
             (None, _) => Ok(()),
             (Some(_), Some((redis, permit))) => self.settle(permit, redis.ping().await),
-            (Some(_), None) => Err(CacheError::Unavailable("the circuit breaker is open".into())),
+            (Some(_), None) => Err(CacheError::Unavailable(
+                "the circuit breaker is open".into(),
+            )),
         };
-        Health::new(self.mode(), self.inner.breaker.state(), started.elapsed(), result.err())
+        Health::new(
+            self.mode(),
+            self.inner.breaker.state(),
+            started.elapsed(),
+            result.err(),
+        )
     }
 
     /// This cache's Prometheus metrics.
@@ -343,7 +386,8 @@ impl Cache {
         let stats = self.stats().await?;
         let m = &self.inner.metrics;
         m.keys.set(stats.total_keys as i64);
-        m.memory_bytes.set(stats.used_memory_bytes.unwrap_or(stats.local_cache_bytes) as i64);
+        m.memory_bytes
+            .set(stats.used_memory_bytes.unwrap_or(stats.local_cache_bytes) as i64);
         m.size_bytes.set(stats.local_cache_bytes as i64);
         m.breaker_state.set(stats.breaker.as_gauge());
         Ok(())
@@ -379,12 +423,21 @@ impl Cache {
     }
 
     /// Reports a Redis call's outcome to the breaker and passes it on.
-    fn settle<T>(&self, permit: Permit<'_>, result: Result<T, CacheError>) -> Result<T, CacheError> {
-        let healthy = result.as_ref().map_or_else(|e| !e.is_unavailable(), |_| true);
+    fn settle<T>(
+        &self,
+        permit: Permit<'_>,
+        result: Result<T, CacheError>,
+    ) -> Result<T, CacheError> {
+        let healthy = result
+            .as_ref()
+            .map_or_else(|e| !e.is_unavailable(), |_| true);
         let probe = permit.is_probe();
         permit.report(healthy);
         if probe || !healthy {
-            self.inner.metrics.breaker_state.set(self.inner.breaker.state().as_gauge());
+            self.inner
+                .metrics
+                .breaker_state
+                .set(self.inner.breaker.state().as_gauge());
         }
         if probe && healthy {
             // Whatever the local tier learned during the outage is not Redis's truth.
@@ -406,7 +459,10 @@ impl Cache {
                     return Err(e);
                 }
             }
-            tracing::info!(replayed = batch.len(), "invalidations made during the outage replayed into Redis");
+            tracing::info!(
+                replayed = batch.len(),
+                "invalidations made during the outage replayed into Redis"
+            );
         }
     }
 
@@ -443,7 +499,8 @@ impl Cache {
             Pending::Tags(tags) => local.invalidate_tags(tags),
             Pending::Pattern(full) => local.delete_pattern(full),
             Pending::Everything => {
-                let deleted = local.delete_pattern(&format!("{}:*", escape_glob(&self.inner.config.key_prefix)));
+                let deleted = local
+                    .delete_pattern(&format!("{}:*", escape_glob(&self.inner.config.key_prefix)));
                 local.drop_tag_index();
                 deleted
             }
@@ -462,7 +519,9 @@ impl Cache {
             Pending::Everything => {
                 let prefix = escape_glob(&self.inner.config.key_prefix);
                 let deleted = redis.delete_pattern(&format!("{prefix}:*"), epoch).await?;
-                redis.delete_pattern(&format!("{prefix}#tag:*"), None).await?;
+                redis
+                    .delete_pattern(&format!("{prefix}#tag:*"), None)
+                    .await?;
                 Ok(deleted)
             }
         }
@@ -471,7 +530,9 @@ impl Cache {
     pub(crate) async fn read(&self, full: &str) -> Result<Option<Raw>, CacheError> {
         self.timed(Op::Get, async {
             match self.redis().await {
-                Some((redis, permit)) => Ok(self.settle(permit, redis.get(full).await)?.map(Raw::Owned)),
+                Some((redis, permit)) => {
+                    Ok(self.settle(permit, redis.get(full).await)?.map(Raw::Owned))
+                }
                 None => Ok(self.inner.local.get(full).map(Raw::Shared)),
             }
         })
@@ -479,15 +540,30 @@ impl Cache {
     }
 
     /// Reads `full` and the invalidation epoch together.
-    pub(crate) async fn read_with_epoch(&self, full: &str) -> Result<(Option<Raw>, Epoch), CacheError> {
+    pub(crate) async fn read_with_epoch(
+        &self,
+        full: &str,
+    ) -> Result<(Option<Raw>, Epoch), CacheError> {
         match self.redis().await {
             Some((redis, permit)) => {
-                let (value, epoch) = self.settle(permit, redis.get_with_epoch(full, &self.inner.epoch_key).await)?;
-                Ok((value.map(Raw::Owned), Epoch { redis: true, value: epoch }))
+                let (value, epoch) = self.settle(
+                    permit,
+                    redis.get_with_epoch(full, &self.inner.epoch_key).await,
+                )?;
+                Ok((
+                    value.map(Raw::Owned),
+                    Epoch {
+                        redis: true,
+                        value: epoch,
+                    },
+                ))
             }
             // Epoch first: a value read after it is at least as new.
             None => {
-                let epoch = Epoch { redis: false, value: self.inner.local.epoch() };
+                let epoch = Epoch {
+                    redis: false,
+                    value: self.inner.local.epoch(),
+                };
                 Ok((self.inner.local.get(full).map(Raw::Shared), epoch))
             }
         }
@@ -499,7 +575,10 @@ impl Cache {
                 let value = self.settle(permit, redis.epoch(&self.inner.epoch_key).await)?;
                 Ok(Epoch { redis: true, value })
             }
-            None => Ok(Epoch { redis: false, value: self.inner.local.epoch() }),
+            None => Ok(Epoch {
+                redis: false,
+                value: self.inner.local.epoch(),
+            }),
         }
     }
 
@@ -520,11 +599,19 @@ impl Cache {
                 Some((redis, permit)) => {
                     let tag_keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
                     let expected = expected.map(|e| e.value);
-                    let stored = redis.set(full, bytes, ttl, &self.inner.epoch_key, &tag_keys, expected).await;
+                    let stored = redis
+                        .set(full, bytes, ttl, &self.inner.epoch_key, &tag_keys, expected)
+                        .await;
                     self.settle(permit, stored)
                 }
                 None if expected.is_some_and(|e| e.redis) => Ok(false),
-                None => Ok(self.inner.local.set(full, bytes.to_vec(), ttl, tags, expected.map(|e| e.value))),
+                None => Ok(self.inner.local.set(
+                    full,
+                    bytes.to_vec(),
+                    ttl,
+                    tags,
+                    expected.map(|e| e.value),
+                )),
             }
         })
         .await
@@ -535,7 +622,10 @@ impl Cache {
         match codec::decode(raw) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.inner.counters.decode_failures.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .counters
+                    .decode_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key = full, error = %e, "unreadable cache entry dropped");
                 let this = self.clone();
                 let full = full.to_owned();
@@ -554,7 +644,10 @@ impl Cache {
     pub(crate) fn check_size(&self, size: usize) -> Result<(), CacheError> {
         let limit = self.inner.config.max_value_bytes;
         if size > limit {
-            self.inner.counters.oversized.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .oversized
+                .fetch_add(1, Ordering::Relaxed);
             return Err(CacheError::TooLarge { size, limit });
         }
         Ok(())
@@ -562,7 +655,12 @@ impl Cache {
 
     pub(crate) fn record_lookup(&self, hit: bool) {
         if self.inner.config.track_stats {
-            if hit { &self.inner.metrics.hits } else { &self.inner.metrics.misses }.inc();
+            if hit {
+                &self.inner.metrics.hits
+            } else {
+                &self.inner.metrics.misses
+            }
+            .inc();
         }
     }
 
@@ -573,7 +671,9 @@ impl Cache {
     ) -> Result<T, CacheError> {
         let started = Instant::now();
         let result = fut.await;
-        self.inner.metrics.record(op, result.is_ok(), started.elapsed());
+        self.inner
+            .metrics
+            .record(op, result.is_ok(), started.elapsed());
         result
     }
 

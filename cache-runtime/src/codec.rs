@@ -208,7 +208,10 @@ mod tests {
         assert!(decode::<Mission>(&[MAGIC, WIRE_VERSION + 1, 1, 0, 0, 0, 0, b'1']).is_err());
         let mut flipped = encode(Serialization::Json, &sample()).unwrap();
         *flipped.last_mut().unwrap() ^= 1;
-        assert!(decode::<Mission>(&flipped).is_err(), "a flipped bit must be caught");
+        assert!(
+            decode::<Mission>(&flipped).is_err(),
+            "a flipped bit must be caught"
+        );
         let bytes = encode(Serialization::Binary, &sample()).unwrap();
         for cut in 0..bytes.len() {
             assert!(decode::<Mission>(&bytes[..cut]).is_err(), "cut at {cut}");

@@ -243,7 +243,9 @@ impl CacheConfig {
                 "max_connections" => {
                     config.max_connections = positive(key_path, v, yaml_num(key_path, v)?)?
                 }
-                "max_value_bytes" => config.max_value_bytes = positive(key_path, v, yaml_num(key_path, v)?)?,
+                "max_value_bytes" => {
+                    config.max_value_bytes = positive(key_path, v, yaml_num(key_path, v)?)?
+                }
                 "local_max_entries" => {
                     config.local_max_entries = positive(key_path, v, yaml_num(key_path, v)?)?
                 }

@@ -15,7 +15,9 @@ pub enum CacheError {
     Timeout(Duration),
 
     /// Redis is not being used right now (the circuit breaker is open).
-    #[error("redis is unavailable: {0} (the cache serves from the local tier until Redis recovers)")]
+    #[error(
+        "redis is unavailable: {0} (the cache serves from the local tier until Redis recovers)"
+    )]
     Unavailable(String),
 
     /// A value could not be encoded into the configured format.

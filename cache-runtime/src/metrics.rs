@@ -181,6 +181,21 @@ impl Metrics {
         Ok(())
     }
 
+    /// Cache faults absorbed so far (`*_cache_errors_total`).
+    pub fn errors_total(&self) -> u64 {
+        self.errors.get()
+    }
+
+    /// Hits so far (`*_cache_hits_total`).
+    pub fn hits_total(&self) -> u64 {
+        self.hits.get()
+    }
+
+    /// Misses so far (`*_cache_misses_total`).
+    pub fn misses_total(&self) -> u64 {
+        self.misses.get()
+    }
+
     /// This cache's metrics in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

@@ -7,9 +7,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::cache::Epoch;
 use crate::flight::{self, Outcome, Role};
 use crate::key::{escape_glob, push_part as push, UNCACHEABLE};
-use crate::cache::Epoch;
 use crate::{codec, Cache, CacheError};
 
 pub use crate::IntoTtl;

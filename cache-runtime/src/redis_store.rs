@@ -131,7 +131,8 @@ impl RedisStore {
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, CacheError> {
-        self.run(|mut conn| async move { cmd.query_async(&mut conn).await }).await
+        self.run(|mut conn| async move { cmd.query_async(&mut conn).await })
+            .await
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
@@ -148,10 +149,20 @@ impl RedisStore {
     }
 
     /// One round trip for both: the leader's re-read and the epoch its fill is checked against.
-    pub(crate) async fn get_with_epoch(&self, key: &str, epoch_key: &str) -> Result<(Option<Vec<u8>>, u64), CacheError> {
-        let pipe = redis::pipe().cmd("GET").arg(key).cmd("GET").arg(epoch_key).clone();
-        let (value, epoch): (Option<Vec<u8>>, Option<u64>) =
-            self.run(|mut conn| async move { pipe.query_async(&mut conn).await }).await?;
+    pub(crate) async fn get_with_epoch(
+        &self,
+        key: &str,
+        epoch_key: &str,
+    ) -> Result<(Option<Vec<u8>>, u64), CacheError> {
+        let pipe = redis::pipe()
+            .cmd("GET")
+            .arg(key)
+            .cmd("GET")
+            .arg(epoch_key)
+            .clone();
+        let (value, epoch): (Option<Vec<u8>>, Option<u64>) = self
+            .run(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await?;
         Ok((value, epoch.unwrap_or(0)))
     }
 
@@ -166,7 +177,8 @@ impl RedisStore {
     ) -> Result<bool, CacheError> {
         let ttl_ms = ttl.as_millis().max(1) as u64;
         if tag_keys.is_empty() && expected_epoch.is_none() {
-            self.query::<()>(redis::cmd("SET").arg(key).arg(bytes).arg("PX").arg(ttl_ms)).await?;
+            self.query::<()>(redis::cmd("SET").arg(key).arg(bytes).arg("PX").arg(ttl_ms))
+                .await?;
             return Ok(true);
         }
         let mut call = self.set_script.key(key);
@@ -174,8 +186,12 @@ impl RedisStore {
         for tag in tag_keys {
             call.key(tag);
         }
-        call.arg(bytes).arg(ttl_ms).arg(expected_epoch.map(|e| e.to_string()).unwrap_or_default());
-        let stored: i64 = self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        call.arg(bytes)
+            .arg(ttl_ms)
+            .arg(expected_epoch.map(|e| e.to_string()).unwrap_or_default());
+        let stored: i64 = self
+            .run(|mut conn| async move { call.invoke_async(&mut conn).await })
+            .await?;
         Ok(stored == 1)
     }
 
@@ -206,35 +222,56 @@ impl RedisStore {
         self.query(redis::cmd("PTTL").arg(key)).await
     }
 
-    pub(crate) async fn invalidate_tags(&self, epoch_key: &str, tag_keys: &[String]) -> Result<u64, CacheError> {
+    pub(crate) async fn invalidate_tags(
+        &self,
+        epoch_key: &str,
+        tag_keys: &[String],
+    ) -> Result<u64, CacheError> {
         let mut call = self.invalidate_script.key(epoch_key);
         for tag in tag_keys {
             call.key(tag);
         }
-        self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await
+        self.run(|mut conn| async move { call.invoke_async(&mut conn).await })
+            .await
     }
 
     /// SCAN MATCH + UNLINK in batches. The epoch is bumped first: a fill that read
     /// the old epoch is refused, and one that landed earlier is found by the scan
     /// (SCAN returns every key present for the whole iteration).
-    pub(crate) async fn delete_pattern(&self, pattern: &str, epoch_key: Option<&str>) -> Result<u64, CacheError> {
+    pub(crate) async fn delete_pattern(
+        &self,
+        pattern: &str,
+        epoch_key: Option<&str>,
+    ) -> Result<u64, CacheError> {
         if let Some(epoch_key) = epoch_key {
             self.bump_epoch(epoch_key).await?;
         }
         let mut deleted = 0;
-        let unlink = |keys: Vec<String>| async move { self.query::<u64>(redis::cmd("UNLINK").arg(keys)).await };
+        let unlink = |keys: Vec<String>| async move {
+            self.query::<u64>(redis::cmd("UNLINK").arg(keys)).await
+        };
         self.scan(pattern, unlink, &mut deleted).await?;
         Ok(deleted)
     }
 
     pub(crate) async fn count(&self, pattern: &str) -> Result<u64, CacheError> {
         let mut total = 0;
-        self.scan(pattern, |keys| async move { Ok(keys.len() as u64) }, &mut total).await?;
+        self.scan(
+            pattern,
+            |keys| async move { Ok(keys.len() as u64) },
+            &mut total,
+        )
+        .await?;
         Ok(total)
     }
 
     /// Calls `each` with every page of keys matching `pattern`; adds up what it returns.
-    pub(crate) async fn scan<F, Fut>(&self, pattern: &str, mut each: F, total: &mut u64) -> Result<(), CacheError>
+    pub(crate) async fn scan<F, Fut>(
+        &self,
+        pattern: &str,
+        mut each: F,
+        total: &mut u64,
+    ) -> Result<(), CacheError>
     where
         F: FnMut(Vec<String>) -> Fut,
         Fut: std::future::Future<Output = Result<u64, CacheError>>,
@@ -242,7 +279,14 @@ impl RedisStore {
         let mut cursor = 0u64;
         loop {
             let (next, keys): (u64, Vec<String>) = self
-                .query(redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(BATCH))
+                .query(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(BATCH),
+                )
                 .await?;
             if !keys.is_empty() {
                 *total += each(keys).await?;

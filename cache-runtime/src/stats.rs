@@ -126,7 +126,12 @@ pub struct Health {
 }
 
 impl Health {
-    pub(crate) fn new(mode: Mode, breaker: BreakerState, took: Duration, error: Option<CacheError>) -> Health {
+    pub(crate) fn new(
+        mode: Mode,
+        breaker: BreakerState,
+        took: Duration,
+        error: Option<CacheError>,
+    ) -> Health {
         Health {
             status: if error.is_none() {
                 "healthy"

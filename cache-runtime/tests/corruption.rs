@@ -39,7 +39,10 @@ async fn corrupt_bytes_planted_with_a_raw_set_read_as_a_miss() {
             ("bad-checksum", vec![0xCA, 1, 1, 0, 0, 0, 0, b'{', b'}']),
             ("unknown-format", vec![0xCA, 1, 9, b'{', b'}']),
             // Intact, but of another type than the reader asks for.
-            ("wrong-shape", cache_runtime::codec::encode(format, "hi").unwrap()),
+            (
+                "wrong-shape",
+                cache_runtime::codec::encode(format, "hi").unwrap(),
+            ),
         ];
         for (key, bytes) in &planted {
             let _: () = raw.set(full(key), bytes.as_slice()).await.unwrap();

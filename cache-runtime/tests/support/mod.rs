@@ -142,8 +142,15 @@ impl Redis {
     }
 
     fn signal(&self, sig: &str) {
-        let child = self.child.as_ref().expect("only our own server can be signalled");
-        let status = Command::new("kill").arg(sig).arg(child.id().to_string()).status().expect("run kill");
+        let child = self
+            .child
+            .as_ref()
+            .expect("only our own server can be signalled");
+        let status = Command::new("kill")
+            .arg(sig)
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
         assert!(status.success(), "kill {sig} failed");
     }
 

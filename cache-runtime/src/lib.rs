@@ -38,6 +38,9 @@ pub mod __private;
 
 pub use breaker::BreakerState;
 pub use cache::{get_cache, init, Cache, KeyTtl, Mode, Set};
+/// Rewrites an `async fn` into a cache-aside call; see the crate documentation.
+#[doc(inline)]
+pub use cache_macros::cached;
 pub use codec::Serialization;
 pub use config::{CacheConfig, CacheConfigBuilder, Profile, RedisTarget};
 pub use error::CacheError;

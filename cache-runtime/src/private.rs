@@ -159,6 +159,10 @@ pub struct OkOnly;
 pub struct SomeOnly;
 
 /// How a return type is split into what is stored and rebuilt from it.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` can't be cached: the stored value must be `Serialize + DeserializeOwned + Send + Sync + 'static`",
+    label = "the return type of a #[cached] function"
+)]
 pub trait Cacheable<M>: Sized {
     /// What is stored.
     type Value: Serialize + DeserializeOwned + Send + Sync + 'static;
@@ -211,6 +215,9 @@ pub struct Call<'a> {
     /// Tags of this call.
     pub tags: Vec<String>,
 }
+
+/// Names the return type in errors when it can't be cached; does nothing at run time.
+pub fn assert_cacheable<M, T: Cacheable<M>>() {}
 
 /// The condition when none is given.
 pub fn always<V: ?Sized>(_: &V) -> bool {

@@ -1,0 +1,342 @@
+//! Code generation.
+//!
+//! Input:
+//!
+//! ```ignore
+//! #[cached(ttl = 60, prefix = "missions", tags = ["mission:{id}"], skip = [db])]
+//! pub async fn get_mission(id: u64, db: &Db) -> Result<Mission, DbError> { body }
+//! ```
+//!
+//! Output (paths shortened; `rt` is `::cache_runtime::__private`):
+//!
+//! ```ignore
+//! pub async fn get_mission(id: u64, db: &Db) -> Result<Mission, DbError> {
+//!     let __cache = AsRef::<Cache>::as_ref(&(rt::global()));
+//!     let __cache_spec = __cache_get_mission_spec();
+//!     rt::get_or_compute::<rt::OkOnly, _, _, _>(
+//!         rt::Call { cache: __cache, spec: &__cache_spec,
+//!                    key: __cache_get_mission_key(__cache, &id), tags: vec![/* "mission:{id}" */] },
+//!         rt::always,
+//!         __cache_get_mission_body(id, db),
+//!     ).await
+//! }
+//! fn __cache_get_mission_spec() -> rt::Spec { .. }
+//! fn __cache_get_mission_key(__cache: &Cache, id: &u64) -> String { .. }
+//! async fn __cache_get_mission_body(id: u64, db: &Db) -> Result<Mission, DbError> { body }
+//! pub async fn get_mission_invalidate(id: u64) -> Result<bool, CacheError> { .. }
+//! pub async fn get_mission_invalidate_all() -> Result<u64, CacheError> { .. }
+//! pub fn get_mission_key(id: u64) -> String { .. }
+//! pub async fn get_mission_refresh(id: u64, db: &Db) -> Result<Mission, DbError> { .. }
+//! ```
+//!
+//! Methods get the same items as associated functions, called through `Self::`.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
+use syn::{Attribute, Ident, ItemFn};
+
+use crate::args::{Args, Ttl};
+use crate::format::Segment;
+use crate::validate::{self, Marker, Shape};
+
+pub(crate) fn cached(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let func: ItemFn = match syn::parse2(item.clone()) {
+        Ok(f) => f,
+        Err(e) => return with_error(item, e),
+    };
+    let result = syn::parse2::<Args>(attr).and_then(|args| {
+        let shape = validate::check(&args, &func)?;
+        Ok(expand(&args, &func, &shape))
+    });
+    match result {
+        Ok(tokens) => tokens,
+        // The function as written, plus the error: IDEs keep working and users see one error.
+        Err(e) => with_error(func.into_token_stream(), e),
+    }
+}
+
+fn with_error(item: TokenStream, error: syn::Error) -> TokenStream {
+    let error = error.to_compile_error();
+    quote!(#item #error)
+}
+
+struct Names {
+    spec: Ident,
+    key: Ident,
+    body: Ident,
+    invalidate: Ident,
+    invalidate_all: Ident,
+    key_fn: Ident,
+    refresh: Ident,
+}
+
+fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
+    let rt = match &args.krate {
+        Some(path) => quote!(#path),
+        None => quote!(::cache_runtime),
+    };
+    let name = &func.sig.ident;
+    let n = Names {
+        spec: format_ident!("__cache_{}_spec", name),
+        key: format_ident!("__cache_{}_key", name),
+        body: format_ident!("__cache_{}_body", name),
+        invalidate: format_ident!("{}_invalidate", name),
+        invalidate_all: format_ident!("{}_invalidate_all", name),
+        key_fn: format_ident!("{}_key", name),
+        refresh: format_ident!("{}_refresh", name),
+    };
+    let vis = &func.vis;
+    let cfgs: Vec<&Attribute> = func
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("cfg"))
+        .collect();
+    let generics = &func.sig.generics;
+    let where_clause = &func.sig.generics.where_clause;
+    let this = if shape.receiver.is_some() {
+        quote!(Self::)
+    } else {
+        quote!()
+    };
+    let receiver_param = shape.receiver.as_ref().map(|r| quote!(#r,));
+    let receiver_arg = shape.receiver.as_ref().map(|_| quote!(self,));
+    let companion_self = shape.cache_uses_self.then(|| quote!(&self,));
+    let output = &shape.output;
+
+    let key_params: Vec<TokenStream> = shape.key_args.iter().map(|&i| param(shape, i)).collect();
+    let key_ref_params: Vec<TokenStream> = shape
+        .key_args
+        .iter()
+        .map(|&i| {
+            let (ident, ty) = (&shape.args[i].ident, &shape.args[i].ty);
+            quote!(#ident: &#ty)
+        })
+        .collect();
+    let key_refs: Vec<TokenStream> = shape
+        .key_args
+        .iter()
+        .map(|&i| {
+            let ident = &shape.args[i].ident;
+            quote!(&#ident)
+        })
+        .collect();
+    let all_params: Vec<TokenStream> = (0..shape.args.len()).map(|i| param(shape, i)).collect();
+    let all_idents: Vec<&Ident> = shape.args.iter().map(|a| &a.ident).collect();
+
+    let spec_fn_name = &n.spec;
+    let spec_body = spec(args, name, &rt);
+    let key_body = key(shape, &rt, quote!(#this #spec_fn_name()));
+    let tags = tags(shape, &rt);
+    let condition = match &args.condition {
+        Some(cond) => quote_spanned!(cond.span()=> |__cache_v| (#cond)(__cache_v)),
+        None => quote!(#rt::__private::always),
+    };
+    let marker = match shape.marker {
+        Marker::Plain => quote!(#rt::__private::Plain),
+        Marker::OkOnly => quote!(#rt::__private::OkOnly),
+        Marker::SomeOnly => quote!(#rt::__private::SomeOnly),
+    };
+    let assert_output =
+        quote_spanned!(output.span()=> #rt::__private::assert_cacheable::<#marker, #output>(););
+    let cache = match &args.cache {
+        Some(expr) => quote_spanned!(expr.span()=>
+            let __cache_owner = &(#expr);
+            let __cache: &#rt::Cache = ::core::convert::AsRef::<#rt::Cache>::as_ref(__cache_owner);
+        ),
+        None => quote!(let __cache: &#rt::Cache = #rt::__private::global();),
+    };
+    let key_hidden = &n.key;
+    let call = quote! {
+        #rt::__private::Call {
+            cache: __cache,
+            spec: &__cache_spec,
+            key: #this #key_hidden(__cache, #(#key_refs),*),
+            tags: #tags,
+        }
+    };
+
+    let attrs = &func.attrs;
+    let sig = &func.sig;
+    let body_name = &n.body;
+    let mut body_sig = func.sig.clone();
+    body_sig.ident = n.body.clone();
+    let block = &func.block;
+    let (spec_fn, key_fn, invalidate, invalidate_all, key_pub, refresh) = (
+        &n.spec,
+        &n.key,
+        &n.invalidate,
+        &n.invalidate_all,
+        &n.key_fn,
+        &n.refresh,
+    );
+    let doc_invalidate =
+        format!("Removes the cached result of [`{name}`](Self::{name}) for these arguments.");
+    let doc_invalidate_all = format!("Removes every cached result of `{name}`.");
+    let doc_key =
+        format!("The cache key (relative to the cache's prefix) of `{name}` for these arguments.");
+    let doc_refresh =
+        format!("Runs `{name}` and stores its result whatever is cached (write-through).");
+    let allow = quote!(#[allow(clippy::too_many_arguments, clippy::needless_lifetimes, clippy::ptr_arg, unused_qualifications)]);
+
+    quote! {
+        #(#attrs)*
+        #allow
+        #sig {
+            #assert_output
+            #cache
+            let __cache_spec = #this #spec_fn();
+            #rt::__private::get_or_compute::<#marker, _, _, _>(
+                #call,
+                #condition,
+                #this #body_name(#receiver_arg #(#all_idents),*),
+            )
+            .await
+        }
+
+        #(#cfgs)*
+        #[doc(hidden)]
+        #allow
+        fn #spec_fn() -> #rt::__private::Spec {
+            #spec_body
+        }
+
+        #(#cfgs)*
+        #[doc(hidden)]
+        #allow
+        fn #key_fn #generics (__cache: &#rt::Cache, #(#key_ref_params),*) -> ::std::string::String #where_clause {
+            #key_body
+        }
+
+        #(#cfgs)*
+        #[doc(hidden)]
+        #allow
+        #body_sig #block
+
+        #(#cfgs)*
+        #[doc = #doc_invalidate]
+        #allow
+        #vis async fn #invalidate #generics (#companion_self #(#key_params),*) -> ::core::result::Result<bool, #rt::CacheError> #where_clause {
+            #cache
+            let __cache_spec = #this #spec_fn();
+            #rt::__private::invalidate(__cache, &#this #key_fn(__cache, #(#key_refs),*)).await
+        }
+
+        #(#cfgs)*
+        #[doc = #doc_invalidate_all]
+        #allow
+        #vis async fn #invalidate_all(#companion_self) -> ::core::result::Result<u64, #rt::CacheError> {
+            #cache
+            #rt::__private::invalidate_all(__cache, &#this #spec_fn()).await
+        }
+
+        #(#cfgs)*
+        #[doc = #doc_key]
+        #allow
+        #vis fn #key_pub #generics (#companion_self #(#key_params),*) -> ::std::string::String #where_clause {
+            #cache
+            #this #key_fn(__cache, #(#key_refs),*)
+        }
+
+        #(#cfgs)*
+        #[doc = #doc_refresh]
+        #allow
+        #vis async fn #refresh #generics (#receiver_param #(#all_params),*) -> #output #where_clause {
+            #cache
+            let __cache_spec = #this #spec_fn();
+            #rt::__private::refresh::<#marker, _, _, _>(
+                #call,
+                #condition,
+                #this #body_name(#receiver_arg #(#all_idents),*),
+            )
+            .await
+        }
+    }
+}
+
+fn param(shape: &Shape, i: usize) -> TokenStream {
+    let (ident, ty) = (&shape.args[i].ident, &shape.args[i].ty);
+    quote!(#ident: #ty)
+}
+
+fn spec(args: &Args, name: &Ident, rt: &TokenStream) -> TokenStream {
+    let name = name.to_string();
+    let name = name.strip_prefix("r#").unwrap_or(&name);
+    let opt_str = |lit: &Option<syn::LitStr>| match lit {
+        Some(l) => quote!(::core::option::Option::Some(#l)),
+        None => quote!(::core::option::Option::None),
+    };
+    let prefix = opt_str(&args.prefix);
+    let profile = opt_str(&args.profile);
+    let ttl = match &args.ttl {
+        Some(Ttl::Expr(e)) => {
+            quote_spanned!(e.span()=> ::core::option::Option::Some(#rt::__private::ttl(#e)))
+        }
+        Some(Ttl::Named(l)) => {
+            quote!(::core::option::Option::Some(#rt::__private::TtlSpec::Named(#l)))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    let version = match &args.version {
+        Some(v) => quote!(#v),
+        None => quote!(0),
+    };
+    quote! {
+        #rt::__private::Spec { name: #name, prefix: #prefix, ttl: #ttl, profile: #profile, version: #version }
+    }
+}
+
+fn key(shape: &Shape, rt: &TokenStream, spec: TokenStream) -> TokenStream {
+    let parts: Vec<TokenStream> = match &shape.key_format {
+        Some(segments) => std::iter::once(quote!(__cache_key.custom();))
+            .chain(segments.iter().map(|s| match s {
+                Segment::Lit(l) => quote!(__cache_key.lit(#l);),
+                Segment::Arg(ident) => {
+                    let ty = &shape
+                        .args
+                        .iter()
+                        .find(|a| a.ident == *ident)
+                        .expect("validated")
+                        .ty;
+                    let ident = Ident::new(&ident.to_string(), Span::call_site());
+                    quote_spanned!(ty.span()=> __cache_key.part(#ident);)
+                }
+            }))
+            .collect(),
+        None => shape
+            .key_args
+            .iter()
+            .map(|&i| {
+                let (ident, ty) = (&shape.args[i].ident, &shape.args[i].ty);
+                quote_spanned!(ty.span()=> __cache_key.arg(#ident);)
+            })
+            .collect(),
+    };
+    quote! {
+        let __cache_spec = #spec;
+        let mut __cache_key = #rt::__private::KeyBuilder::new(__cache, &__cache_spec);
+        #(#parts)*
+        __cache_key.finish()
+    }
+}
+
+fn tags(shape: &Shape, rt: &TokenStream) -> TokenStream {
+    let tags = shape.tags.iter().map(|segments| match segments.as_slice() {
+        [Segment::Lit(l)] => quote!(::std::string::String::from(#l)),
+        segments => {
+            let pushes = segments.iter().map(|s| match s {
+                Segment::Lit(l) => quote!(__cache_tag.push_str(#l);),
+                Segment::Arg(ident) => {
+                    let ident = Ident::new(&ident.to_string(), Span::call_site());
+                    quote!(#rt::__private::push_part(&mut __cache_tag, &#ident);)
+                }
+            });
+            quote!({
+                let mut __cache_tag = ::std::string::String::new();
+                #(#pushes)*
+                __cache_tag
+            })
+        }
+    });
+    quote!(::std::vec![#(#tags),*])
+}

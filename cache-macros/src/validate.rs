@@ -1,0 +1,182 @@
+//! Checks that involve the function and the options together; on success, the
+//! shape of the function that expansion needs.
+
+use syn::spanned::Spanned;
+use syn::{FnArg, GenericParam, ItemFn, Pat, ReturnType, Type};
+
+use crate::args::Args;
+use crate::format::{self, Segment};
+
+/// How the return type is cached (the runtime's marker types).
+pub(crate) enum Marker {
+    Plain,
+    OkOnly,
+    SomeOnly,
+}
+
+pub(crate) struct Arg {
+    pub(crate) ident: syn::Ident,
+    pub(crate) ty: Box<Type>,
+}
+
+pub(crate) struct Shape {
+    /// `&self` or `&mut self`, kept as written.
+    pub(crate) receiver: Option<syn::Receiver>,
+    pub(crate) args: Vec<Arg>,
+    /// Indexes into `args` of the arguments the key is built from, in order.
+    pub(crate) key_args: Vec<usize>,
+    pub(crate) key_format: Option<Vec<Segment>>,
+    pub(crate) tags: Vec<Vec<Segment>>,
+    pub(crate) marker: Marker,
+    pub(crate) output: Type,
+    /// Whether the `cache` expression reads `self` (companions then take `&self`).
+    pub(crate) cache_uses_self: bool,
+}
+
+pub(crate) fn check(args: &Args, func: &ItemFn) -> syn::Result<Shape> {
+    let sig = &func.sig;
+    if sig.asyncness.is_none() {
+        return Err(syn::Error::new(
+            sig.fn_token.span,
+            "#[cached] goes on an `async fn`",
+        ));
+    }
+    for param in &sig.generics.params {
+        if !matches!(param, GenericParam::Lifetime(_)) {
+            return Err(syn::Error::new(
+                param.span(),
+                "generic parameters can't be part of a cache key: use concrete types (lifetimes are fine)",
+            ));
+        }
+    }
+    let mut receiver = None;
+    let mut fn_args = Vec::new();
+    for input in &sig.inputs {
+        match input {
+            FnArg::Receiver(r) if r.reference.is_some() && r.colon_token.is_none() => receiver = Some(r.clone()),
+            FnArg::Receiver(r) => {
+                return Err(syn::Error::new(
+                    r.span(),
+                    "#[cached] methods take `&self` or `&mut self`: the receiver is not part of the key",
+                ))
+            }
+            FnArg::Typed(t) => match &*t.pat {
+                Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => {
+                    fn_args.push(Arg { ident: p.ident.clone(), ty: t.ty.clone() })
+                }
+                other => {
+                    return Err(syn::Error::new(
+                        other.span(),
+                        "#[cached] needs plain argument names (bind the pattern inside the function body)",
+                    ))
+                }
+            },
+        }
+    }
+    let position = |ident: &syn::Ident, what: &str| {
+        fn_args
+            .iter()
+            .position(|a| a.ident == *ident)
+            .ok_or_else(|| {
+                let names: Vec<String> = fn_args.iter().map(|a| format!("`{}`", a.ident)).collect();
+                syn::Error::new(
+                    ident.span(),
+                    format!(
+                        "{what} `{ident}` is not an argument of this function (arguments: {})",
+                        names.join(", ")
+                    ),
+                )
+            })
+    };
+
+    let skipped: Vec<usize> = args
+        .skip
+        .iter()
+        .flatten()
+        .map(|i| position(i, "skipped"))
+        .collect::<syn::Result<_>>()?;
+    let key_format = args.key.as_ref().map(format::parse).transpose()?;
+    let key_args: Vec<usize> = match &key_format {
+        Some(segments) => {
+            let mut used = Vec::new();
+            for ident in format::placeholders(segments) {
+                let i = position(ident, "placeholder")?;
+                if !used.contains(&i) {
+                    used.push(i);
+                }
+            }
+            used
+        }
+        None => (0..fn_args.len())
+            .filter(|i| !skipped.contains(i))
+            .collect(),
+    };
+    for &i in &key_args {
+        if let Type::ImplTrait(t) = &*fn_args[i].ty {
+            return Err(syn::Error::new(
+                t.span(),
+                "`impl Trait` arguments can't be part of a cache key: add the argument to `skip`",
+            ));
+        }
+    }
+    let mut tags = Vec::new();
+    for lit in args.tags.iter().flatten() {
+        let segments = format::parse(lit)?;
+        for ident in format::placeholders(&segments) {
+            position(ident, "placeholder")?;
+        }
+        tags.push(segments);
+    }
+    if let Some(prefix) = &args.prefix {
+        let value = prefix.value();
+        if value.is_empty() || value.contains(['*', '?', '[', ']', '\\']) {
+            return Err(syn::Error::new(
+                prefix.span(),
+                "a prefix is non-empty and has no glob characters (`*`, `?`, `[`, `]`, `\\`): invalidate_all matches on it",
+            ));
+        }
+    }
+
+    let output = match &sig.output {
+        ReturnType::Default => syn::parse_quote!(()),
+        ReturnType::Type(_, ty) => (**ty).clone(),
+    };
+    let last = match &output {
+        Type::Path(p) if p.qself.is_none() => p.path.segments.last().map(|s| s.ident.to_string()),
+        _ => None,
+    };
+    let cache_none = args.cache_none.as_ref().is_some_and(|b| b.value);
+    let marker = match last.as_deref() {
+        Some("Result") => Marker::OkOnly,
+        Some("Option") if !cache_none => Marker::SomeOnly,
+        _ => Marker::Plain,
+    };
+    let cache_uses_self = args
+        .cache
+        .as_ref()
+        .is_some_and(|e| mentions_self(quote::quote!(#e)));
+    if cache_uses_self && receiver.is_none() {
+        return Err(syn::Error::new(
+            args.cache.span(),
+            "`cache` reads `self`, but this function has no `&self`",
+        ));
+    }
+    Ok(Shape {
+        receiver,
+        args: fn_args,
+        key_args,
+        key_format,
+        tags,
+        marker,
+        output,
+        cache_uses_self,
+    })
+}
+
+fn mentions_self(tokens: proc_macro2::TokenStream) -> bool {
+    tokens.into_iter().any(|t| match t {
+        proc_macro2::TokenTree::Ident(i) => i == "self",
+        proc_macro2::TokenTree::Group(g) => mentions_self(g.stream()),
+        _ => false,
+    })
+}

@@ -137,8 +137,12 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
         Marker::OkOnly => quote!(#rt::__private::OkOnly),
         Marker::SomeOnly => quote!(#rt::__private::SomeOnly),
     };
+    // Spanned on the return type, so an uncacheable type is blamed where it is written.
     let assert_output =
         quote_spanned!(output.span()=> #rt::__private::assert_cacheable::<#marker, #output>(););
+    let get_or_compute =
+        quote_spanned!(output.span()=> #rt::__private::get_or_compute::<#marker, _, _, _>);
+    let refresh_call = quote_spanned!(output.span()=> #rt::__private::refresh::<#marker, _, _, _>);
     let cache = match &args.cache {
         Some(expr) => quote_spanned!(expr.span()=>
             let __cache_owner = &(#expr);
@@ -186,7 +190,7 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
             #assert_output
             #cache
             let __cache_spec = #this #spec_fn();
-            #rt::__private::get_or_compute::<#marker, _, _, _>(
+            #get_or_compute(
                 #call,
                 #condition,
                 #this #body_name(#receiver_arg #(#all_idents),*),
@@ -244,7 +248,7 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
         #vis async fn #refresh #generics (#receiver_param #(#all_params),*) -> #output #where_clause {
             #cache
             let __cache_spec = #this #spec_fn();
-            #rt::__private::refresh::<#marker, _, _, _>(
+            #refresh_call(
                 #call,
                 #condition,
                 #this #body_name(#receiver_arg #(#all_idents),*),

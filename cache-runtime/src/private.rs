@@ -120,9 +120,9 @@ impl KeyBuilder {
     }
 
     /// Appends one argument.
-    pub fn arg<T: Serialize + ?Sized>(&mut self, value: &T) {
+    pub fn arg<T: KeyArg + ?Sized>(&mut self, value: &T) {
         self.key.push(':');
-        push(&mut self.key, value);
+        value.push_to(&mut self.key);
     }
 
     /// Starts a `key = "..."` format.
@@ -136,8 +136,8 @@ impl KeyBuilder {
     }
 
     /// Appends an interpolated value of a `key` format.
-    pub fn part<T: Serialize + ?Sized>(&mut self, value: &T) {
-        push(&mut self.key, value);
+    pub fn part<T: KeyArg + ?Sized>(&mut self, value: &T) {
+        value.push_to(&mut self.key);
     }
 
     /// The relative key.
@@ -147,8 +147,24 @@ impl KeyBuilder {
 }
 
 /// Appends the key-part form of `value` (escaped scalar or hash) to `out`.
-pub fn push_part<T: Serialize + ?Sized>(out: &mut String, value: &T) {
-    push(out, value);
+pub fn push_part<T: KeyArg + ?Sized>(out: &mut String, value: &T) {
+    value.push_to(out);
+}
+
+/// What can be part of a cache key: anything `Serialize`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` can't be part of a cache key: derive `Serialize` for it, or add the argument to `skip`",
+    label = "not part of a key until it is `Serialize` or skipped"
+)]
+pub trait KeyArg {
+    /// Appends the key-part form of `self` to `out`.
+    fn push_to(&self, out: &mut String);
+}
+
+impl<T: Serialize + ?Sized> KeyArg for T {
+    fn push_to(&self, out: &mut String) {
+        push(out, self);
+    }
 }
 
 /// Selects caching of the whole return value.

@@ -208,7 +208,7 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
         #(#cfgs)*
         #[doc(hidden)]
         #allow
-        fn #key_fn #generics (__cache: &#rt::Cache, #(#key_ref_params),*) -> ::std::string::String #where_clause {
+        fn #key_fn #generics (__cache: &#rt::Cache, #(#key_ref_params),*) -> #rt::__private::Key #where_clause {
             #key_body
         }
 
@@ -239,7 +239,7 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
         #allow
         #vis fn #key_pub #generics (#companion_self #(#key_params),*) -> ::std::string::String #where_clause {
             #cache
-            #this #key_fn(__cache, #(#key_refs),*)
+            #this #key_fn(__cache, #(#key_refs),*).into_relative()
         }
 
         #(#cfgs)*
@@ -325,22 +325,30 @@ fn key(shape: &Shape, rt: &TokenStream, spec: TokenStream) -> TokenStream {
 }
 
 fn tags(shape: &Shape, rt: &TokenStream) -> TokenStream {
-    let tags = shape.tags.iter().map(|segments| match segments.as_slice() {
-        [Segment::Lit(l)] => quote!(::std::string::String::from(#l)),
-        segments => {
-            let pushes = segments.iter().map(|s| match s {
-                Segment::Lit(l) => quote!(__cache_tag.push_str(#l);),
-                Segment::Arg(ident) => {
-                    let ident = Ident::new(&ident.to_string(), Span::call_site());
-                    quote!(#rt::__private::push_part(&mut __cache_tag, &#ident);)
-                }
-            });
-            quote!({
-                let mut __cache_tag = ::std::string::String::new();
-                #(#pushes)*
-                __cache_tag
-            })
-        }
+    let literal: Option<Vec<&String>> = shape
+        .tags
+        .iter()
+        .map(|segments| match segments.as_slice() {
+            [Segment::Lit(l)] => Some(l),
+            _ => None,
+        })
+        .collect();
+    if let Some(literal) = literal {
+        return quote!(#rt::__private::Tags::Static(&[#(#literal),*]));
+    }
+    let tags = shape.tags.iter().map(|segments| {
+        let pushes = segments.iter().map(|s| match s {
+            Segment::Lit(l) => quote!(__cache_tag.push_str(#l);),
+            Segment::Arg(ident) => {
+                let ident = Ident::new(&ident.to_string(), Span::call_site());
+                quote!(#rt::__private::push_part(&mut __cache_tag, &#ident);)
+            }
+        });
+        quote!({
+            let mut __cache_tag = ::std::string::String::new();
+            #(#pushes)*
+            __cache_tag
+        })
     });
-    quote!(::std::vec![#(#tags),*])
+    quote!(#rt::__private::Tags::Owned(::std::vec![#(#tags),*]))
 }

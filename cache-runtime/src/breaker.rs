@@ -144,7 +144,10 @@ impl Breaker {
     }
 
     fn succeeded(&self, probe: bool) {
-        self.failures.store(0, Ordering::Release);
+        // Read first: a store on every success would bounce this line between cores.
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Release);
+        }
         if probe
             && self
                 .state

@@ -100,23 +100,32 @@ impl Spec {
     }
 }
 
-/// Builds the relative key `{fn prefix}:v{wire}[.{version}]:{part}:{part}…`.
+/// Builds a call's key: `{cache prefix}:{fn prefix}:v{wire}[.{version}]:{part}:{part}…`.
 pub struct KeyBuilder {
     key: String,
+    relative_start: usize,
 }
 
 impl KeyBuilder {
     /// Starts the key of one call to the function `spec` describes.
     pub fn new(cache: &Cache, spec: &Spec) -> Self {
         use std::fmt::Write as _;
+        let cache_prefix = &cache.config().key_prefix;
         let prefix = spec.prefix(cache);
-        let mut key = String::with_capacity(prefix.len() + 32);
+        let mut key = String::with_capacity(cache_prefix.len() + prefix.len() + 40);
+        key.push_str(cache_prefix);
+        key.push(':');
+        let relative_start = key.len();
         key.push_str(prefix);
-        let _ = write!(key, ":v{}", codec::WIRE_VERSION);
+        key.push_str(":v");
+        let _ = write!(key, "{}", codec::WIRE_VERSION);
         if spec.version != 0 {
             let _ = write!(key, ".{}", spec.version);
         }
-        KeyBuilder { key }
+        KeyBuilder {
+            key,
+            relative_start,
+        }
     }
 
     /// Appends one argument.
@@ -140,9 +149,50 @@ impl KeyBuilder {
         value.push_to(&mut self.key);
     }
 
-    /// The relative key.
-    pub fn finish(self) -> String {
-        self.key
+    /// The finished key.
+    pub fn finish(self) -> Key {
+        Key {
+            full: self.key,
+            relative_start: self.relative_start,
+        }
+    }
+}
+
+/// A call's key, built once: the full Redis key, of which the part after the
+/// cache's prefix is what the public API takes.
+#[derive(Debug, Clone)]
+pub struct Key {
+    full: String,
+    relative_start: usize,
+}
+
+impl Key {
+    /// The key as [`Cache::get`] and friends take it (without the cache's prefix).
+    pub fn relative(&self) -> &str {
+        &self.full[self.relative_start..]
+    }
+
+    /// [`relative`](Self::relative), owned.
+    pub fn into_relative(mut self) -> String {
+        self.full.drain(..self.relative_start);
+        self.full
+    }
+}
+
+/// A call's tags: literal ones cost no allocation on a hit.
+pub enum Tags {
+    /// Tags written as literals.
+    Static(&'static [&'static str]),
+    /// Tags that interpolate arguments.
+    Owned(Vec<String>),
+}
+
+impl Tags {
+    fn to_vec(&self) -> Vec<String> {
+        match self {
+            Tags::Static(tags) => tags.iter().map(|t| (*t).to_owned()).collect(),
+            Tags::Owned(tags) => tags.clone(),
+        }
     }
 }
 
@@ -226,10 +276,10 @@ pub struct Call<'a> {
     pub cache: &'a Cache,
     /// The function's spec.
     pub spec: &'a Spec,
-    /// The relative key.
-    pub key: String,
+    /// The key.
+    pub key: Key,
     /// Tags of this call.
-    pub tags: Vec<String>,
+    pub tags: Tags,
 }
 
 /// Names the return type in errors when it can't be cached; does nothing at run time.
@@ -250,10 +300,10 @@ where
     Fut: Future<Output = Out>,
 {
     let cache = call.cache;
-    if call.key.contains(UNCACHEABLE) {
+    if call.key.full.contains(UNCACHEABLE) {
         return body.await;
     }
-    let full = cache.full_key(&call.key);
+    let full = call.key.full.as_str();
     match cache.read(&full).await {
         Ok(Some(raw)) => {
             if let Some(v) = cache.decode_or_drop::<Out::Value>(&full, &raw) {
@@ -315,10 +365,10 @@ where
     C: FnOnce(&Out::Value) -> bool,
     Fut: Future<Output = Out>,
 {
-    if call.key.contains(UNCACHEABLE) {
+    if call.key.full.contains(UNCACHEABLE) {
         return body.await;
     }
-    let full = call.cache.full_key(&call.key);
+    let full = call.key.full.as_str();
     let epoch = call.cache.epoch().await;
     let out = body.await;
     match epoch {
@@ -329,8 +379,8 @@ where
 }
 
 /// Removes one cached result.
-pub async fn invalidate(cache: &Cache, key: &str) -> Result<bool, CacheError> {
-    cache.delete(key).await
+pub async fn invalidate(cache: &Cache, key: &Key) -> Result<bool, CacheError> {
+    cache.delete(key.relative()).await
 }
 
 /// Removes every cached result of the function `spec` describes.
@@ -374,7 +424,7 @@ where
         tracing::debug!(key = full, size = bytes.len(), "result too large to cache");
     } else if condition(value) {
         let ttl = call.spec.ttl(cache);
-        let tags = call.spec.tags(cache, call.tags.clone());
+        let tags = call.spec.tags(cache, call.tags.to_vec());
         match cache.write(full, &bytes, ttl, &tags, epoch).await {
             Ok(true) => {}
             Ok(false) => {

@@ -84,11 +84,11 @@ impl RedisStore {
     /// Builds the store without connecting; [`connect`](Self::connect) tries once now.
     pub(crate) fn new(config: &CacheConfig, url: &str) -> Result<Self, CacheError> {
         let client = Client::open(url)?;
-        // The operation timeout below bounds every command; this one only keeps a
-        // wedged connection from holding replies forever.
+        // No response timeout here: `run` bounds every command with the operation
+        // timeout already, and a second timer per command would cost the hot path.
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.socket_connect_timeout))
-            .set_response_timeout(Some(config.socket_timeout));
+            .set_response_timeout(None);
         Ok(RedisStore {
             conns: Connections::new(client, conn_config, config.connections),
             op_timeout: config.operation_timeout(),

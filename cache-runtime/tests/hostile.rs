@@ -6,7 +6,9 @@ mod support;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use cache_runtime::__private::{always, get_or_compute, push_part, Call, KeyBuilder, Plain, Spec};
+use cache_runtime::__private::{
+    always, get_or_compute, push_part, Call, KeyBuilder, Plain, Spec, Tags,
+};
 use cache_runtime::{Cache, CacheError};
 use redis::AsyncCommands;
 use support::{both_modes, Redis};
@@ -62,7 +64,7 @@ async fn echo(cache: &Cache, arg: &str, runs: &AtomicU32) -> String {
         cache,
         spec: &SPEC,
         key: key.finish(),
-        tags: vec![],
+        tags: Tags::Static(&[]),
     };
     get_or_compute::<Plain, _, _, _>(call, always, async {
         runs.fetch_add(1, Ordering::SeqCst);
@@ -185,7 +187,11 @@ async fn random_bytes_where_entries_should_be_read_as_misses() {
         }
         let mut key = KeyBuilder::new(&cache, &SPEC);
         key.arg(&format!("f{i}"));
-        let full = format!("{}:{}", cache.config().key_prefix(), key.finish());
+        let full = format!(
+            "{}:{}",
+            cache.config().key_prefix(),
+            key.finish().relative()
+        );
         let _: () = raw.set(&full, bytes).await.unwrap();
         assert_eq!(echo(&cache, &format!("f{i}"), &runs).await, format!("f{i}"));
     }

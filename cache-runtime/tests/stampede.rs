@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_runtime::__private::{always, get_or_compute, Call, KeyBuilder, OkOnly, Plain, Spec};
+use cache_runtime::__private::{
+    always, get_or_compute, Call, KeyBuilder, OkOnly, Plain, Spec, Tags,
+};
 use cache_runtime::Cache;
 use support::{local_cache, Redis, FORMATS};
 use tokio::sync::{Barrier, Notify};
@@ -20,14 +22,14 @@ const SPEC: Spec = Spec {
     version: 0,
 };
 
-fn call<'a>(cache: &'a Cache, id: u32, tags: &[&str]) -> Call<'a> {
+fn call<'a>(cache: &'a Cache, id: u32, tags: &'static [&'static str]) -> Call<'a> {
     let mut key = KeyBuilder::new(cache, &SPEC);
     key.arg(&id);
     Call {
         cache,
         spec: &SPEC,
         key: key.finish(),
-        tags: tags.iter().map(|t| t.to_string()).collect(),
+        tags: Tags::Static(tags),
     }
 }
 
@@ -166,7 +168,7 @@ async fn a_fill_computed_before_an_invalidation_is_refused() {
                 })
             };
             in_body.notified().await;
-            let key = call(&cache, 3, &[]).key;
+            let key = call(&cache, 3, &[]).key.into_relative();
             match invalidate {
                 "key" => drop(cache.delete(&key).await.unwrap()),
                 "tag" => drop(cache.invalidate_tags(["load"]).await.unwrap()),

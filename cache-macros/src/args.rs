@@ -48,19 +48,12 @@ impl Parse for Args {
         while !input.is_empty() {
             let name = Ident::parse_any(input)?;
             let key = name.to_string();
-            let canonical = if key == "key_prefix" {
-                "prefix".to_owned()
-            } else {
-                key.clone()
-            };
+            let canonical = if key == "key_prefix" { "prefix".to_owned() } else { key.clone() };
             if !OPTIONS.contains(&key.as_str()) {
                 return Err(unknown(&name));
             }
             if seen.contains(&canonical) {
-                return Err(syn::Error::new(
-                    name.span(),
-                    format!("`{canonical}` set multiple times"),
-                ));
+                return Err(syn::Error::new(name.span(), format!("`{canonical}` set multiple times")));
             }
             seen.push(canonical);
             if key == "skip" && input.peek(syn::token::Paren) {
@@ -121,10 +114,7 @@ impl Args {
                 match lit {
                     Lit::Int(i) if i.base10_parse::<u32>().is_ok() => self.version = Some(i),
                     other => {
-                        return Err(syn::Error::new(
-                            other.span(),
-                            "expected a whole number: `version = 2`",
-                        ))
+                        return Err(syn::Error::new(other.span(), "expected a whole number: `version = 2`"))
                     }
                 }
             }
@@ -140,9 +130,7 @@ impl Args {
                 let lit: Lit = input.parse()?;
                 match lit {
                     Lit::Bool(b) => self.cache_none = Some(b),
-                    other => {
-                        return Err(syn::Error::new(other.span(), "expected `true` or `false`"))
-                    }
+                    other => return Err(syn::Error::new(other.span(), "expected `true` or `false`")),
                 }
             }
             _ => unreachable!("checked against OPTIONS"),
@@ -155,31 +143,18 @@ fn lit_str(input: ParseStream<'_>, key: &str, example: &str) -> syn::Result<LitS
     let span = input.span();
     let expr: Expr = input.parse()?;
     match expr {
-        Expr::Lit(syn::ExprLit {
-            lit: Lit::Str(s), ..
-        }) => Ok(s),
-        _ => Err(syn::Error::new(
-            span,
-            format!("expected a string literal: `{key} = {example}`"),
-        )),
+        Expr::Lit(syn::ExprLit { lit: Lit::Str(s), .. }) => Ok(s),
+        _ => Err(syn::Error::new(span, format!("expected a string literal: `{key} = {example}`"))),
     }
 }
 
 fn idents(input: ParseStream<'_>) -> syn::Result<Vec<Ident>> {
-    Ok(Punctuated::<Ident, Token![,]>::parse_terminated(input)?
-        .into_iter()
-        .collect())
+    Ok(Punctuated::<Ident, Token![,]>::parse_terminated(input)?.into_iter().collect())
 }
 
 fn check_ttl(expr: &Expr) -> syn::Result<()> {
-    if let Expr::Lit(syn::ExprLit {
-        lit: Lit::Int(i), ..
-    }) = expr
-    {
-        if i.base10_parse::<u64>()
-            .map_err(|e| syn::Error::new(i.span(), e))?
-            == 0
-        {
+    if let Expr::Lit(syn::ExprLit { lit: Lit::Int(i), .. }) = expr {
+        if i.base10_parse::<u64>().map_err(|e| syn::Error::new(i.span(), e))? == 0 {
             return Err(syn::Error::new(
                 i.span(),
                 "ttl must be positive (omit `ttl` for the configured default)",
@@ -199,19 +174,11 @@ fn check_ttl(expr: &Expr) -> syn::Result<()> {
 
 fn unknown(name: &Ident) -> syn::Error {
     let given = name.to_string();
-    let nearest = OPTIONS
-        .iter()
-        .min_by_key(|o| distance(o, &given))
-        .filter(|o| distance(o, &given) <= 3);
-    let hint = nearest
-        .map(|o| format!(" (did you mean `{o}`?)"))
-        .unwrap_or_default();
+    let nearest = OPTIONS.iter().min_by_key(|o| distance(o, &given)).filter(|o| distance(o, &given) <= 3);
+    let hint = nearest.map(|o| format!(" (did you mean `{o}`?)")).unwrap_or_default();
     syn::Error::new(
         name.span(),
-        format!(
-            "unknown option `{given}`{hint}; expected one of: {}",
-            OPTIONS.join(", ")
-        ),
+        format!("unknown option `{given}`{hint}; expected one of: {}", OPTIONS.join(", ")),
     )
 }
 
@@ -222,11 +189,7 @@ fn distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push(
-                (prev[j] + usize::from(ca != *cb))
-                    .min(prev[j + 1] + 1)
-                    .min(cur[j] + 1),
-            );
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
         }
         prev = cur;
     }
@@ -255,15 +218,9 @@ mod tests {
     fn suggests_the_nearest_option() {
         let err = syn::parse_str::<Args>("tll = 5").err().unwrap().to_string();
         assert!(err.contains("did you mean `ttl`"), "{err}");
-        let err = syn::parse_str::<Args>("ttl = 5, ttl = 6")
-            .err()
-            .unwrap()
-            .to_string();
+        let err = syn::parse_str::<Args>("ttl = 5, ttl = 6").err().unwrap().to_string();
         assert!(err.contains("`ttl` set multiple times"), "{err}");
-        let err = syn::parse_str::<Args>("prefix = \"a\", key_prefix = \"b\"")
-            .err()
-            .unwrap()
-            .to_string();
+        let err = syn::parse_str::<Args>("prefix = \"a\", key_prefix = \"b\"").err().unwrap().to_string();
         assert!(err.contains("`prefix` set multiple times"), "{err}");
     }
 }

@@ -87,18 +87,10 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
         refresh: format_ident!("{}_refresh", name),
     };
     let vis = &func.vis;
-    let cfgs: Vec<&Attribute> = func
-        .attrs
-        .iter()
-        .filter(|a| a.path().is_ident("cfg"))
-        .collect();
+    let cfgs: Vec<&Attribute> = func.attrs.iter().filter(|a| a.path().is_ident("cfg")).collect();
     let generics = &func.sig.generics;
     let where_clause = &func.sig.generics.where_clause;
-    let this = if shape.receiver.is_some() {
-        quote!(Self::)
-    } else {
-        quote!()
-    };
+    let this = if shape.receiver.is_some() { quote!(Self::) } else { quote!() };
     let receiver_param = shape.receiver.as_ref().map(|r| quote!(#r,));
     let receiver_arg = shape.receiver.as_ref().map(|_| quote!(self,));
     let companion_self = shape.cache_uses_self.then(|| quote!(&self,));
@@ -140,8 +132,7 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
     // Spanned on the return type, so an uncacheable type is blamed where it is written.
     let assert_output =
         quote_spanned!(output.span()=> #rt::__private::assert_cacheable::<#marker, #output>(););
-    let get_or_compute =
-        quote_spanned!(output.span()=> #rt::__private::get_or_compute::<#marker, _, _, _>);
+    let get_or_compute = quote_spanned!(output.span()=> #rt::__private::get_or_compute::<#marker, _, _, _>);
     let refresh_call = quote_spanned!(output.span()=> #rt::__private::refresh::<#marker, _, _, _>);
     let cache = match &args.cache {
         Some(expr) => quote_spanned!(expr.span()=>
@@ -166,21 +157,13 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
     let mut body_sig = func.sig.clone();
     body_sig.ident = n.body.clone();
     let block = &func.block;
-    let (spec_fn, key_fn, invalidate, invalidate_all, key_pub, refresh) = (
-        &n.spec,
-        &n.key,
-        &n.invalidate,
-        &n.invalidate_all,
-        &n.key_fn,
-        &n.refresh,
-    );
+    let (spec_fn, key_fn, invalidate, invalidate_all, key_pub, refresh) =
+        (&n.spec, &n.key, &n.invalidate, &n.invalidate_all, &n.key_fn, &n.refresh);
     let doc_invalidate =
         format!("Removes the cached result of [`{name}`](Self::{name}) for these arguments.");
     let doc_invalidate_all = format!("Removes every cached result of `{name}`.");
-    let doc_key =
-        format!("The cache key (relative to the cache's prefix) of `{name}` for these arguments.");
-    let doc_refresh =
-        format!("Runs `{name}` and stores its result whatever is cached (write-through).");
+    let doc_key = format!("The cache key (relative to the cache's prefix) of `{name}` for these arguments.");
+    let doc_refresh = format!("Runs `{name}` and stores its result whatever is cached (write-through).");
     let allow = quote!(#[allow(clippy::too_many_arguments, clippy::needless_lifetimes, clippy::ptr_arg, unused_qualifications)]);
 
     quote! {
@@ -296,12 +279,7 @@ fn key(shape: &Shape, rt: &TokenStream, spec: TokenStream) -> TokenStream {
             .chain(segments.iter().map(|s| match s {
                 Segment::Lit(l) => quote!(__cache_key.lit(#l);),
                 Segment::Arg(ident) => {
-                    let ty = &shape
-                        .args
-                        .iter()
-                        .find(|a| a.ident == *ident)
-                        .expect("validated")
-                        .ty;
+                    let ty = &shape.args.iter().find(|a| a.ident == *ident).expect("validated").ty;
                     let ident = Ident::new(&ident.to_string(), Span::call_site());
                     quote_spanned!(ty.span()=> __cache_key.part(#ident);)
                 }

@@ -30,9 +30,7 @@ pub(crate) fn parse(lit: &LitStr) -> syn::Result<Vec<Segment>> {
                 let ident = syn::parse_str::<Ident>(name).map_err(|_| {
                     syn::Error::new(
                         lit.span(),
-                        format!(
-                            "`{{{name}}}` is not an argument name: placeholders are `{{argument}}`"
-                        ),
+                        format!("`{{{name}}}` is not an argument name: placeholders are `{{argument}}`"),
                     )
                 })?;
                 if !literal.is_empty() {
@@ -40,12 +38,7 @@ pub(crate) fn parse(lit: &LitStr) -> syn::Result<Vec<Segment>> {
                 }
                 segments.push(Segment::Arg(Ident::new(&ident.to_string(), lit.span())));
             }
-            '}' => {
-                return Err(syn::Error::new(
-                    lit.span(),
-                    "unmatched `}` (write `}}` for a literal brace)",
-                ))
-            }
+            '}' => return Err(syn::Error::new(lit.span(), "unmatched `}` (write `}}` for a literal brace)")),
             c => literal.push(c),
         }
     }
@@ -81,10 +74,7 @@ mod tests {
 
     #[test]
     fn splits_literals_and_placeholders() {
-        assert_eq!(
-            parts("mission:{mission_id}"),
-            ["lit:mission:", "arg:mission_id"]
-        );
+        assert_eq!(parts("mission:{mission_id}"), ["lit:mission:", "arg:mission_id"]);
         assert_eq!(parts("{a}:{b}"), ["arg:a", "lit::", "arg:b"]);
         assert_eq!(parts("{{x}}"), ["lit:{x}"]);
         assert_eq!(parts("plain"), ["lit:plain"]);

@@ -36,10 +36,7 @@ pub(crate) struct Shape {
 pub(crate) fn check(args: &Args, func: &ItemFn) -> syn::Result<Shape> {
     let sig = &func.sig;
     if sig.asyncness.is_none() {
-        return Err(syn::Error::new(
-            sig.fn_token.span,
-            "#[cached] goes on an `async fn`",
-        ));
+        return Err(syn::Error::new(sig.fn_token.span, "#[cached] goes on an `async fn`"));
     }
     for param in &sig.generics.params {
         if !matches!(param, GenericParam::Lifetime(_)) {
@@ -53,48 +50,43 @@ pub(crate) fn check(args: &Args, func: &ItemFn) -> syn::Result<Shape> {
     let mut fn_args = Vec::new();
     for input in &sig.inputs {
         match input {
-            FnArg::Receiver(r) if r.reference.is_some() && r.colon_token.is_none() => receiver = Some(r.clone()),
+            FnArg::Receiver(r) if r.reference.is_some() && r.colon_token.is_none() => {
+                receiver = Some(r.clone())
+            }
             FnArg::Receiver(r) => {
                 return Err(syn::Error::new(
                     r.span(),
                     "#[cached] methods take `&self` or `&mut self`: the receiver is not part of the key",
                 ))
             }
-            FnArg::Typed(t) => match &*t.pat {
-                Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => {
-                    fn_args.push(Arg { ident: p.ident.clone(), ty: t.ty.clone() })
-                }
-                other => {
-                    return Err(syn::Error::new(
+            FnArg::Typed(t) => {
+                match &*t.pat {
+                    Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => {
+                        fn_args.push(Arg { ident: p.ident.clone(), ty: t.ty.clone() })
+                    }
+                    other => return Err(syn::Error::new(
                         other.span(),
                         "#[cached] needs plain argument names (bind the pattern inside the function body)",
-                    ))
+                    )),
                 }
-            },
+            }
         }
     }
     let position = |ident: &syn::Ident, what: &str| {
-        fn_args
-            .iter()
-            .position(|a| a.ident == *ident)
-            .ok_or_else(|| {
-                let names: Vec<String> = fn_args.iter().map(|a| format!("`{}`", a.ident)).collect();
-                syn::Error::new(
-                    ident.span(),
-                    format!(
-                        "{what} `{ident}` is not an argument of this function (arguments: {})",
-                        names.join(", ")
-                    ),
-                )
-            })
+        fn_args.iter().position(|a| a.ident == *ident).ok_or_else(|| {
+            let names: Vec<String> = fn_args.iter().map(|a| format!("`{}`", a.ident)).collect();
+            syn::Error::new(
+                ident.span(),
+                format!(
+                    "{what} `{ident}` is not an argument of this function (arguments: {})",
+                    names.join(", ")
+                ),
+            )
+        })
     };
 
-    let skipped: Vec<usize> = args
-        .skip
-        .iter()
-        .flatten()
-        .map(|i| position(i, "skipped"))
-        .collect::<syn::Result<_>>()?;
+    let skipped: Vec<usize> =
+        args.skip.iter().flatten().map(|i| position(i, "skipped")).collect::<syn::Result<_>>()?;
     let key_format = args.key.as_ref().map(format::parse).transpose()?;
     let key_args: Vec<usize> = match &key_format {
         Some(segments) => {
@@ -107,9 +99,7 @@ pub(crate) fn check(args: &Args, func: &ItemFn) -> syn::Result<Shape> {
             }
             used
         }
-        None => (0..fn_args.len())
-            .filter(|i| !skipped.contains(i))
-            .collect(),
+        None => (0..fn_args.len()).filter(|i| !skipped.contains(i)).collect(),
     };
     for &i in &key_args {
         if let Type::ImplTrait(t) = &*fn_args[i].ty {
@@ -151,26 +141,14 @@ pub(crate) fn check(args: &Args, func: &ItemFn) -> syn::Result<Shape> {
         Some("Option") if !cache_none => Marker::SomeOnly,
         _ => Marker::Plain,
     };
-    let cache_uses_self = args
-        .cache
-        .as_ref()
-        .is_some_and(|e| mentions_self(quote::quote!(#e)));
+    let cache_uses_self = args.cache.as_ref().is_some_and(|e| mentions_self(quote::quote!(#e)));
     if cache_uses_self && receiver.is_none() {
         return Err(syn::Error::new(
             args.cache.span(),
             "`cache` reads `self`, but this function has no `&self`",
         ));
     }
-    Ok(Shape {
-        receiver,
-        args: fn_args,
-        key_args,
-        key_format,
-        tags,
-        marker,
-        output,
-        cache_uses_self,
-    })
+    Ok(Shape { receiver, args: fn_args, key_args, key_format, tags, marker, output, cache_uses_self })
 }
 
 fn mentions_self(tokens: proc_macro2::TokenStream) -> bool {

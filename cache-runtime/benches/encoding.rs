@@ -44,13 +44,8 @@ struct Filter<'a> {
     statuses: &'a [&'a str],
 }
 
-const SPEC: Spec = Spec {
-    name: "get_mission",
-    prefix: Some("missions"),
-    ttl: None,
-    profile: None,
-    version: 0,
-};
+const SPEC: Spec =
+    Spec { name: "get_mission", prefix: Some("missions"), ttl: None, profile: None, version: 0 };
 
 fn keys(c: &mut Criterion) {
     let cache = Cache::local(CacheConfig::default());
@@ -64,11 +59,7 @@ fn keys(c: &mut Criterion) {
         })
     });
     g.bench_function("composite_arg", |b| {
-        let filter = Filter {
-            region: "eu-west",
-            limit: 50,
-            statuses: &["active", "queued"],
-        };
+        let filter = Filter { region: "eu-west", limit: 50, statuses: &["active", "queued"] };
         b.iter(|| {
             let mut k = KeyBuilder::new(&cache, &SPEC);
             k.arg(black_box(&filter));
@@ -81,11 +72,7 @@ fn keys(c: &mut Criterion) {
 fn codecs(c: &mut Criterion) {
     for (size, value) in [("small", small()), ("10KiB", large())] {
         let mut g = c.benchmark_group(format!("codec_{size}"));
-        for format in [
-            Serialization::Json,
-            Serialization::MsgPack,
-            Serialization::Binary,
-        ] {
+        for format in [Serialization::Json, Serialization::MsgPack, Serialization::Binary] {
             let bytes = encode(format, &value).unwrap();
             g.throughput(Throughput::Bytes(bytes.len() as u64));
             g.bench_with_input(BenchmarkId::new("encode", format), &value, |b, v| {

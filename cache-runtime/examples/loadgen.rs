@@ -38,11 +38,7 @@ fn mission(id: u64) -> Mission {
         name: format!("Survey of the outer belt, leg {id:06}"),
         status: "active".into(),
         priority: 3,
-        crew: vec![
-            "ada.lovelace".into(),
-            "grace.hopper".into(),
-            "linus.torvalds".into(),
-        ],
+        crew: vec!["ada.lovelace".into(), "grace.hopper".into(), "linus.torvalds".into()],
         progress: 0.4242,
         tags: vec!["missions".into(), "queue".into(), "high-priority".into()],
     }
@@ -92,26 +88,17 @@ fn parse_args() -> Args {
         concurrency: vec![1, 16, 64, 256],
         ops: 200_000,
         rounds: 5,
-        scenarios: [
-            "raw_get",
-            "cached_redis_hit",
-            "moka_get",
-            "cached_local_hit",
-            "mix_90_10",
-            "stampede",
-        ]
-        .map(String::from)
-        .to_vec(),
+        scenarios: ["raw_get", "cached_redis_hit", "moka_get", "cached_local_hit", "mix_90_10", "stampede"]
+            .map(String::from)
+            .to_vec(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--concurrency" => {
-                args.concurrency = value
-                    .split(',')
-                    .map(|v| v.parse().expect("--concurrency 1,16,64"))
-                    .collect()
+                args.concurrency =
+                    value.split(',').map(|v| v.parse().expect("--concurrency 1,16,64")).collect()
             }
             "--ops" => args.ops = value.parse().expect("--ops N"),
             "--rounds" => args.rounds = value.parse().expect("--rounds N"),
@@ -167,11 +154,7 @@ async fn run_scenario(
                 let mut conn = raw.clone();
                 async move {
                     let key = format!("lgraw:{}", n % KEYSPACE);
-                    let bytes: Vec<u8> = redis::cmd("GET")
-                        .arg(&key)
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap();
+                    let bytes: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
                     let m: Mission = serde_json::from_slice(&bytes).unwrap();
                     std::hint::black_box(m);
                 }
@@ -252,44 +235,24 @@ fn baseline_of(scenario: &str) -> Option<&'static str> {
 
 fn main() {
     let args = parse_args();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         let server = support::Redis::start();
-        let config = |prefix: &str| {
-            CacheConfig::builder()
-                .redis_url(server.url())
-                .key_prefix(prefix)
-                .build()
-                .unwrap()
-        };
+        let config =
+            |prefix: &str| CacheConfig::builder().redis_url(server.url()).key_prefix(prefix).build().unwrap();
         let redis_cache = Cache::new(config("loadgen")).await.unwrap();
-        assert_eq!(
-            redis_cache.mode(),
-            cache_runtime::Mode::Redis,
-            "Redis unreachable at {}",
-            server.url()
-        );
+        assert_eq!(redis_cache.mode(), cache_runtime::Mode::Redis, "Redis unreachable at {}", server.url());
         REDIS.set(redis_cache.clone()).unwrap();
         LOCAL.set(Cache::local(config("loadgen"))).unwrap();
         redis_cache.clear().await.unwrap();
 
-        let raw = redis::Client::open(server.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let raw =
+            redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
         let mut conn = raw.clone();
         for id in 0..KEYSPACE {
             let json = serde_json::to_vec(&mission(id)).unwrap();
-            let _: () = redis::cmd("SET")
-                .arg(format!("lgraw:{id}"))
-                .arg(json)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            let _: () =
+                redis::cmd("SET").arg(format!("lgraw:{id}")).arg(json).query_async(&mut conn).await.unwrap();
             redis_mission(id).await;
             local_mission(id).await;
         }
@@ -317,8 +280,7 @@ fn main() {
                     }
                     let before = BODY_RUNS.load(Ordering::Relaxed);
                     let (ops_s, hist) =
-                        run_scenario(scenario, concurrency, args.ops / args.rounds as u64, &raw)
-                            .await;
+                        run_scenario(scenario, concurrency, args.ops / args.rounds as u64, &raw).await;
                     runs[i] += BODY_RUNS.load(Ordering::Relaxed) - before;
                     per_round[i].push(ops_s);
                     hists[i].add(hist).unwrap();
@@ -330,15 +292,7 @@ fn main() {
                 }
                 let ratio = baseline_of(scenario)
                     .and_then(|b| args.scenarios.iter().position(|s| s == b))
-                    .map(|b| {
-                        median(
-                            per_round[i]
-                                .iter()
-                                .zip(&per_round[b])
-                                .map(|(x, y)| x / y)
-                                .collect(),
-                        )
-                    });
+                    .map(|b| median(per_round[i].iter().zip(&per_round[b]).map(|(x, y)| x / y).collect()));
                 let q = |p: f64| hists[i].value_at_quantile(p) as f64 / 1e3;
                 let ops_s = median(per_round[i].clone());
                 let body_runs = if scenario == "stampede" {
@@ -348,19 +302,13 @@ fn main() {
                 };
                 println!(
                     "{:>5} {:<18} {:>11.0} {:>9.1} {:>9.1} {:>10.1} {:>13} {:>10}",
-                    if scenario == "stampede" {
-                        1000
-                    } else {
-                        concurrency
-                    },
+                    if scenario == "stampede" { 1000 } else { concurrency },
                     scenario,
                     ops_s,
                     q(0.5),
                     q(0.99),
                     q(0.999),
-                    ratio
-                        .map(|r| format!("{:.1}%", r * 100.0))
-                        .unwrap_or_else(|| "-".into()),
+                    ratio.map(|r| format!("{:.1}%", r * 100.0)).unwrap_or_else(|| "-".into()),
                     body_runs
                 );
                 let json = serde_json::json!({

@@ -58,10 +58,7 @@ fn arg(name: &str, default: u64) -> u64 {
 fn main() {
     let calls = arg("--calls", 300_000);
     let storm = arg("--storm", 100_000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         let mut redis = support::Redis::spawn();
         let config = CacheConfig::builder()
@@ -192,12 +189,8 @@ async fn storm_run(redis: &support::Redis, calls: u64) {
     let started = Instant::now();
     let tasks: Vec<_> = (0..64u64)
         .map(|t| {
-            let (wrong, completed, cancelled, issued) = (
-                wrong.clone(),
-                completed.clone(),
-                cancelled.clone(),
-                issued.clone(),
-            );
+            let (wrong, completed, cancelled, issued) =
+                (wrong.clone(), completed.clone(), cancelled.clone(), issued.clone());
             tokio::spawn(async move {
                 let mut seed = 0x2545_F491_4F6C_DD1D_u64 ^ t;
                 while issued.fetch_add(1, Ordering::Relaxed) < calls {
@@ -244,10 +237,7 @@ async fn storm_run(redis: &support::Redis, calls: u64) {
         completed.load(Ordering::Relaxed),
         cancelled.load(Ordering::Relaxed)
     );
-    println!(
-        "results for the wrong key:       {}",
-        wrong.load(Ordering::Relaxed)
-    );
+    println!("results for the wrong key:       {}", wrong.load(Ordering::Relaxed));
     println!("locks left held (keys stuck):    {stuck}");
 }
 

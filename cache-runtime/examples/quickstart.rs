@@ -26,11 +26,7 @@ static DB_QUERIES: AtomicU32 = AtomicU32::new(0);
 async fn get_mission(id: String) -> Result<Mission, String> {
     DB_QUERIES.fetch_add(1, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(40)).await;
-    Ok(Mission {
-        name: format!("Mission {id}"),
-        id,
-        priority: 3,
-    })
+    Ok(Mission { name: format!("Mission {id}"), id, priority: 3 })
 }
 
 async fn timed<T>(label: &str, f: impl std::future::IntoFuture<Output = T>) -> T {
@@ -47,78 +43,33 @@ async fn timed<T>(label: &str, f: impl std::future::IntoFuture<Output = T>) -> T
 
 #[tokio::main]
 async fn main() -> Result<(), CacheError> {
-    tracing_subscriber::fmt()
-        .with_env_filter("cache_runtime=info")
-        .with_target(false)
-        .init();
-    let config = CacheConfig::builder()
-        .key_prefix("quickstart")
-        .build()?
-        .with_env()?;
+    tracing_subscriber::fmt().with_env_filter("cache_runtime=info").with_target(false).init();
+    let config = CacheConfig::builder().key_prefix("quickstart").build()?.with_env()?;
     let cache = cache_runtime::init(config).await?;
-    println!(
-        "mode: {} (set REDIS_URL to use Redis)",
-        cache.mode().as_str()
-    );
+    println!("mode: {} (set REDIS_URL to use Redis)", cache.mode().as_str());
     cache.clear().await?;
 
     println!("\n#[cached] get_mission:");
-    timed(
-        "get_mission(\"m1\")   miss: runs the body",
-        get_mission("m1".into()),
-    )
-    .await
-    .ok();
-    timed("get_mission(\"m1\")   hit", get_mission("m1".into()))
-        .await
-        .ok();
-    timed("get_mission(\"m1\")   hit", get_mission("m1".into()))
-        .await
-        .ok();
+    timed("get_mission(\"m1\")   miss: runs the body", get_mission("m1".into())).await.ok();
+    timed("get_mission(\"m1\")   hit", get_mission("m1".into())).await.ok();
+    timed("get_mission(\"m1\")   hit", get_mission("m1".into())).await.ok();
     println!("  key: {}", get_mission_key("m1".into()));
-    timed(
-        "get_mission_invalidate(\"m1\")",
-        get_mission_invalidate("m1".into()),
-    )
-    .await?;
-    timed(
-        "get_mission(\"m1\")   miss after invalidation",
-        get_mission("m1".into()),
-    )
-    .await
-    .ok();
-    timed("get_mission(\"m2\")   miss", get_mission("m2".into()))
-        .await
-        .ok();
-    let deleted = timed(
-        "invalidate_tags([\"missions\"])",
-        cache.invalidate_tags(["missions"]),
-    )
-    .await?;
+    timed("get_mission_invalidate(\"m1\")", get_mission_invalidate("m1".into())).await?;
+    timed("get_mission(\"m1\")   miss after invalidation", get_mission("m1".into())).await.ok();
+    timed("get_mission(\"m2\")   miss", get_mission("m2".into())).await.ok();
+    let deleted = timed("invalidate_tags([\"missions\"])", cache.invalidate_tags(["missions"])).await?;
     println!("  -> {deleted} entries deleted");
-    timed(
-        "get_mission(\"m2\")   miss after tag invalidation",
-        get_mission("m2".into()),
-    )
-    .await
-    .ok();
+    timed("get_mission(\"m2\")   miss after tag invalidation", get_mission("m2".into())).await.ok();
 
     println!("\nthe client API:");
     timed(
         "set(\"agents:1\", ttl 600, tags [agents])",
-        cache
-            .set("agents:1", &"agent one")
-            .ttl(600)
-            .tags(["agents"]),
+        cache.set("agents:1", &"agent one").ttl(600).tags(["agents"]),
     )
     .await?;
     let agent: Option<String> = timed("get(\"agents:1\")", cache.get("agents:1")).await?;
     println!("  -> {agent:?}, ttl {:?}", cache.ttl("agents:1").await?);
-    let gone = timed(
-        "delete_pattern(\"agents:*\")",
-        cache.delete_pattern("agents:*"),
-    )
-    .await?;
+    let gone = timed("delete_pattern(\"agents:*\")", cache.delete_pattern("agents:*")).await?;
     println!("  -> {gone} deleted");
 
     let stats = cache.stats().await?;

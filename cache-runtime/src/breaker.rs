@@ -107,40 +107,25 @@ impl Breaker {
     /// `None` while calls must skip Redis.
     pub(crate) fn permit(&self) -> Option<Permit<'_>> {
         if !self.enabled {
-            return Some(Permit {
-                breaker: self,
-                probe: false,
-                reported: false,
-            });
+            return Some(Permit { breaker: self, probe: false, reported: false });
         }
         match self.state.load(Ordering::Acquire) {
-            CLOSED => Some(Permit {
-                breaker: self,
-                probe: false,
-                reported: false,
-            }),
+            CLOSED => Some(Permit { breaker: self, probe: false, reported: false }),
             OPEN if self.now() >= self.reopen_at.load(Ordering::Acquire) => {
                 // Only the caller that wins this exchange probes.
-                self.state
-                    .compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire)
-                    .ok()
-                    .map(|_| {
+                self.state.compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire).ok().map(
+                    |_| {
                         tracing::info!("circuit breaker half-open: probing Redis");
-                        Permit {
-                            breaker: self,
-                            probe: true,
-                            reported: false,
-                        }
-                    })
+                        Permit { breaker: self, probe: true, reported: false }
+                    },
+                )
             }
             _ => None,
         }
     }
 
     fn now(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.origin)
-            .as_nanos() as u64
+        Instant::now().saturating_duration_since(self.origin).as_nanos() as u64
     }
 
     fn succeeded(&self, probe: bool) {
@@ -149,10 +134,7 @@ impl Breaker {
             self.failures.store(0, Ordering::Release);
         }
         if probe
-            && self
-                .state
-                .compare_exchange(HALF_OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+            && self.state.compare_exchange(HALF_OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire).is_ok()
         {
             tracing::info!("circuit breaker closed: Redis answers again");
         }
@@ -176,10 +158,7 @@ impl Breaker {
         if self.state.load(Ordering::Acquire) != from {
             return;
         }
-        self.reopen_at.store(
-            self.now() + self.timeout.as_nanos() as u64,
-            Ordering::Release,
-        );
+        self.reopen_at.store(self.now() + self.timeout.as_nanos() as u64, Ordering::Release);
         self.state.store(OPEN, Ordering::Release);
         self.opened_total.fetch_add(1, Ordering::Relaxed);
         self.failures.store(0, Ordering::Release);
@@ -207,12 +186,7 @@ impl Permit<'_> {
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if self.probe && !self.reported {
-            let _ = self.breaker.state.compare_exchange(
-                HALF_OPEN,
-                OPEN,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            let _ = self.breaker.state.compare_exchange(HALF_OPEN, OPEN, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 }

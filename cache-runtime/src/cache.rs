@@ -2,7 +2,7 @@
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,8 @@ pub(crate) struct Inner {
     pub(crate) redis: Option<RedisStore>,
     pub(crate) breaker: Breaker,
     pub(crate) pending: PendingLog,
+    /// The newest Redis invalidation epoch this process has seen.
+    last_epoch: AtomicU64,
     pub(crate) local: LocalTier,
     pub(crate) counters: Counters,
     pub(crate) metrics: Metrics,
@@ -136,17 +138,15 @@ impl Cache {
             other => other,
         })?;
         let cache = Cache::assemble(config, Some(store));
-        let connect = cache
-            .inner
-            .config
-            .socket_connect_timeout
-            .max(cache.inner.config.operation_timeout());
+        let connect = cache.inner.config.socket_connect_timeout.max(cache.inner.config.operation_timeout());
         let reachable = match &cache.inner.redis {
             Some(redis) => tokio::time::timeout(connect, redis.connect()).await,
             None => unreachable!("assembled with a store"),
         };
         match reachable {
             Ok(Ok(())) => {
+                // Fills are checked against the newest epoch seen: start from the current one.
+                let _ = cache.epoch().await;
                 tracing::info!(redis = %target, prefix = %cache.inner.config.key_prefix, "cache runs in redis mode")
             }
             Ok(Err(e)) => cache.start_degraded(&target, &e),
@@ -162,10 +162,7 @@ impl Cache {
         if let Some(redis) = &self.inner.redis {
             redis.revive();
         }
-        self.inner
-            .metrics
-            .breaker_state
-            .set(self.inner.breaker.state().as_gauge());
+        self.inner.metrics.breaker_state.set(self.inner.breaker.state().as_gauge());
     }
 
     /// A cache in local mode, whatever `config` says about Redis.
@@ -181,10 +178,7 @@ impl Cache {
             Metrics::new("cache").expect("the default namespace is valid")
         });
         for (name, ttl) in &config.named_ttls {
-            metrics
-                .ttl_seconds
-                .with_label_values(&[name])
-                .set(ttl.as_secs() as i64);
+            metrics.ttl_seconds.with_label_values(&[name]).set(ttl.as_secs() as i64);
         }
         Cache {
             inner: Arc::new(Inner {
@@ -198,6 +192,7 @@ impl Cache {
                     config.circuit_breaker_timeout,
                 ),
                 pending: PendingLog::new(),
+                last_epoch: AtomicU64::new(0),
                 redis,
                 epoch_key,
                 config,
@@ -240,26 +235,13 @@ impl Cache {
     /// cache.set("missions:123", &"launch").ttl(60).tags(["missions", "queue"]).await?;
     /// # Ok(()) }
     /// ```
-    pub fn set<'a, T: Serialize + ?Sized + Sync>(
-        &'a self,
-        key: &'a str,
-        value: &'a T,
-    ) -> Set<'a, T> {
-        Set {
-            cache: self,
-            key,
-            value,
-            ttl: None,
-            tags: Vec::new(),
-        }
+    pub fn set<'a, T: Serialize + ?Sized + Sync>(&'a self, key: &'a str, value: &'a T) -> Set<'a, T> {
+        Set { cache: self, key, value, ttl: None, tags: Vec::new() }
     }
 
     /// Deletes `key`; whether it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
-        Ok(self
-            .invalidate(Op::Delete, Pending::Key(self.full_key(key)))
-            .await?
-            > 0)
+        Ok(self.invalidate(Op::Delete, Pending::Key(self.full_key(key))).await? > 0)
     }
 
     /// Whether `key` holds a live entry.
@@ -280,11 +262,7 @@ impl Cache {
                 ms if ms < 0 => KeyTtl::Persistent,
                 ms => KeyTtl::Expires(Duration::from_millis(ms as u64)),
             }),
-            None => Ok(self
-                .inner
-                .local
-                .remaining(&full)
-                .map_or(KeyTtl::Missing, KeyTtl::Expires)),
+            None => Ok(self.inner.local.remaining(&full).map_or(KeyTtl::Missing, KeyTtl::Expires)),
         }
     }
 
@@ -297,8 +275,7 @@ impl Cache {
             ));
         }
         let full = format!("{}:{pattern}", escape_glob(&self.inner.config.key_prefix));
-        self.invalidate(Op::DeletePattern, Pending::Pattern(full))
-            .await
+        self.invalidate(Op::DeletePattern, Pending::Pattern(full)).await
     }
 
     /// Deletes every entry carrying any of `tags`; how many were deleted. Once it
@@ -309,8 +286,7 @@ impl Cache {
         S: AsRef<str>,
     {
         let tags = tags.into_iter().map(|t| t.as_ref().to_owned()).collect();
-        self.invalidate(Op::InvalidateTags, Pending::Tags(tags))
-            .await
+        self.invalidate(Op::InvalidateTags, Pending::Tags(tags)).await
     }
 
     /// Deletes every entry under this cache's prefix (and its tag index); never FLUSHDB.
@@ -323,19 +299,14 @@ impl Cache {
     pub async fn stats(&self) -> Result<CacheStats, CacheError> {
         let pattern = format!("{}:*", escape_glob(&self.inner.config.key_prefix));
         let local = &self.inner.local;
-        let mut stats = self.inner.counters.snapshot(
-            &self.inner.metrics,
-            self.mode(),
-            local.len(),
-            local.size_bytes(),
-        );
+        let mut stats =
+            self.inner.counters.snapshot(&self.inner.metrics, self.mode(), local.len(), local.size_bytes());
         stats.breaker = self.inner.breaker.state();
         stats.breaker_opened = self.inner.breaker.opened_total();
         stats.pending_invalidations = self.inner.pending.len() as u64;
         let from_redis = match self.redis().await {
             Some((redis, permit)) => {
-                let result =
-                    async { Ok((redis.count(&pattern).await?, redis.info().await?)) }.await;
+                let result = async { Ok((redis.count(&pattern).await?, redis.info().await?)) }.await;
                 self.settle(permit, result).ok()
             }
             None => None,
@@ -363,16 +334,9 @@ impl Cache {
         let result = match (&self.inner.redis, self.redis().await) {
             (None, _) => Ok(()),
             (Some(_), Some((redis, permit))) => self.settle(permit, redis.ping().await),
-            (Some(_), None) => Err(CacheError::Unavailable(
-                "the circuit breaker is open".into(),
-            )),
+            (Some(_), None) => Err(CacheError::Unavailable("the circuit breaker is open".into())),
         };
-        Health::new(
-            self.mode(),
-            self.inner.breaker.state(),
-            started.elapsed(),
-            result.err(),
-        )
+        Health::new(self.mode(), self.inner.breaker.state(), started.elapsed(), result.err())
     }
 
     /// This cache's Prometheus metrics.
@@ -386,8 +350,7 @@ impl Cache {
         let stats = self.stats().await?;
         let m = &self.inner.metrics;
         m.keys.set(stats.total_keys as i64);
-        m.memory_bytes
-            .set(stats.used_memory_bytes.unwrap_or(stats.local_cache_bytes) as i64);
+        m.memory_bytes.set(stats.used_memory_bytes.unwrap_or(stats.local_cache_bytes) as i64);
         m.size_bytes.set(stats.local_cache_bytes as i64);
         m.breaker_state.set(stats.breaker.as_gauge());
         Ok(())
@@ -423,21 +386,12 @@ impl Cache {
     }
 
     /// Reports a Redis call's outcome to the breaker and passes it on.
-    fn settle<T>(
-        &self,
-        permit: Permit<'_>,
-        result: Result<T, CacheError>,
-    ) -> Result<T, CacheError> {
-        let healthy = result
-            .as_ref()
-            .map_or_else(|e| !e.is_unavailable(), |_| true);
+    fn settle<T>(&self, permit: Permit<'_>, result: Result<T, CacheError>) -> Result<T, CacheError> {
+        let healthy = result.as_ref().map_or_else(|e| !e.is_unavailable(), |_| true);
         let probe = permit.is_probe();
         permit.report(healthy);
         if probe || !healthy {
-            self.inner
-                .metrics
-                .breaker_state
-                .set(self.inner.breaker.state().as_gauge());
+            self.inner.metrics.breaker_state.set(self.inner.breaker.state().as_gauge());
         }
         if probe && healthy {
             // Whatever the local tier learned during the outage is not Redis's truth.
@@ -499,8 +453,8 @@ impl Cache {
             Pending::Tags(tags) => local.invalidate_tags(tags),
             Pending::Pattern(full) => local.delete_pattern(full),
             Pending::Everything => {
-                let deleted = local
-                    .delete_pattern(&format!("{}:*", escape_glob(&self.inner.config.key_prefix)));
+                let deleted =
+                    local.delete_pattern(&format!("{}:*", escape_glob(&self.inner.config.key_prefix)));
                 local.drop_tag_index();
                 deleted
             }
@@ -508,77 +462,69 @@ impl Cache {
     }
 
     async fn apply_redis(&self, redis: &RedisStore, what: &Pending) -> Result<u64, CacheError> {
-        let epoch = Some(self.inner.epoch_key.as_str());
-        match what {
-            Pending::Key(full) => Ok(u64::from(redis.delete(full, &self.inner.epoch_key).await?)),
+        let epoch_key = &self.inner.epoch_key;
+        let (deleted, epoch) = match what {
+            Pending::Key(full) => {
+                let (existed, epoch) = redis.delete(full, epoch_key).await?;
+                (u64::from(existed), epoch)
+            }
             Pending::Tags(tags) => {
                 let keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
-                redis.invalidate_tags(&self.inner.epoch_key, &keys).await
+                redis.invalidate_tags(epoch_key, &keys).await?
             }
-            Pending::Pattern(full) => redis.delete_pattern(full, epoch).await,
+            Pending::Pattern(full) => {
+                let epoch = redis.bump_epoch(epoch_key).await?;
+                (redis.delete_pattern(full).await?, epoch)
+            }
             Pending::Everything => {
                 let prefix = escape_glob(&self.inner.config.key_prefix);
-                let deleted = redis.delete_pattern(&format!("{prefix}:*"), epoch).await?;
-                redis
-                    .delete_pattern(&format!("{prefix}#tag:*"), None)
-                    .await?;
-                Ok(deleted)
+                let epoch = redis.bump_epoch(epoch_key).await?;
+                let deleted = redis.delete_pattern(&format!("{prefix}:*")).await?;
+                redis.delete_pattern(&format!("{prefix}#tag:*")).await?;
+                (deleted, epoch)
             }
+        };
+        self.observe_epoch(epoch);
+        Ok(deleted)
+    }
+
+    /// Remembers the newest Redis epoch seen. Fills are checked against it, so a
+    /// stale one only costs a refused fill; a fill it lets through had no
+    /// invalidation since it was seen, which was before the fill's body started.
+    fn observe_epoch(&self, epoch: Option<u64>) {
+        if let Some(epoch) = epoch {
+            self.inner.last_epoch.store(epoch, Ordering::Release);
+        }
+    }
+
+    /// The epoch a fill starting now is checked against: no round trip for Redis.
+    pub(crate) fn fill_epoch(&self) -> Epoch {
+        match (&self.inner.redis, self.inner.breaker.state()) {
+            (Some(_), BreakerState::Closed) => {
+                Epoch { redis: true, value: self.inner.last_epoch.load(Ordering::Acquire) }
+            }
+            _ => Epoch { redis: false, value: self.inner.local.epoch() },
         }
     }
 
     pub(crate) async fn read(&self, full: &str) -> Result<Option<Raw>, CacheError> {
         self.timed(Op::Get, async {
             match self.redis().await {
-                Some((redis, permit)) => {
-                    Ok(self.settle(permit, redis.get(full).await)?.map(Raw::Owned))
-                }
+                Some((redis, permit)) => Ok(self.settle(permit, redis.get(full).await)?.map(Raw::Owned)),
                 None => Ok(self.inner.local.get(full).map(Raw::Shared)),
             }
         })
         .await
     }
 
-    /// Reads `full` and the invalidation epoch together.
-    pub(crate) async fn read_with_epoch(
-        &self,
-        full: &str,
-    ) -> Result<(Option<Raw>, Epoch), CacheError> {
-        match self.redis().await {
-            Some((redis, permit)) => {
-                let (value, epoch) = self.settle(
-                    permit,
-                    redis.get_with_epoch(full, &self.inner.epoch_key).await,
-                )?;
-                Ok((
-                    value.map(Raw::Owned),
-                    Epoch {
-                        redis: true,
-                        value: epoch,
-                    },
-                ))
-            }
-            // Epoch first: a value read after it is at least as new.
-            None => {
-                let epoch = Epoch {
-                    redis: false,
-                    value: self.inner.local.epoch(),
-                };
-                Ok((self.inner.local.get(full).map(Raw::Shared), epoch))
-            }
-        }
-    }
-
     pub(crate) async fn epoch(&self) -> Result<Epoch, CacheError> {
         match self.redis().await {
             Some((redis, permit)) => {
                 let value = self.settle(permit, redis.epoch(&self.inner.epoch_key).await)?;
+                self.observe_epoch(Some(value));
                 Ok(Epoch { redis: true, value })
             }
-            None => Ok(Epoch {
-                redis: false,
-                value: self.inner.local.epoch(),
-            }),
+            None => Ok(Epoch { redis: false, value: self.inner.local.epoch() }),
         }
     }
 
@@ -599,19 +545,14 @@ impl Cache {
                 Some((redis, permit)) => {
                     let tag_keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
                     let expected = expected.map(|e| e.value);
-                    let stored = redis
-                        .set(full, bytes, ttl, &self.inner.epoch_key, &tag_keys, expected)
-                        .await;
-                    self.settle(permit, stored)
+                    let stored =
+                        redis.set(full, bytes, ttl, &self.inner.epoch_key, &tag_keys, expected).await;
+                    let (stored, epoch) = self.settle(permit, stored)?;
+                    self.observe_epoch(epoch);
+                    Ok(stored)
                 }
                 None if expected.is_some_and(|e| e.redis) => Ok(false),
-                None => Ok(self.inner.local.set(
-                    full,
-                    bytes.to_vec(),
-                    ttl,
-                    tags,
-                    expected.map(|e| e.value),
-                )),
+                None => Ok(self.inner.local.set(full, bytes.to_vec(), ttl, tags, expected.map(|e| e.value))),
             }
         })
         .await
@@ -622,10 +563,7 @@ impl Cache {
         match codec::decode(raw) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.inner
-                    .counters
-                    .decode_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.counters.decode_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key = full, error = %e, "unreadable cache entry dropped");
                 let this = self.clone();
                 let full = full.to_owned();
@@ -644,10 +582,7 @@ impl Cache {
     pub(crate) fn check_size(&self, size: usize) -> Result<(), CacheError> {
         let limit = self.inner.config.max_value_bytes;
         if size > limit {
-            self.inner
-                .counters
-                .oversized
-                .fetch_add(1, Ordering::Relaxed);
+            self.inner.counters.oversized.fetch_add(1, Ordering::Relaxed);
             return Err(CacheError::TooLarge { size, limit });
         }
         Ok(())
@@ -655,12 +590,7 @@ impl Cache {
 
     pub(crate) fn record_lookup(&self, hit: bool) {
         if self.inner.config.track_stats {
-            if hit {
-                &self.inner.metrics.hits
-            } else {
-                &self.inner.metrics.misses
-            }
-            .inc();
+            if hit { &self.inner.metrics.hits } else { &self.inner.metrics.misses }.inc();
         }
     }
 
@@ -671,9 +601,7 @@ impl Cache {
     ) -> Result<T, CacheError> {
         let started = Instant::now();
         let result = fut.await;
-        self.inner
-            .metrics
-            .record(op, result.is_ok(), started.elapsed());
+        self.inner.metrics.record(op, result.is_ok(), started.elapsed());
         result
     }
 
@@ -736,9 +664,7 @@ impl<'a, T: Serialize + ?Sized + Sync> Set<'a, T> {
         let bytes = codec::encode(self.cache.inner.config.serialization, self.value)?;
         self.cache.check_size(bytes.len())?;
         let full = self.cache.full_key(self.key);
-        self.cache
-            .write(&full, &bytes, ttl, &self.tags, None)
-            .await?;
+        self.cache.write(&full, &bytes, ttl, &self.tags, None).await?;
         Ok(())
     }
 }
@@ -759,18 +685,16 @@ static GLOBAL: OnceLock<Cache> = OnceLock::new();
 /// Fails if it was already set (by an earlier `init` or a `get_cache` before it).
 pub async fn init(config: CacheConfig) -> Result<&'static Cache, CacheError> {
     let cache = Cache::new(config).await?;
-    GLOBAL.set(cache).map_err(|_| {
-        CacheError::InvalidArgument("the global cache is already initialised".into())
-    })?;
+    GLOBAL
+        .set(cache)
+        .map_err(|_| CacheError::InvalidArgument("the global cache is already initialised".into()))?;
     Ok(get_cache())
 }
 
 /// The process-wide cache; before [`init`], a local-mode cache with default settings.
 pub fn get_cache() -> &'static Cache {
     GLOBAL.get_or_init(|| {
-        tracing::warn!(
-            "cache_runtime::init was not called: using a local-mode cache with default settings"
-        );
+        tracing::warn!("cache_runtime::init was not called: using a local-mode cache with default settings");
         Cache::local(CacheConfig::default())
     })
 }

@@ -76,34 +76,23 @@ impl FromStr for Serialization {
             "json" => Ok(Serialization::Json),
             "msgpack" | "messagepack" => Ok(Serialization::MsgPack),
             "binary" | "bincode" | "postcard" | "pickle" => Ok(Serialization::Binary),
-            _ => Err(
-                "expected one of json, msgpack, bincode (binary, postcard and pickle are aliases)"
-                    .into(),
-            ),
+            _ => {
+                Err("expected one of json, msgpack, bincode (binary, postcard and pickle are aliases)".into())
+            }
         }
     }
 }
 
 /// Encodes `value` as `format`, header included.
-pub fn encode<T: Serialize + ?Sized>(
-    format: Serialization,
-    value: &T,
-) -> Result<Vec<u8>, CacheError> {
+pub fn encode<T: Serialize + ?Sized>(format: Serialization, value: &T) -> Result<Vec<u8>, CacheError> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&[MAGIC, WIRE_VERSION, format.tag(), 0, 0, 0, 0]);
     let result = match format {
         Serialization::Json => serde_json::to_writer(&mut out, value).map_err(|e| e.to_string()),
-        Serialization::MsgPack => {
-            rmp_serde::encode::write_named(&mut out, value).map_err(|e| e.to_string())
-        }
-        Serialization::Binary => postcard::to_io(value, &mut out)
-            .map(drop)
-            .map_err(|e| e.to_string()),
+        Serialization::MsgPack => rmp_serde::encode::write_named(&mut out, value).map_err(|e| e.to_string()),
+        Serialization::Binary => postcard::to_io(value, &mut out).map(drop).map_err(|e| e.to_string()),
     };
-    result.map_err(|message| CacheError::Encode {
-        format: format.as_str(),
-        message,
-    })?;
+    result.map_err(|message| CacheError::Encode { format: format.as_str(), message })?;
     let sum = checksum(&out[HEADER_LEN..]);
     out[3..HEADER_LEN].copy_from_slice(&sum);
     Ok(out)
@@ -121,28 +110,18 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CacheError> {
             Err(e) => Err(e.to_string()),
         },
     };
-    result.map_err(|message| CacheError::Decode {
-        format: format.as_str(),
-        message,
-    })
+    result.map_err(|message| CacheError::Decode { format: format.as_str(), message })
 }
 
 fn split_header(bytes: &[u8]) -> Result<(Serialization, &[u8]), CacheError> {
-    let bad = |message: String| CacheError::Decode {
-        format: "unknown",
-        message,
-    };
+    let bad = |message: String| CacheError::Decode { format: "unknown", message };
     if bytes.len() < HEADER_LEN || bytes[0] != MAGIC {
         return Err(bad("no cache header (written by something else?)".into()));
     }
     if bytes[1] != WIRE_VERSION {
-        return Err(bad(format!(
-            "wire version {} (this build reads {WIRE_VERSION})",
-            bytes[1]
-        )));
+        return Err(bad(format!("wire version {} (this build reads {WIRE_VERSION})", bytes[1])));
     }
-    let format =
-        Serialization::from_tag(bytes[2]).ok_or_else(|| bad(format!("format tag {}", bytes[2])))?;
+    let format = Serialization::from_tag(bytes[2]).ok_or_else(|| bad(format!("format tag {}", bytes[2])))?;
     let payload = &bytes[HEADER_LEN..];
     if bytes[3..HEADER_LEN] != checksum(payload) {
         return Err(bad("checksum mismatch (corrupted or truncated)".into()));
@@ -174,20 +153,12 @@ mod tests {
     }
 
     fn sample() -> Mission {
-        Mission {
-            id: 7,
-            name: "apollo".into(),
-            tags: vec!["a".into()],
-        }
+        Mission { id: 7, name: "apollo".into(), tags: vec!["a".into()] }
     }
 
     #[test]
     fn every_format_round_trips() {
-        for format in [
-            Serialization::Json,
-            Serialization::MsgPack,
-            Serialization::Binary,
-        ] {
+        for format in [Serialization::Json, Serialization::MsgPack, Serialization::Binary] {
             let bytes = encode(format, &sample()).unwrap();
             assert_eq!(bytes[2], format.tag());
             assert_eq!(decode::<Mission>(&bytes).unwrap(), sample(), "{format}");
@@ -208,10 +179,7 @@ mod tests {
         assert!(decode::<Mission>(&[MAGIC, WIRE_VERSION + 1, 1, 0, 0, 0, 0, b'1']).is_err());
         let mut flipped = encode(Serialization::Json, &sample()).unwrap();
         *flipped.last_mut().unwrap() ^= 1;
-        assert!(
-            decode::<Mission>(&flipped).is_err(),
-            "a flipped bit must be caught"
-        );
+        assert!(decode::<Mission>(&flipped).is_err(), "a flipped bit must be caught");
         let bytes = encode(Serialization::Binary, &sample()).unwrap();
         for cut in 0..bytes.len() {
             assert!(decode::<Mission>(&bytes[..cut]).is_err(), "cut at {cut}");
@@ -220,14 +188,8 @@ mod tests {
 
     #[test]
     fn names_parse_with_aliases() {
-        assert_eq!(
-            "pickle".parse::<Serialization>().unwrap(),
-            Serialization::Binary
-        );
-        assert_eq!(
-            "MsgPack".parse::<Serialization>().unwrap(),
-            Serialization::MsgPack
-        );
+        assert_eq!("pickle".parse::<Serialization>().unwrap(), Serialization::Binary);
+        assert_eq!("MsgPack".parse::<Serialization>().unwrap(), Serialization::MsgPack);
         assert!("xml".parse::<Serialization>().is_err());
     }
 }

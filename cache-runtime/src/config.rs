@@ -124,9 +124,7 @@ impl Default for CacheConfig {
 impl CacheConfig {
     /// Starts a builder from the defaults (local mode, prefix `cache`, JSON, TTL 300 s).
     pub fn builder() -> CacheConfigBuilder {
-        CacheConfigBuilder {
-            config: CacheConfig::default(),
-        }
+        CacheConfigBuilder { config: CacheConfig::default() }
     }
 
     /// Reads the environment over the defaults: `REDIS_URL` (or `REDIS_HOST`, `REDIS_PORT`,
@@ -145,27 +143,17 @@ impl CacheConfig {
         if let Some(url) = var("REDIS_URL") {
             self.redis = Some(RedisTarget::url(url));
         } else if let Some(host) = var("REDIS_HOST") {
-            let port = var("REDIS_PORT")
-                .map(|v| parse_num::<u16>("REDIS_PORT", &v))
-                .transpose()?;
-            let db = var("REDIS_DB")
-                .map(|v| parse_num::<i64>("REDIS_DB", &v))
-                .transpose()?;
+            let port = var("REDIS_PORT").map(|v| parse_num::<u16>("REDIS_PORT", &v)).transpose()?;
+            let db = var("REDIS_DB").map(|v| parse_num::<i64>("REDIS_DB", &v)).transpose()?;
             let password = var("REDIS_PASSWORD");
-            self.redis = Some(RedisTarget::host(
-                &host,
-                port.unwrap_or(6379),
-                db.unwrap_or(0),
-                password.as_deref(),
-            ));
+            self.redis =
+                Some(RedisTarget::host(&host, port.unwrap_or(6379), db.unwrap_or(0), password.as_deref()));
         }
         if let Some(v) = var("CACHE_DEFAULT_TTL") {
             self.default_ttl = parse_ttl("CACHE_DEFAULT_TTL", &v)?;
         }
         if let Some(v) = var("CACHE_SERIALIZATION") {
-            self.serialization = v
-                .parse()
-                .map_err(|e| CacheError::config("CACHE_SERIALIZATION", &v, e))?;
+            self.serialization = v.parse().map_err(|e| CacheError::config("CACHE_SERIALIZATION", &v, e))?;
         }
         if let Some(v) = var("CACHE_TRACK_STATS") {
             self.track_stats = parse_bool("CACHE_TRACK_STATS", &v)?;
@@ -182,39 +170,30 @@ impl CacheConfig {
     /// Loads the `REDIS:` section of a settings file such as `config/settings.yaml`.
     pub fn from_settings_file(path: impl AsRef<Path>) -> Result<Self, CacheError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| CacheError::Settings {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CacheError::Settings { path: path.display().to_string(), message: e.to_string() })?;
         Self::from_settings_str(&text).map_err(|e| match e {
-            CacheError::Settings { message, .. } => CacheError::Settings {
-                path: path.display().to_string(),
-                message,
-            },
+            CacheError::Settings { message, .. } => {
+                CacheError::Settings { path: path.display().to_string(), message }
+            }
             other => other,
         })
     }
 
     /// Parses the `REDIS:` section of settings YAML; every key is checked, none ignored.
     pub fn from_settings_str(yaml: &str) -> Result<Self, CacheError> {
-        let settings = |message: String| CacheError::Settings {
-            path: "<string>".into(),
-            message,
-        };
+        let settings = |message: String| CacheError::Settings { path: "<string>".into(), message };
         let doc: Value = serde_yaml::from_str(yaml).map_err(|e| settings(e.to_string()))?;
         let section = doc
             .get("REDIS")
             .or_else(|| doc.get("redis"))
             .ok_or_else(|| settings("no `REDIS:` section".into()))?;
-        let map = section
-            .as_mapping()
-            .ok_or_else(|| settings("`REDIS:` is not a mapping".into()))?;
+        let map = section.as_mapping().ok_or_else(|| settings("`REDIS:` is not a mapping".into()))?;
         let mut config = CacheConfig::default();
         let (mut host, mut port, mut db, mut password) = (None, 6379u16, 0i64, None);
         for (k, v) in map {
-            let key = k
-                .as_str()
-                .ok_or_else(|| CacheError::config(&show(k), show(v), "keys must be strings"))?;
+            let key =
+                k.as_str().ok_or_else(|| CacheError::config(&show(k), show(v), "keys must be strings"))?;
             let key_path = format!("REDIS.{key}");
             let key_path = key_path.as_str();
             match key {
@@ -222,30 +201,21 @@ impl CacheConfig {
                 "host" => host = Some(yaml_str(key_path, v)?),
                 "port" => port = yaml_num(key_path, v)?,
                 "db" => db = yaml_num(key_path, v)?,
-                "password" => {
-                    password = (!v.is_null()).then(|| yaml_str(key_path, v)).transpose()?
-                }
+                "password" => password = (!v.is_null()).then(|| yaml_str(key_path, v)).transpose()?,
                 "key_prefix" | "prefix" => {
                     config.key_prefix = check_prefix(key_path, yaml_str(key_path, v)?)?
                 }
                 "serialization" => {
                     let s = yaml_str(key_path, v)?;
-                    config.serialization =
-                        s.parse().map_err(|e| CacheError::config(key_path, &s, e))?;
+                    config.serialization = s.parse().map_err(|e| CacheError::config(key_path, &s, e))?;
                 }
                 "track_stats" => config.track_stats = yaml_bool(key_path, v)?,
                 "metrics_namespace" => {
                     config.metrics_namespace = check_namespace(key_path, yaml_str(key_path, v)?)?
                 }
-                "connections" => {
-                    config.connections = positive(key_path, v, yaml_num(key_path, v)?)?
-                }
-                "max_connections" => {
-                    config.max_connections = positive(key_path, v, yaml_num(key_path, v)?)?
-                }
-                "max_value_bytes" => {
-                    config.max_value_bytes = positive(key_path, v, yaml_num(key_path, v)?)?
-                }
+                "connections" => config.connections = positive(key_path, v, yaml_num(key_path, v)?)?,
+                "max_connections" => config.max_connections = positive(key_path, v, yaml_num(key_path, v)?)?,
+                "max_value_bytes" => config.max_value_bytes = positive(key_path, v, yaml_num(key_path, v)?)?,
                 "local_max_entries" => {
                     config.local_max_entries = positive(key_path, v, yaml_num(key_path, v)?)?
                 }
@@ -262,21 +232,14 @@ impl CacheConfig {
                 "warmup_concurrency" => {
                     config.warmup_concurrency = positive(key_path, v, yaml_num(key_path, v)?)?
                 }
-                "circuit_breaker_enabled" => {
-                    config.circuit_breaker_enabled = yaml_bool(key_path, v)?
-                }
+                "circuit_breaker_enabled" => config.circuit_breaker_enabled = yaml_bool(key_path, v)?,
                 "circuit_breaker_threshold" => {
-                    config.circuit_breaker_threshold =
-                        positive(key_path, v, yaml_num(key_path, v)?)?
+                    config.circuit_breaker_threshold = positive(key_path, v, yaml_num(key_path, v)?)?
                 }
-                "circuit_breaker_timeout" => {
-                    config.circuit_breaker_timeout = yaml_secs(key_path, v)?
-                }
+                "circuit_breaker_timeout" => config.circuit_breaker_timeout = yaml_secs(key_path, v)?,
                 "profiles" => config.profiles = yaml_profiles(v)?,
                 named if named.ends_with("_ttl") && named.len() > 4 => {
-                    config
-                        .named_ttls
-                        .insert(named[..named.len() - 4].to_owned(), yaml_secs(key_path, v)?);
+                    config.named_ttls.insert(named[..named.len() - 4].to_owned(), yaml_secs(key_path, v)?);
                 }
                 _ => {
                     return Err(CacheError::config(
@@ -524,9 +487,7 @@ impl CacheConfigBuilder {
 }
 
 fn show(v: &Value) -> String {
-    serde_yaml::to_string(v)
-        .map(|s| s.trim_end().to_owned())
-        .unwrap_or_else(|_| format!("{v:?}"))
+    serde_yaml::to_string(v).map(|s| s.trim_end().to_owned()).unwrap_or_else(|_| format!("{v:?}"))
 }
 
 fn check_prefix(key: &str, prefix: String) -> Result<String, CacheError> {
@@ -546,19 +507,13 @@ fn check_namespace(key: &str, ns: String) -> Result<String, CacheError> {
         .enumerate()
         .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()));
     if ns.is_empty() || !valid {
-        return Err(CacheError::config(
-            key,
-            &ns,
-            "must be a Prometheus name: letters, digits and `_`",
-        ));
+        return Err(CacheError::config(key, &ns, "must be a Prometheus name: letters, digits and `_`"));
     }
     Ok(ns)
 }
 
 fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, CacheError> {
-    v.trim()
-        .parse()
-        .map_err(|_| CacheError::config(key, v, "expected a whole number"))
+    v.trim().parse().map_err(|_| CacheError::config(key, v, "expected a whole number"))
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool, CacheError> {
@@ -570,38 +525,24 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, CacheError> {
 }
 
 fn parse_ttl(key: &str, v: &str) -> Result<Duration, CacheError> {
-    let secs: f64 = v
-        .trim()
-        .parse()
-        .map_err(|_| CacheError::config(key, v, "expected seconds"))?;
+    let secs: f64 = v.trim().parse().map_err(|_| CacheError::config(key, v, "expected seconds"))?;
     secs_to_duration(key, v, secs)
 }
 
-fn secs_to_duration(
-    key: &str,
-    shown: impl fmt::Display,
-    secs: f64,
-) -> Result<Duration, CacheError> {
+fn secs_to_duration(key: &str, shown: impl fmt::Display, secs: f64) -> Result<Duration, CacheError> {
     if secs.is_finite() && secs > 0.0 && secs < 1e12 {
         Ok(Duration::from_secs_f64(secs))
     } else {
-        Err(CacheError::config(
-            key,
-            shown,
-            "expected a positive number of seconds",
-        ))
+        Err(CacheError::config(key, shown, "expected a positive number of seconds"))
     }
 }
 
 fn yaml_str(key: &str, v: &Value) -> Result<String, CacheError> {
-    v.as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| CacheError::config(key, show(v), "expected a string"))
+    v.as_str().map(str::to_owned).ok_or_else(|| CacheError::config(key, show(v), "expected a string"))
 }
 
 fn yaml_bool(key: &str, v: &Value) -> Result<bool, CacheError> {
-    v.as_bool()
-        .ok_or_else(|| CacheError::config(key, show(v), "expected true or false"))
+    v.as_bool().ok_or_else(|| CacheError::config(key, show(v), "expected true or false"))
 }
 
 fn yaml_num<T: TryFrom<u64>>(key: &str, v: &Value) -> Result<T, CacheError> {
@@ -618,25 +559,18 @@ fn positive<T: Default + PartialEq>(key: &str, v: &Value, n: T) -> Result<T, Cac
 }
 
 fn yaml_secs(key: &str, v: &Value) -> Result<Duration, CacheError> {
-    let secs = v
-        .as_f64()
-        .ok_or_else(|| CacheError::config(key, show(v), "expected seconds"))?;
+    let secs = v.as_f64().ok_or_else(|| CacheError::config(key, show(v), "expected seconds"))?;
     secs_to_duration(key, show(v), secs)
 }
 
 fn yaml_profiles(v: &Value) -> Result<HashMap<String, Profile>, CacheError> {
-    let map = v
-        .as_mapping()
-        .ok_or_else(|| CacheError::config("REDIS.profiles", show(v), "expected a mapping"))?;
+    let map =
+        v.as_mapping().ok_or_else(|| CacheError::config("REDIS.profiles", show(v), "expected a mapping"))?;
     let mut profiles = HashMap::new();
     for (name, body) in map {
         let name = yaml_str("REDIS.profiles", name)?;
         let fields = body.as_mapping().ok_or_else(|| {
-            CacheError::config(
-                &format!("REDIS.profiles.{name}"),
-                show(body),
-                "expected a mapping",
-            )
+            CacheError::config(&format!("REDIS.profiles.{name}"), show(body), "expected a mapping")
         })?;
         let mut profile = Profile::default();
         for (k, v) in fields {
@@ -648,10 +582,7 @@ fn yaml_profiles(v: &Value) -> Result<HashMap<String, Profile>, CacheError> {
                     let seq = v
                         .as_sequence()
                         .ok_or_else(|| CacheError::config(&key, show(v), "expected a list"))?;
-                    profile.tags = seq
-                        .iter()
-                        .map(|t| yaml_str(&key, t))
-                        .collect::<Result<_, _>>()?;
+                    profile.tags = seq.iter().map(|t| yaml_str(&key, t)).collect::<Result<_, _>>()?;
                 }
                 _ => {
                     return Err(CacheError::config(
@@ -711,44 +642,25 @@ REDIS:
         assert_eq!(c.circuit_breaker_threshold(), 5);
         assert_eq!(c.circuit_breaker_timeout(), Duration::from_secs(60));
         let p = c.profile("consciousness").unwrap();
-        assert_eq!(
-            (p.ttl, p.prefix.as_deref()),
-            (Some(Duration::from_secs(180)), Some("consciousness"))
-        );
+        assert_eq!((p.ttl, p.prefix.as_deref()), (Some(Duration::from_secs(180)), Some("consciousness")));
     }
 
     #[test]
     fn errors_name_the_key_and_the_value() {
-        let err = CacheConfig::from_settings_str("REDIS:\n  hots: redis\n")
-            .unwrap_err()
-            .to_string();
+        let err = CacheConfig::from_settings_str("REDIS:\n  hots: redis\n").unwrap_err().to_string();
         assert!(err.contains("REDIS.hots") && err.contains("redis"), "{err}");
-        let err = CacheConfig::from_settings_str("REDIS:\n  port: lots\n")
-            .unwrap_err()
-            .to_string();
+        let err = CacheConfig::from_settings_str("REDIS:\n  port: lots\n").unwrap_err().to_string();
         assert!(err.contains("REDIS.port") && err.contains("lots"), "{err}");
-        let err = CacheConfig::from_settings_str("REDIS:\n  default_ttl: -1\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("REDIS.default_ttl") && err.contains("-1"),
-            "{err}"
-        );
-        let err = CacheConfig::from_settings_str("OTHER: {}\n")
-            .unwrap_err()
-            .to_string();
+        let err = CacheConfig::from_settings_str("REDIS:\n  default_ttl: -1\n").unwrap_err().to_string();
+        assert!(err.contains("REDIS.default_ttl") && err.contains("-1"), "{err}");
+        let err = CacheConfig::from_settings_str("OTHER: {}\n").unwrap_err().to_string();
         assert!(err.contains("REDIS"), "{err}");
     }
 
     #[test]
     fn environment_variables() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| v.to_string())
-            }
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
         };
         let c = CacheConfig::default()
             .with_vars(env(&[
@@ -770,29 +682,16 @@ REDIS:
         assert_eq!(c.serialization(), Serialization::MsgPack);
         assert!(!c.track_stats());
         assert_eq!(c.key_prefix(), "nb");
-        let err = CacheConfig::default()
-            .with_vars(env(&[("CACHE_SERIALIZATION", "xml")]))
-            .unwrap_err();
+        let err = CacheConfig::default().with_vars(env(&[("CACHE_SERIALIZATION", "xml")])).unwrap_err();
         assert!(err.to_string().contains("CACHE_SERIALIZATION") && err.to_string().contains("xml"));
-        assert!(CacheConfig::default()
-            .with_vars(env(&[]))
-            .unwrap()
-            .redis()
-            .is_none());
+        assert!(CacheConfig::default().with_vars(env(&[])).unwrap().redis().is_none());
     }
 
     #[test]
     fn builder_checks_values() {
         assert!(CacheConfig::builder().key_prefix("a:b").build().is_err());
-        assert!(CacheConfig::builder()
-            .default_ttl(Duration::ZERO)
-            .build()
-            .is_err());
-        let c = CacheConfig::builder()
-            .key_prefix("app")
-            .redis_url("redis://127.0.0.1:1/0")
-            .build()
-            .unwrap();
+        assert!(CacheConfig::builder().default_ttl(Duration::ZERO).build().is_err());
+        let c = CacheConfig::builder().key_prefix("app").redis_url("redis://127.0.0.1:1/0").build().unwrap();
         assert_eq!(c.key_prefix(), "app");
     }
 }

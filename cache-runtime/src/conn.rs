@@ -63,11 +63,7 @@ impl Connections {
     /// Connects every slot now; an error leaves the slots to the background reconnect.
     pub(crate) async fn connect_all(&self) -> Result<(), CacheError> {
         for i in 0..self.slots.len() {
-            match self
-                .client
-                .get_multiplexed_async_connection_with_config(&self.config)
-                .await
-            {
+            match self.client.get_multiplexed_async_connection_with_config(&self.config).await {
                 Ok(conn) => self.install(i, conn),
                 Err(e) => {
                     self.reconnect(i);
@@ -96,11 +92,7 @@ impl Connections {
             self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()
         };
         match &*self.slots[slot].live.load() {
-            Some(live) => Ok(Lease {
-                conn: live.conn.clone(),
-                slot,
-                id: live.id,
-            }),
+            Some(live) => Ok(Lease { conn: live.conn.clone(), slot, id: live.id }),
             None => {
                 self.reconnect(slot);
                 Err(CacheError::Unavailable("reconnecting to Redis".into()))
@@ -122,9 +114,7 @@ impl Connections {
 
     fn install(&self, slot: usize, conn: MultiplexedConnection) {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        self.slots[slot]
-            .live
-            .store(Some(Arc::new(Live { conn, id })));
+        self.slots[slot].live.store(Some(Arc::new(Live { conn, id })));
     }
 
     fn reconnect(&self, slot: usize) {
@@ -132,9 +122,7 @@ impl Connections {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.slots[slot]
-                .reconnecting
-                .store(false, Ordering::Release);
+            self.slots[slot].reconnecting.store(false, Ordering::Release);
             return;
         };
         let me = self.me.clone();
@@ -143,16 +131,10 @@ impl Connections {
             loop {
                 // Ends with the cache: only a weak reference is held between attempts.
                 let Some(this) = me.upgrade() else { return };
-                match this
-                    .client
-                    .get_multiplexed_async_connection_with_config(&this.config)
-                    .await
-                {
+                match this.client.get_multiplexed_async_connection_with_config(&this.config).await {
                     Ok(conn) => {
                         this.install(slot, conn);
-                        this.slots[slot]
-                            .reconnecting
-                            .store(false, Ordering::Release);
+                        this.slots[slot].reconnecting.store(false, Ordering::Release);
                         tracing::info!(slot, attempts = attempt + 1, "reconnected to Redis");
                         return;
                     }
@@ -168,9 +150,7 @@ impl Connections {
 
 /// Full jitter: uniform in [0, min(MAX, MIN·2^attempt)], so reconnecting clients spread out.
 fn backoff(attempt: u32) -> Duration {
-    let ceiling = MIN_BACKOFF
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(MAX_BACKOFF);
+    let ceiling = MIN_BACKOFF.saturating_mul(1u32 << attempt.min(16)).min(MAX_BACKOFF);
     ceiling.mul_f64(jitter())
 }
 
@@ -179,9 +159,7 @@ fn jitter() -> f64 {
     // A fresh RandomState is randomly keyed: enough entropy for jitter, no extra dependency.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
     );
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
@@ -194,9 +172,7 @@ mod tests {
     fn backoff_grows_and_is_capped() {
         for attempt in 0..40 {
             let d = backoff(attempt);
-            let ceiling = MIN_BACKOFF
-                .saturating_mul(1u32 << attempt.min(16))
-                .min(MAX_BACKOFF);
+            let ceiling = MIN_BACKOFF.saturating_mul(1u32 << attempt.min(16)).min(MAX_BACKOFF);
             assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
         }
         let spread: std::collections::HashSet<_> = (0..20).map(|_| backoff(10)).collect();

@@ -9,19 +9,17 @@ pub enum CacheError {
     Redis(#[from] redis::RedisError),
 
     /// A Redis call did not finish within its timeout.
-    #[error(
-        "redis did not answer within {0:?} (raise `socket_timeout` or check the server's load)"
-    )]
+    #[error("redis did not answer within {0:?} (raise `socket_timeout` or check the server's load)")]
     Timeout(Duration),
 
     /// Redis is not being used right now (the circuit breaker is open).
-    #[error(
-        "redis is unavailable: {0} (the cache serves from the local tier until Redis recovers)"
-    )]
+    #[error("redis is unavailable: {0} (the cache serves from the local tier until Redis recovers)")]
     Unavailable(String),
 
     /// A value could not be encoded into the configured format.
-    #[error("could not encode the value as {format}: {message} (choose another serialization or change the type)")]
+    #[error(
+        "could not encode the value as {format}: {message} (choose another serialization or change the type)"
+    )]
     Encode {
         /// The configured format.
         format: &'static str,
@@ -89,15 +87,7 @@ impl CacheError {
         }
     }
 
-    pub(crate) fn config(
-        key: &str,
-        value: impl std::fmt::Display,
-        reason: impl Into<String>,
-    ) -> Self {
-        CacheError::Config {
-            key: key.to_owned(),
-            value: value.to_string(),
-            reason: reason.into(),
-        }
+    pub(crate) fn config(key: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+        CacheError::Config { key: key.to_owned(), value: value.to_string(), reason: reason.into() }
     }
 }

@@ -50,12 +50,7 @@ impl SingleFlight {
         let (tx, rx) = watch::channel(None);
         let id = self.ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         flights.insert(key.to_owned(), (id, rx));
-        Role::Leader(Leader {
-            owner: self,
-            key: key.to_owned(),
-            id,
-            tx,
-        })
+        Role::Leader(Leader { owner: self, key: key.to_owned(), id, tx })
     }
 }
 

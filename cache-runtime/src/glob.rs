@@ -72,9 +72,7 @@ fn class(pattern: &[u8], start: usize, c: u8) -> Option<(bool, usize)> {
                 matched |= *pattern.get(i)? == c;
                 i += 1;
             }
-            lo if pattern.get(i + 1) == Some(&b'-')
-                && pattern.get(i + 2).is_some_and(|&h| h != b']') =>
-            {
+            lo if pattern.get(i + 1) == Some(&b'-') && pattern.get(i + 2).is_some_and(|&h| h != b']') => {
                 let hi = pattern[i + 2];
                 let (lo, hi) = if lo <= hi { (lo, hi) } else { (hi, lo) };
                 matched |= (lo..=hi).contains(&c);

@@ -50,8 +50,7 @@ fn push_escaped(out: &mut String, s: &str) {
     let start = out.len();
     for ch in s.chars() {
         match ch {
-            '%' | ':' | '*' | '?' | '[' | ']' | '\\' | '#' | '~' | '{' | '}' | '^' | ' '
-            | '\u{7f}' => {
+            '%' | ':' | '*' | '?' | '[' | ']' | '\\' | '#' | '~' | '{' | '}' | '^' | ' ' | '\u{7f}' => {
                 let _ = write!(out, "%{:02X}", ch as u32);
             }
             c if (c as u32) < 0x20 => {
@@ -169,12 +168,7 @@ impl<'a> ser::Serializer for PartSerializer<'a> {
         self.serialize_unit()
     }
 
-    fn serialize_unit_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        variant: &'static str,
-    ) -> Result<(), Composite> {
+    fn serialize_unit_variant(self, _: &'static str, _: u32, variant: &'static str) -> Result<(), Composite> {
         push_escaped(self.out, variant);
         Ok(())
     }
@@ -227,11 +221,7 @@ impl<'a> ser::Serializer for PartSerializer<'a> {
         Err(Composite)
     }
 
-    fn serialize_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStruct, Composite> {
+    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeStruct, Composite> {
         Err(Composite)
     }
 
@@ -287,25 +277,10 @@ mod tests {
 
     #[test]
     fn composites_and_long_strings_hash_to_a_fixed_digest() {
-        let f = part(&Filter {
-            region: "eu",
-            limit: 10,
-        });
+        let f = part(&Filter { region: "eu", limit: 10 });
         assert!(f.starts_with('#') && f.len() == 33, "{f}");
-        assert_eq!(
-            f,
-            part(&Filter {
-                region: "eu",
-                limit: 10
-            })
-        );
-        assert_ne!(
-            f,
-            part(&Filter {
-                region: "eu",
-                limit: 11
-            })
-        );
+        assert_eq!(f, part(&Filter { region: "eu", limit: 10 }));
+        assert_ne!(f, part(&Filter { region: "eu", limit: 11 }));
         // Pinned: the digest must not change between builds or Rust versions.
         assert_eq!(part(&vec![1u8, 2, 3]), "#b0ad5980e3609cf4cfc56183b8f4d165");
         let long = "x".repeat(1 << 20);

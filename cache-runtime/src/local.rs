@@ -53,10 +53,7 @@ pub(crate) struct LocalTier {
 impl LocalTier {
     pub(crate) fn new(max_entries: u64) -> Self {
         LocalTier {
-            entries: Moka::builder()
-                .max_capacity(max_entries)
-                .expire_after(PerEntryTtl)
-                .build(),
+            entries: Moka::builder().max_capacity(max_entries).expire_after(PerEntryTtl).build(),
             tags: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
         }
@@ -81,10 +78,7 @@ impl LocalTier {
         tags: &[String],
         expected_epoch: Option<u64>,
     ) -> bool {
-        let entry = Entry {
-            bytes: bytes.into(),
-            expires_at: Instant::now() + ttl,
-        };
+        let entry = Entry { bytes: bytes.into(), expires_at: Instant::now() + ttl };
         let key: Arc<str> = Arc::from(key);
         // Invalidations bump the epoch while holding the tag lock, so checking it
         // under the same lock makes check-and-insert atomic against them.
@@ -107,9 +101,7 @@ impl LocalTier {
 
     pub(crate) fn delete(&self, key: &str) -> bool {
         let _index = self.lock_and_bump();
-        self.entries
-            .remove(key)
-            .is_some_and(|e| e.expires_at > Instant::now())
+        self.entries.remove(key).is_some_and(|e| e.expires_at > Instant::now())
     }
 
     pub(crate) fn remaining(&self, key: &str) -> Option<Duration> {
@@ -157,10 +149,7 @@ impl LocalTier {
     }
 
     pub(crate) fn size_bytes(&self) -> u64 {
-        self.entries
-            .iter()
-            .map(|(k, e)| (k.len() + e.bytes.len()) as u64)
-            .sum()
+        self.entries.iter().map(|(k, e)| (k.len() + e.bytes.len()) as u64).sum()
     }
 
     /// Forgets every entry.
@@ -175,9 +164,7 @@ impl LocalTier {
     }
 
     fn remove_live(&self, key: &str) -> bool {
-        self.entries
-            .remove(key)
-            .is_some_and(|e| e.expires_at > Instant::now())
+        self.entries.remove(key).is_some_and(|e| e.expires_at > Instant::now())
     }
 
     fn lock_and_bump(&self) -> std::sync::MutexGuard<'_, HashMap<String, TagSet>> {

@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::CacheError;
@@ -33,14 +33,7 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 6] = [
-        Op::Get,
-        Op::Set,
-        Op::Delete,
-        Op::DeletePattern,
-        Op::InvalidateTags,
-        Op::Clear,
-    ];
+    const ALL: [Op; 6] = [Op::Get, Op::Set, Op::Delete, Op::DeletePattern, Op::InvalidateTags, Op::Clear];
 
     /// The `operation` label.
     pub fn as_str(self) -> &'static str {
@@ -82,31 +75,19 @@ impl Metrics {
             "" | "cache" => format!("cache_{metric}"),
             ns => format!("{ns}_cache_{metric}"),
         };
-        let err = |e: prometheus::Error| {
-            CacheError::config("metrics_namespace", namespace, e.to_string())
-        };
-        let counter = |metric: &str, help: &str| {
-            IntCounter::with_opts(Opts::new(name(metric), help)).map_err(err)
-        };
-        let gauge = |metric: &str, help: &str| {
-            IntGauge::with_opts(Opts::new(name(metric), help)).map_err(err)
-        };
+        let err = |e: prometheus::Error| CacheError::config("metrics_namespace", namespace, e.to_string());
+        let counter =
+            |metric: &str, help: &str| IntCounter::with_opts(Opts::new(name(metric), help)).map_err(err);
+        let gauge =
+            |metric: &str, help: &str| IntGauge::with_opts(Opts::new(name(metric), help)).map_err(err);
         let operations = IntCounterVec::new(
-            Opts::new(
-                name("operations_total"),
-                "Cache operations by operation and status",
-            ),
+            Opts::new(name("operations_total"), "Cache operations by operation and status"),
             &["operation", "status"],
         )
         .map_err(err)?;
         let durations = HistogramVec::new(
-            HistogramOpts::new(
-                name("operation_duration_seconds"),
-                "Cache operation latency",
-            )
-            .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                1.0,
+            HistogramOpts::new(name("operation_duration_seconds"), "Cache operation latency").buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
             ]),
             &["operation"],
         )
@@ -115,22 +96,10 @@ impl Metrics {
             namespace: namespace.to_owned(),
             hits: counter("hits_total", "Cache hits")?,
             misses: counter("misses_total", "Cache misses")?,
-            errors: counter(
-                "errors_total",
-                "Cache faults absorbed by falling back to the function",
-            )?,
-            op_ok: Op::ALL
-                .iter()
-                .map(|op| operations.with_label_values(&[op.as_str(), "success"]))
-                .collect(),
-            op_err: Op::ALL
-                .iter()
-                .map(|op| operations.with_label_values(&[op.as_str(), "error"]))
-                .collect(),
-            op_duration: Op::ALL
-                .iter()
-                .map(|op| durations.with_label_values(&[op.as_str()]))
-                .collect(),
+            errors: counter("errors_total", "Cache faults absorbed by falling back to the function")?,
+            op_ok: Op::ALL.iter().map(|op| operations.with_label_values(&[op.as_str(), "success"])).collect(),
+            op_err: Op::ALL.iter().map(|op| operations.with_label_values(&[op.as_str(), "error"])).collect(),
+            op_duration: Op::ALL.iter().map(|op| durations.with_label_values(&[op.as_str()])).collect(),
             operations,
             durations,
             keys: gauge("keys_total", "Keys under the cache's prefix")?,
@@ -174,9 +143,9 @@ impl Metrics {
             Box::new(self.breaker_state.clone()),
         ];
         for c in collectors {
-            registry.register(c).map_err(|e| {
-                CacheError::InvalidArgument(format!("metrics registration failed: {e}"))
-            })?;
+            registry
+                .register(c)
+                .map_err(|e| CacheError::InvalidArgument(format!("metrics registration failed: {e}")))?;
         }
         Ok(())
     }
@@ -203,8 +172,9 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
+    /// Counts one operation and observes its latency: what every cache call pays.
     #[inline]
-    pub(crate) fn record(&self, op: Op, ok: bool, took: Duration) {
+    pub fn record(&self, op: Op, ok: bool, took: Duration) {
         let i = op as usize;
         if ok { &self.op_ok[i] } else { &self.op_err[i] }.inc();
         self.op_duration[i].observe(took.as_secs_f64());
@@ -232,10 +202,7 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
-        assert!(Metrics::new("cache")
-            .unwrap()
-            .render()
-            .contains("\ncache_hits_total 0"));
+        assert!(Metrics::new("cache").unwrap().render().contains("\ncache_hits_total 0"));
         let nb = Metrics::new("neuralblitz").unwrap();
         nb.size_bytes.set(5);
         assert!(nb.render().contains("neuralblitz_cache_size_bytes 5"));
@@ -243,10 +210,7 @@ mod tests {
 
     #[test]
     fn a_bad_namespace_is_a_config_error() {
-        assert!(matches!(
-            Metrics::new("no spaces"),
-            Err(CacheError::Config { .. })
-        ));
+        assert!(matches!(Metrics::new("no spaces"), Err(CacheError::Config { .. })));
     }
 
     #[test]

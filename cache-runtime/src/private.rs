@@ -70,11 +70,7 @@ impl Spec {
         let config = cache.config();
         let named = |name: &str| {
             config.named_ttl(name).unwrap_or_else(|| {
-                tracing::warn!(
-                    function = self.name,
-                    ttl = name,
-                    "no such named TTL: using the default TTL"
-                );
+                tracing::warn!(function = self.name, ttl = name, "no such named TTL: using the default TTL");
                 config.default_ttl
             })
         };
@@ -82,11 +78,7 @@ impl Spec {
             Some(TtlSpec::Fixed(d)) => d,
             Some(TtlSpec::Named(name)) => named(name),
             None => match self.profile {
-                Some(p) => config
-                    .profiles
-                    .get(p)
-                    .and_then(|p| p.ttl)
-                    .unwrap_or_else(|| named(p)),
+                Some(p) => config.profiles.get(p).and_then(|p| p.ttl).unwrap_or_else(|| named(p)),
                 None => config.default_ttl,
             },
         }
@@ -122,10 +114,7 @@ impl KeyBuilder {
         if spec.version != 0 {
             let _ = write!(key, ".{}", spec.version);
         }
-        KeyBuilder {
-            key,
-            relative_start,
-        }
+        KeyBuilder { key, relative_start }
     }
 
     /// Appends one argument.
@@ -151,10 +140,7 @@ impl KeyBuilder {
 
     /// The finished key.
     pub fn finish(self) -> Key {
-        Key {
-            full: self.key,
-            relative_start: self.relative_start,
-        }
+        Key { full: self.key, relative_start: self.relative_start }
     }
 }
 
@@ -248,9 +234,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cacheable<Plain> f
     }
 }
 
-impl<T: Serialize + DeserializeOwned + Send + Sync + 'static, E> Cacheable<OkOnly>
-    for Result<T, E>
-{
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static, E> Cacheable<OkOnly> for Result<T, E> {
     type Value = T;
     fn stored(&self) -> Option<&T> {
         self.as_ref().ok()
@@ -334,27 +318,11 @@ where
         }
     };
 
-    // The previous leader may have stored the value between our read and our
-    // joining; the epoch read in the same breath guards the fill below.
-    let epoch = match recheck::<Out::Value>(cache, &full).await {
-        Ok((Some(v), _)) => {
-            if let Ok(bytes) = codec::encode(cache.config().serialization, &v) {
-                leader.publish(Outcome::Value(bytes.into()));
-            }
-            return Out::from_cached(v);
-        }
-        Ok((None, epoch)) => Some(epoch),
-        Err(e) => {
-            cache.record_fault("get", &full, &e);
-            None
-        }
-    };
+    // No second read: the fill is checked against the newest epoch this process
+    // has seen, so the miss path is one GET and one write.
+    let epoch = cache.fill_epoch();
     let out = body.await;
-    let outcome = match epoch {
-        Some(epoch) => store(&call, &full, &out, condition, Some(epoch)).await,
-        None => encode_only(cache, &out),
-    };
-    leader.publish(outcome);
+    leader.publish(store(&call, full, &out, condition, Some(epoch)).await);
     out
 }
 
@@ -385,17 +353,7 @@ pub async fn invalidate(cache: &Cache, key: &Key) -> Result<bool, CacheError> {
 
 /// Removes every cached result of the function `spec` describes.
 pub async fn invalidate_all(cache: &Cache, spec: &Spec) -> Result<u64, CacheError> {
-    cache
-        .delete_pattern(&format!("{}:*", escape_glob(spec.prefix(cache))))
-        .await
-}
-
-async fn recheck<V: DeserializeOwned>(
-    cache: &Cache,
-    full: &str,
-) -> Result<(Option<V>, Epoch), CacheError> {
-    let (raw, epoch) = cache.read_with_epoch(full).await?;
-    Ok((raw.and_then(|raw| cache.decode_or_drop(full, &raw)), epoch))
+    cache.delete_pattern(&format!("{}:*", escape_glob(spec.prefix(cache)))).await
 }
 
 async fn store<M, Out, C>(
@@ -428,25 +386,11 @@ where
         match cache.write(full, &bytes, ttl, &tags, epoch).await {
             Ok(true) => {}
             Ok(false) => {
-                cache
-                    .inner
-                    .counters
-                    .fills_refused
-                    .fetch_add(1, Ordering::Relaxed);
+                cache.inner.counters.fills_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(key = full, "fill refused: invalidated while computing");
             }
             Err(e) => cache.record_fault("set", full, &e),
         }
     }
     Outcome::Value(bytes.into())
-}
-
-fn encode_only<M, Out: Cacheable<M>>(cache: &Cache, out: &Out) -> Outcome {
-    match out
-        .stored()
-        .map(|v| codec::encode(cache.config().serialization, v))
-    {
-        Some(Ok(bytes)) => Outcome::Value(bytes.into()),
-        _ => Outcome::Uncacheable,
-    }
 }

@@ -26,13 +26,32 @@ use crate::CacheError;
 /// Keys per SCAN page and per UNLINK batch.
 const BATCH: usize = 1000;
 
+// The invalidation epoch: a counter every invalidation bumps. A missing counter
+// (a fresh or restarted Redis) starts from the server's clock in microseconds, so
+// a restarted Redis never repeats an epoch a client saw before the restart. Under
+// OOM with `noeviction` Redis refuses the INCR, but it refuses every fill too, so
+// the invalidation goes ahead without it (-1: no epoch observed).
+const BUMP: &str = r"
+local function bump(k)
+  if redis.call('EXISTS', k) == 0 then
+    local t = redis.call('TIME')
+    redis.pcall('SET', k, string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2])))
+  end
+  local r = redis.pcall('INCR', k)
+  if type(r) == 'table' then return -1 end
+  return r
+end
+";
+
 // KEYS: entry, epoch, tag sets...; ARGV: bytes, ttl ms, expected epoch ('' = none).
 // Atomic, so a tagged write is wholly before or wholly after any tag invalidation,
 // and a fill computed before an invalidation can't land after it (epoch check).
 // Tag sets are sorted sets scored by member expiry: each write trims expired
 // members, and a set lives as long as its longest-lived member.
+// Returns {stored, current epoch}.
 const SET_SCRIPT: &str = r"
-if ARGV[3] ~= '' and (redis.call('GET', KEYS[2]) or '0') ~= ARGV[3] then return 0 end
+local cur = redis.call('GET', KEYS[2]) or '0'
+if ARGV[3] ~= '' and cur ~= ARGV[3] then return {0, cur} end
 local ttl = tonumber(ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 if #KEYS > 2 then
@@ -44,13 +63,13 @@ if #KEYS > 2 then
     if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
   end
 end
-return 1
+return {1, cur}
 ";
 
 // KEYS: epoch, tag sets... Deletes every member of every tag set and the sets.
-// pcall: under OOM the INCR is refused, and so is every fill, so deleting goes on.
-const INVALIDATE_TAGS_SCRIPT: &str = r"
-redis.pcall('INCR', KEYS[1])
+// Returns {deleted, epoch}.
+const INVALIDATE_TAGS_BODY: &str = r"
+local e = bump(KEYS[1])
 local n = 0
 for i = 2, #KEYS do
   local members = redis.call('ZRANGE', KEYS[i], 0, -1)
@@ -59,7 +78,18 @@ for i = 2, #KEYS do
   end
   redis.call('UNLINK', KEYS[i])
 end
-return n
+return {n, e}
+";
+
+// KEYS: epoch, key. Returns {deleted, epoch}.
+const DELETE_BODY: &str = r"
+local e = bump(KEYS[1])
+return {redis.call('UNLINK', KEYS[2]), e}
+";
+
+// KEYS: epoch. Returns the epoch.
+const EPOCH_BODY: &str = r"
+return bump(KEYS[1])
 ";
 
 pub(crate) struct RedisStore {
@@ -67,6 +97,8 @@ pub(crate) struct RedisStore {
     op_timeout: Duration,
     set_script: Script,
     invalidate_script: Script,
+    delete_script: Script,
+    epoch_script: Script,
 }
 
 /// What `INFO` says, for `stats()`.
@@ -93,7 +125,9 @@ impl RedisStore {
             conns: Connections::new(client, conn_config, config.connections),
             op_timeout: config.operation_timeout(),
             set_script: Script::new(SET_SCRIPT),
-            invalidate_script: Script::new(INVALIDATE_TAGS_SCRIPT),
+            invalidate_script: Script::new(&format!("{BUMP}{INVALIDATE_TAGS_BODY}")),
+            delete_script: Script::new(&format!("{BUMP}{DELETE_BODY}")),
+            epoch_script: Script::new(&format!("{BUMP}{EPOCH_BODY}")),
         })
     }
 
@@ -131,8 +165,7 @@ impl RedisStore {
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, CacheError> {
-        self.run(|mut conn| async move { cmd.query_async(&mut conn).await })
-            .await
+        self.run(|mut conn| async move { cmd.query_async(&mut conn).await }).await
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
@@ -148,24 +181,6 @@ impl RedisStore {
         Ok(v.unwrap_or(0))
     }
 
-    /// One round trip for both: the leader's re-read and the epoch its fill is checked against.
-    pub(crate) async fn get_with_epoch(
-        &self,
-        key: &str,
-        epoch_key: &str,
-    ) -> Result<(Option<Vec<u8>>, u64), CacheError> {
-        let pipe = redis::pipe()
-            .cmd("GET")
-            .arg(key)
-            .cmd("GET")
-            .arg(epoch_key)
-            .clone();
-        let (value, epoch): (Option<Vec<u8>>, Option<u64>) = self
-            .run(|mut conn| async move { pipe.query_async(&mut conn).await })
-            .await?;
-        Ok((value, epoch.unwrap_or(0)))
-    }
-
     pub(crate) async fn set(
         &self,
         key: &str,
@@ -174,42 +189,38 @@ impl RedisStore {
         epoch_key: &str,
         tag_keys: &[String],
         expected_epoch: Option<u64>,
-    ) -> Result<bool, CacheError> {
+    ) -> Result<(bool, Option<u64>), CacheError> {
         let ttl_ms = ttl.as_millis().max(1) as u64;
         if tag_keys.is_empty() && expected_epoch.is_none() {
-            self.query::<()>(redis::cmd("SET").arg(key).arg(bytes).arg("PX").arg(ttl_ms))
-                .await?;
-            return Ok(true);
+            self.query::<()>(redis::cmd("SET").arg(key).arg(bytes).arg("PX").arg(ttl_ms)).await?;
+            return Ok((true, None));
         }
         let mut call = self.set_script.key(key);
         call.key(epoch_key);
         for tag in tag_keys {
             call.key(tag);
         }
-        call.arg(bytes)
-            .arg(ttl_ms)
-            .arg(expected_epoch.map(|e| e.to_string()).unwrap_or_default());
-        let stored: i64 = self
-            .run(|mut conn| async move { call.invoke_async(&mut conn).await })
-            .await?;
-        Ok(stored == 1)
+        call.arg(bytes).arg(ttl_ms).arg(expected_epoch.map(|e| e.to_string()).unwrap_or_default());
+        let (stored, epoch): (i64, String) =
+            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok((stored == 1, epoch.parse().ok()))
     }
 
-    pub(crate) async fn delete(&self, key: &str, epoch_key: &str) -> Result<bool, CacheError> {
-        self.bump_epoch(epoch_key).await?;
-        let n: u64 = self.query(redis::cmd("UNLINK").arg(key)).await?;
-        Ok(n > 0)
+    /// Deletes `key` after bumping the epoch; whether it existed, and the new epoch.
+    pub(crate) async fn delete(&self, key: &str, epoch_key: &str) -> Result<(bool, Option<u64>), CacheError> {
+        let mut call = self.delete_script.key(epoch_key);
+        call.key(key);
+        let (n, epoch): (u64, i64) =
+            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok((n > 0, u64::try_from(epoch).ok()))
     }
 
     /// Bumps the epoch before an invalidation deletes anything: a fill that read the
-    /// old epoch is refused, and one that landed earlier is deleted. Under OOM with
-    /// `noeviction` Redis refuses the INCR, but it refuses every fill too, so the
-    /// invalidation goes ahead without it.
-    async fn bump_epoch(&self, epoch_key: &str) -> Result<(), CacheError> {
-        match self.query::<()>(redis::cmd("INCR").arg(epoch_key)).await {
-            Err(CacheError::Redis(e)) if e.code() == Some("OOM") => Ok(()),
-            other => other,
-        }
+    /// old epoch is refused, and one that landed earlier is deleted.
+    pub(crate) async fn bump_epoch(&self, epoch_key: &str) -> Result<Option<u64>, CacheError> {
+        let call = self.epoch_script.key(epoch_key);
+        let epoch: i64 = self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok(u64::try_from(epoch).ok())
     }
 
     pub(crate) async fn exists(&self, key: &str) -> Result<bool, CacheError> {
@@ -226,42 +237,31 @@ impl RedisStore {
         &self,
         epoch_key: &str,
         tag_keys: &[String],
-    ) -> Result<u64, CacheError> {
+    ) -> Result<(u64, Option<u64>), CacheError> {
         let mut call = self.invalidate_script.key(epoch_key);
         for tag in tag_keys {
             call.key(tag);
         }
-        self.run(|mut conn| async move { call.invoke_async(&mut conn).await })
-            .await
+        let (n, epoch): (u64, i64) =
+            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok((n, u64::try_from(epoch).ok()))
     }
 
-    /// SCAN MATCH + UNLINK in batches. The epoch is bumped first: a fill that read
-    /// the old epoch is refused, and one that landed earlier is found by the scan
-    /// (SCAN returns every key present for the whole iteration).
-    pub(crate) async fn delete_pattern(
-        &self,
-        pattern: &str,
-        epoch_key: Option<&str>,
-    ) -> Result<u64, CacheError> {
-        if let Some(epoch_key) = epoch_key {
-            self.bump_epoch(epoch_key).await?;
-        }
+    /// SCAN MATCH + UNLINK in batches. Callers bump the epoch first (see
+    /// `bump_epoch`): a fill that read the old epoch is refused, and one that landed
+    /// earlier is found by the scan (SCAN returns every key present for the whole
+    /// iteration).
+    pub(crate) async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
         let mut deleted = 0;
-        let unlink = |keys: Vec<String>| async move {
-            self.query::<u64>(redis::cmd("UNLINK").arg(keys)).await
-        };
+        let unlink =
+            |keys: Vec<String>| async move { self.query::<u64>(redis::cmd("UNLINK").arg(keys)).await };
         self.scan(pattern, unlink, &mut deleted).await?;
         Ok(deleted)
     }
 
     pub(crate) async fn count(&self, pattern: &str) -> Result<u64, CacheError> {
         let mut total = 0;
-        self.scan(
-            pattern,
-            |keys| async move { Ok(keys.len() as u64) },
-            &mut total,
-        )
-        .await?;
+        self.scan(pattern, |keys| async move { Ok(keys.len() as u64) }, &mut total).await?;
         Ok(total)
     }
 
@@ -279,14 +279,7 @@ impl RedisStore {
         let mut cursor = 0u64;
         loop {
             let (next, keys): (u64, Vec<String>) = self
-                .query(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(BATCH),
-                )
+                .query(redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(BATCH))
                 .await?;
             if !keys.is_empty() {
                 *total += each(keys).await?;

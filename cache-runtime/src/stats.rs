@@ -43,11 +43,7 @@ impl Counters {
             local_cache_bytes: local_bytes,
             hits,
             misses,
-            hit_rate: if lookups == 0 {
-                0.0
-            } else {
-                hits as f64 / lookups as f64
-            },
+            hit_rate: if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
             errors: metrics.errors.get(),
             decode_failures: self.decode_failures.load(Ordering::Relaxed),
             fills_refused: self.fills_refused.load(Ordering::Relaxed),
@@ -133,11 +129,7 @@ impl Health {
         error: Option<CacheError>,
     ) -> Health {
         Health {
-            status: if error.is_none() {
-                "healthy"
-            } else {
-                "degraded"
-            },
+            status: if error.is_none() { "healthy" } else { "degraded" },
             connected: mode == Mode::Redis && error.is_none(),
             mode,
             breaker,

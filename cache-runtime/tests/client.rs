@@ -17,39 +17,23 @@ struct Mission {
 }
 
 fn mission(id: &str) -> Mission {
-    Mission {
-        id: id.into(),
-        priority: 3,
-        crew: vec!["ada".into(), "grace".into()],
-        eta: Some(12.5),
-    }
+    Mission { id: id.into(), priority: 3, crew: vec!["ada".into(), "grace".into()], eta: Some(12.5) }
 }
 
 async fn exercise(cache: &Cache) {
     let format = cache.config().serialization();
     // get / set / exists
-    assert_eq!(
-        cache.get::<Mission>("missions:1").await.unwrap(),
-        None,
-        "{format}"
-    );
+    assert_eq!(cache.get::<Mission>("missions:1").await.unwrap(), None, "{format}");
     assert!(!cache.exists("missions:1").await.unwrap());
     cache.set("missions:1", &mission("1")).await.unwrap();
-    assert_eq!(
-        cache.get::<Mission>("missions:1").await.unwrap(),
-        Some(mission("1")),
-        "{format}"
-    );
+    assert_eq!(cache.get::<Mission>("missions:1").await.unwrap(), Some(mission("1")), "{format}");
     assert!(cache.exists("missions:1").await.unwrap());
 
     // scalars and strings round-trip too
     cache.set("counter", &42u64).ttl(60).await.unwrap();
     assert_eq!(cache.get::<u64>("counter").await.unwrap(), Some(42));
     cache.set("name", "apollo").await.unwrap();
-    assert_eq!(
-        cache.get::<String>("name").await.unwrap().as_deref(),
-        Some("apollo")
-    );
+    assert_eq!(cache.get::<String>("name").await.unwrap().as_deref(), Some("apollo"));
 
     // ttl: default, explicit, missing
     match cache.ttl("missions:1").await.unwrap() {
@@ -61,18 +45,9 @@ async fn exercise(cache: &Cache) {
         }
         other => panic!("expected an expiry, got {other:?}"),
     }
-    cache
-        .set("short", &1u8)
-        .ttl(Duration::from_secs(30))
-        .await
-        .unwrap();
-    let KeyTtl::Expires(left) = cache.ttl("short").await.unwrap() else {
-        panic!("no expiry")
-    };
-    assert!(
-        left > Duration::from_secs(25) && left <= Duration::from_secs(30),
-        "{left:?}"
-    );
+    cache.set("short", &1u8).ttl(Duration::from_secs(30)).await.unwrap();
+    let KeyTtl::Expires(left) = cache.ttl("short").await.unwrap() else { panic!("no expiry") };
+    assert!(left > Duration::from_secs(25) && left <= Duration::from_secs(30), "{left:?}");
     assert_eq!(cache.ttl("nothing").await.unwrap(), KeyTtl::Missing);
     assert_eq!(KeyTtl::Missing.as_redis_secs(), -2);
 
@@ -82,48 +57,21 @@ async fn exercise(cache: &Cache) {
     assert_eq!(cache.get::<Mission>("missions:1").await.unwrap(), None);
 
     // tags: the seed's `deleted == 2`
-    cache
-        .set("missions:1", &mission("1"))
-        .ttl(300)
-        .tags(["missions"])
-        .await
-        .unwrap();
-    cache
-        .set("missions:2", &mission("2"))
-        .ttl(300)
-        .tags(["missions", "queue"])
-        .await
-        .unwrap();
-    cache
-        .set("agents:1", &"agent")
-        .ttl(300)
-        .tags(["agents"])
-        .await
-        .unwrap();
+    cache.set("missions:1", &mission("1")).ttl(300).tags(["missions"]).await.unwrap();
+    cache.set("missions:2", &mission("2")).ttl(300).tags(["missions", "queue"]).await.unwrap();
+    cache.set("agents:1", &"agent").ttl(300).tags(["agents"]).await.unwrap();
     assert_eq!(cache.invalidate_tags(["missions"]).await.unwrap(), 2);
     assert_eq!(cache.get::<Mission>("missions:1").await.unwrap(), None);
     assert_eq!(cache.get::<Mission>("missions:2").await.unwrap(), None);
-    assert_eq!(
-        cache.get::<String>("agents:1").await.unwrap().as_deref(),
-        Some("agent")
-    );
-    assert_eq!(
-        cache.invalidate_tags(["queue", "missions"]).await.unwrap(),
-        0
-    );
+    assert_eq!(cache.get::<String>("agents:1").await.unwrap().as_deref(), Some("agent"));
+    assert_eq!(cache.invalidate_tags(["queue", "missions"]).await.unwrap(), 0);
 
     // patterns
     for i in 0..5 {
-        cache
-            .set(&format!("missions:queue:high:{i}"), &i)
-            .await
-            .unwrap();
+        cache.set(&format!("missions:queue:high:{i}"), &i).await.unwrap();
     }
     cache.set("missions:queue:low:0", &0).await.unwrap();
-    assert_eq!(
-        cache.delete_pattern("missions:queue:high:*").await.unwrap(),
-        5
-    );
+    assert_eq!(cache.delete_pattern("missions:queue:high:*").await.unwrap(), 5);
     assert!(cache.exists("missions:queue:low:0").await.unwrap());
     assert!(cache.delete_pattern("").await.is_err());
 
@@ -157,15 +105,9 @@ async fn every_operation_in_redis_mode() {
         exercise(&cache).await;
         let stats = cache.stats().await.unwrap();
         assert!(stats.connected);
-        assert!(stats
-            .redis_version
-            .as_deref()
-            .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit())));
+        assert!(stats.redis_version.as_deref().is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit())));
         assert!(stats.used_memory_bytes.unwrap() > 0);
-        assert!(stats
-            .used_memory_human
-            .as_deref()
-            .is_some_and(|h| !h.is_empty()));
+        assert!(stats.used_memory_human.as_deref().is_some_and(|h| !h.is_empty()));
         assert!(stats.peak_memory_bytes.unwrap() >= stats.used_memory_bytes.unwrap() / 2);
         assert!(stats.connected_clients.unwrap() >= 1);
     }
@@ -185,17 +127,9 @@ async fn every_operation_in_local_mode() {
 #[tokio::test]
 async fn entries_expire_in_both_modes() {
     let redis = Redis::start();
-    let caches = [
-        redis.cache("expiry", FORMATS[0]).await,
-        local_cache("expiry", FORMATS[1]),
-    ];
+    let caches = [redis.cache("expiry", FORMATS[0]).await, local_cache("expiry", FORMATS[1])];
     for cache in &caches {
-        cache
-            .set("brief", &"x")
-            .ttl(Duration::from_millis(300))
-            .tags(["t"])
-            .await
-            .unwrap();
+        cache.set("brief", &"x").ttl(Duration::from_millis(300)).tags(["t"]).await.unwrap();
         assert!(cache.exists("brief").await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -203,11 +137,7 @@ async fn entries_expire_in_both_modes() {
         assert!(!cache.exists("brief").await.unwrap(), "{:?}", cache.mode());
         assert_eq!(cache.get::<String>("brief").await.unwrap(), None);
         assert_eq!(cache.ttl("brief").await.unwrap(), KeyTtl::Missing);
-        assert_eq!(
-            cache.invalidate_tags(["t"]).await.unwrap(),
-            0,
-            "expired keys are not counted"
-        );
+        assert_eq!(cache.invalidate_tags(["t"]).await.unwrap(), 0, "expired keys are not counted");
     }
 }
 
@@ -217,12 +147,7 @@ async fn a_key_without_expiry_reports_persistent() {
     let cache = redis.cache("persist", FORMATS[0]).await;
     let mut raw = redis.raw().await;
     let full = format!("{}:forever", cache.config().key_prefix());
-    redis::cmd("SET")
-        .arg(&full)
-        .arg("v")
-        .query_async::<()>(&mut raw)
-        .await
-        .unwrap();
+    redis::cmd("SET").arg(&full).arg("v").query_async::<()>(&mut raw).await.unwrap();
     assert_eq!(cache.ttl("forever").await.unwrap(), KeyTtl::Persistent);
     assert_eq!(KeyTtl::Persistent.as_redis_secs(), -1);
 }
@@ -243,10 +168,7 @@ async fn a_value_written_in_one_format_is_read_by_a_cache_set_to_another() {
     .await
     .unwrap();
     writer.set("m", &mission("x")).await.unwrap();
-    assert_eq!(
-        reader.get::<Mission>("m").await.unwrap(),
-        Some(mission("x"))
-    );
+    assert_eq!(reader.get::<Mission>("m").await.unwrap(), Some(mission("x")));
 }
 
 #[tokio::test]
@@ -258,19 +180,12 @@ async fn the_global_cache_is_set_once() {
     assert!(std::ptr::eq(cache, cache_runtime::get_cache()));
     assert!(cache_runtime::init(config).await.is_err());
     cache.set("k", &1).await.unwrap();
-    assert_eq!(
-        cache_runtime::get_cache().get::<i32>("k").await.unwrap(),
-        Some(1)
-    );
+    assert_eq!(cache_runtime::get_cache().get::<i32>("k").await.unwrap(), Some(1));
 }
 
 #[tokio::test]
 async fn an_unreachable_redis_at_start_means_local_mode() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = cache_runtime::CacheConfig::builder()
         .redis_url(format!("redis://127.0.0.1:{port}/0"))
         .socket_connect_timeout(Duration::from_millis(300))
@@ -279,10 +194,7 @@ async fn an_unreachable_redis_at_start_means_local_mode() {
     let cache = Cache::new(config).await.unwrap();
     assert_eq!(cache.mode(), Mode::Local);
     cache.set("k", &"still works").await.unwrap();
-    assert_eq!(
-        cache.get::<String>("k").await.unwrap().as_deref(),
-        Some("still works")
-    );
+    assert_eq!(cache.get::<String>("k").await.unwrap().as_deref(), Some("still works"));
     let health = cache.health().await;
     assert_eq!((health.status, health.connected), ("degraded", false));
     assert_eq!(health.breaker, cache_runtime::BreakerState::Open);
@@ -290,13 +202,7 @@ async fn an_unreachable_redis_at_start_means_local_mode() {
 
 #[tokio::test]
 async fn a_malformed_url_is_a_config_error() {
-    let config = cache_runtime::CacheConfig::builder()
-        .redis_url("http://nope")
-        .build()
-        .unwrap();
+    let config = cache_runtime::CacheConfig::builder().redis_url("http://nope").build().unwrap();
     let err = Cache::new(config).await.unwrap_err();
-    assert!(
-        matches!(err, cache_runtime::CacheError::Config { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, cache_runtime::CacheError::Config { .. }), "{err}");
 }

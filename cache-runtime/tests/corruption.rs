@@ -23,15 +23,7 @@ async fn corrupt_bytes_planted_with_a_raw_set_read_as_a_miss() {
         let mut raw = redis.raw().await;
         let full = |k: &str| format!("{}:{k}", cache.config().key_prefix());
         let good = cache_runtime::Cache::local(cache.config().clone());
-        good.set(
-            "x",
-            &Agent {
-                id: 1,
-                name: "a".into(),
-            },
-        )
-        .await
-        .unwrap();
+        good.set("x", &Agent { id: 1, name: "a".into() }).await.unwrap();
         let planted: [(&str, Vec<u8>); 6] = [
             ("plain", b"{\"id\":1,\"name\":\"a\"}".to_vec()),
             ("garbage", vec![0xCA, 1, 2, 0xFF, 0x00, 0x13]),
@@ -39,30 +31,20 @@ async fn corrupt_bytes_planted_with_a_raw_set_read_as_a_miss() {
             ("bad-checksum", vec![0xCA, 1, 1, 0, 0, 0, 0, b'{', b'}']),
             ("unknown-format", vec![0xCA, 1, 9, b'{', b'}']),
             // Intact, but of another type than the reader asks for.
-            (
-                "wrong-shape",
-                cache_runtime::codec::encode(format, "hi").unwrap(),
-            ),
+            ("wrong-shape", cache_runtime::codec::encode(format, "hi").unwrap()),
         ];
         for (key, bytes) in &planted {
             let _: () = raw.set(full(key), bytes.as_slice()).await.unwrap();
         }
         for (key, _) in &planted {
-            assert_eq!(
-                cache.get::<Agent>(key).await.unwrap(),
-                None,
-                "{format}: {key}"
-            );
+            assert_eq!(cache.get::<Agent>(key).await.unwrap(), None, "{format}: {key}");
         }
         let stats = cache.stats().await.unwrap();
         assert_eq!(stats.decode_failures, planted.len() as u64);
         // The removal is off the caller's path; give it a moment.
         tokio::time::sleep(Duration::from_millis(100)).await;
         for (key, _) in &planted {
-            assert!(
-                !cache.exists(key).await.unwrap(),
-                "{format}: {key} left in place"
-            );
+            assert!(!cache.exists(key).await.unwrap(), "{format}: {key} left in place");
         }
     }
 }
@@ -78,25 +60,8 @@ async fn a_reader_set_to_another_format_decodes_by_the_header() {
         .build()
         .unwrap();
     let binary = cache_runtime::Cache::new(config).await.unwrap();
-    json.set(
-        "a",
-        &Agent {
-            id: 7,
-            name: "json".into(),
-        },
-    )
-    .await
-    .unwrap();
-    binary
-        .set(
-            "b",
-            &Agent {
-                id: 8,
-                name: "binary".into(),
-            },
-        )
-        .await
-        .unwrap();
+    json.set("a", &Agent { id: 7, name: "json".into() }).await.unwrap();
+    binary.set("b", &Agent { id: 8, name: "binary".into() }).await.unwrap();
     assert_eq!(binary.get::<Agent>("a").await.unwrap().unwrap().id, 7);
     assert_eq!(json.get::<Agent>("b").await.unwrap().unwrap().id, 8);
 }

@@ -6,20 +6,12 @@ mod support;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use cache_runtime::__private::{
-    always, get_or_compute, push_part, Call, KeyBuilder, Plain, Spec, Tags,
-};
+use cache_runtime::__private::{always, get_or_compute, push_part, Call, KeyBuilder, Plain, Spec, Tags};
 use cache_runtime::{Cache, CacheError};
 use redis::AsyncCommands;
 use support::{both_modes, Redis};
 
-const SPEC: Spec = Spec {
-    name: "echo",
-    prefix: Some("echo"),
-    ttl: None,
-    profile: None,
-    version: 0,
-};
+const SPEC: Spec = Spec { name: "echo", prefix: Some("echo"), ttl: None, profile: None, version: 0 };
 
 fn nasty() -> Vec<String> {
     let mut v: Vec<String> = [
@@ -60,12 +52,7 @@ fn nasty() -> Vec<String> {
 async fn echo(cache: &Cache, arg: &str, runs: &AtomicU32) -> String {
     let mut key = KeyBuilder::new(cache, &SPEC);
     key.arg(arg);
-    let call = Call {
-        cache,
-        spec: &SPEC,
-        key: key.finish(),
-        tags: Tags::Static(&[]),
-    };
+    let call = Call { cache, spec: &SPEC, key: key.finish(), tags: Tags::Static(&[]) };
     get_or_compute::<Plain, _, _, _>(call, always, async {
         runs.fetch_add(1, Ordering::SeqCst);
         arg.to_owned()
@@ -79,15 +66,8 @@ fn hostile_arguments_give_distinct_bounded_glob_free_key_parts() {
     for arg in nasty() {
         let mut part = String::new();
         push_part(&mut part, arg.as_str());
-        assert!(
-            part.len() <= 70,
-            "unbounded part for a {}-byte argument",
-            arg.len()
-        );
-        assert!(
-            !part.contains([':', '*', '?', '[', ']', '\\', '\0', '{', '}']),
-            "{part:?}"
-        );
+        assert!(part.len() <= 70, "unbounded part for a {}-byte argument", arg.len());
+        assert!(!part.contains([':', '*', '?', '[', ']', '\\', '\0', '{', '}']), "{part:?}");
         assert!(seen.insert(part.clone()), "collision on {part:?}");
     }
 }
@@ -118,17 +98,8 @@ async fn hostile_arguments_round_trip_without_colliding_or_widening_patterns() {
         // A pattern built from a hostile argument deletes only that argument's entry.
         let mut part = String::new();
         push_part(&mut part, "*");
-        assert_eq!(
-            cache
-                .delete_pattern(&format!("echo:v1:{part}"))
-                .await
-                .unwrap(),
-            1
-        );
-        assert_eq!(
-            cache.stats().await.unwrap().total_keys as usize,
-            args.len() - 1
-        );
+        assert_eq!(cache.delete_pattern(&format!("echo:v1:{part}")).await.unwrap(), 1);
+        assert_eq!(cache.stats().await.unwrap().total_keys as usize, args.len() - 1);
     }
 }
 
@@ -142,16 +113,9 @@ async fn a_value_over_the_limit_is_not_stored_but_the_caller_is_served() {
     for _ in 0..2 {
         assert_eq!(echo(&cache, &big, &runs).await, big);
     }
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        2,
-        "an oversized result must not be cached"
-    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "an oversized result must not be cached");
     let err = cache.set("direct", &big).await.unwrap_err();
-    assert!(
-        matches!(err, CacheError::TooLarge { size, limit: 1024 } if size > 4096),
-        "{err}"
-    );
+    assert!(matches!(err, CacheError::TooLarge { size, limit: 1024 } if size > 4096), "{err}");
     assert_eq!(cache.stats().await.unwrap().oversized, 3);
     assert!(!cache.exists("direct").await.unwrap());
 }
@@ -171,9 +135,7 @@ fn random_bytes(seed: &mut u64, len: usize) -> Vec<u8> {
 #[tokio::test]
 async fn random_bytes_where_entries_should_be_read_as_misses() {
     let redis = Redis::start();
-    let cache = redis
-        .cache("fuzz", cache_runtime::Serialization::Json)
-        .await;
+    let cache = redis.cache("fuzz", cache_runtime::Serialization::Json).await;
     let mut raw = redis.raw().await;
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     let runs = AtomicU32::new(0);
@@ -187,17 +149,9 @@ async fn random_bytes_where_entries_should_be_read_as_misses() {
         }
         let mut key = KeyBuilder::new(&cache, &SPEC);
         key.arg(&format!("f{i}"));
-        let full = format!(
-            "{}:{}",
-            cache.config().key_prefix(),
-            key.finish().relative()
-        );
+        let full = format!("{}:{}", cache.config().key_prefix(), key.finish().relative());
         let _: () = raw.set(&full, bytes).await.unwrap();
         assert_eq!(echo(&cache, &format!("f{i}"), &runs).await, format!("f{i}"));
     }
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        300,
-        "every planted entry was a miss"
-    );
+    assert_eq!(runs.load(Ordering::SeqCst), 300, "every planted entry was a miss");
 }

@@ -10,10 +10,7 @@ use redis::AsyncCommands;
 use support::{local_cache, Redis, FORMATS};
 
 async fn both(redis: &Redis, name: &str) -> [Cache; 2] {
-    [
-        redis.cache(name, FORMATS[0]).await,
-        local_cache(name, FORMATS[0]),
-    ]
+    [redis.cache(name, FORMATS[0]).await, local_cache(name, FORMATS[0])]
 }
 
 #[tokio::test]
@@ -29,22 +26,13 @@ async fn pattern_deletion_leaves_other_prefixes_alone() {
         cache.set("missionsX:1", &3).await.unwrap();
         cache.set("agents:1", &4).await.unwrap();
         neighbour.set("missions:9", &9).await.unwrap();
-        let expected_deleted = if neighbour.config().key_prefix() == cache.config().key_prefix() {
-            3
-        } else {
-            2
-        };
-        assert_eq!(
-            cache.delete_pattern("missions:*").await.unwrap(),
-            expected_deleted
-        );
+        let expected_deleted =
+            if neighbour.config().key_prefix() == cache.config().key_prefix() { 3 } else { 2 };
+        assert_eq!(cache.delete_pattern("missions:*").await.unwrap(), expected_deleted);
         assert!(cache.exists("missionsX:1").await.unwrap());
         assert!(cache.exists("agents:1").await.unwrap());
         if expected_deleted == 2 {
-            assert!(
-                neighbour.exists("missions:9").await.unwrap(),
-                "another prefix was touched"
-            );
+            assert!(neighbour.exists("missions:9").await.unwrap(), "another prefix was touched");
         }
     }
 }
@@ -55,12 +43,7 @@ async fn glob_characters_in_keys_do_not_widen_a_pattern() {
     for cache in both(&redis, "globkeys").await {
         cache.set("a[1]", &1).await.unwrap();
         cache.set("a1", &2).await.unwrap();
-        assert_eq!(
-            cache.delete_pattern("a\\[1\\]").await.unwrap(),
-            1,
-            "{:?}",
-            cache.mode()
-        );
+        assert_eq!(cache.delete_pattern("a\\[1\\]").await.unwrap(), 1, "{:?}", cache.mode());
         assert!(cache.exists("a1").await.unwrap());
     }
 }
@@ -71,11 +54,7 @@ async fn clear_leaves_foreign_keys_alone() {
     let cache = redis.cache("clear", FORMATS[0]).await;
     let mut raw = redis.raw().await;
     let prefix = cache.config().key_prefix().to_owned();
-    let foreign = [
-        format!("{prefix}x:1"),
-        format!("other:{prefix}:1"),
-        "session:42".to_owned(),
-    ];
+    let foreign = [format!("{prefix}x:1"), format!("other:{prefix}:1"), "session:42".to_owned()];
     for key in &foreign {
         let _: () = raw.set(key, "keep").await.unwrap();
     }
@@ -99,15 +78,9 @@ async fn ten_thousand_keys_go_in_one_pattern_delete() {
     let prefix = cache.config().key_prefix().to_owned();
     let mut pipe = redis::pipe();
     for i in 0..10_000 {
-        pipe.cmd("SET")
-            .arg(format!("{prefix}:bulk:{i}"))
-            .arg(i)
-            .ignore();
+        pipe.cmd("SET").arg(format!("{prefix}:bulk:{i}")).arg(i).ignore();
     }
-    pipe.cmd("SET")
-        .arg(format!("{prefix}:kept:1"))
-        .arg(1)
-        .ignore();
+    pipe.cmd("SET").arg(format!("{prefix}:kept:1")).arg(1).ignore();
     let _: () = pipe.query_async(&mut raw).await.unwrap();
     assert_eq!(cache.delete_pattern("bulk:*").await.unwrap(), 10_000);
     let left: u64 = redis::cmd("DBSIZE").query_async(&mut raw).await.unwrap();
@@ -129,11 +102,7 @@ async fn tags_written_by_one_process_are_invalidated_by_another() {
     )
     .await
     .unwrap();
-    writer
-        .set("missions:1", &1)
-        .tags(["missions"])
-        .await
-        .unwrap();
+    writer.set("missions:1", &1).tags(["missions"]).await.unwrap();
     assert_eq!(other.invalidate_tags(["missions"]).await.unwrap(), 1);
     assert!(!writer.exists("missions:1").await.unwrap());
 }
@@ -181,21 +150,12 @@ async fn tag_sets_shed_members_of_expired_keys() {
     let mut raw = redis.raw().await;
     let tag_key = format!("{}#tag:hot", cache.config().key_prefix());
     for i in 0..200 {
-        cache
-            .set(&format!("short:{i}"), &i)
-            .ttl(Duration::from_millis(200))
-            .tags(["hot"])
-            .await
-            .unwrap();
+        cache.set(&format!("short:{i}"), &i).ttl(Duration::from_millis(200)).tags(["hot"]).await.unwrap();
     }
     assert_eq!(raw.zcard::<_, u64>(&tag_key).await.unwrap(), 200);
     tokio::time::sleep(Duration::from_millis(400)).await;
     cache.set("long", &1).ttl(60).tags(["hot"]).await.unwrap();
-    assert_eq!(
-        raw.zcard::<_, u64>(&tag_key).await.unwrap(),
-        1,
-        "expired members kept"
-    );
+    assert_eq!(raw.zcard::<_, u64>(&tag_key).await.unwrap(), 1, "expired members kept");
     let set_ttl: i64 = raw.pttl(&tag_key).await.unwrap();
     assert!(
         set_ttl > 55_000 && set_ttl <= 60_000,
@@ -207,21 +167,11 @@ async fn tag_sets_shed_members_of_expired_keys() {
 async fn local_tag_invalidation_counts_only_live_entries() {
     let cache = local_cache("trim", FORMATS[0]);
     for i in 0..1_000 {
-        cache
-            .set(&format!("short:{i}"), &i)
-            .ttl(Duration::from_millis(50))
-            .tags(["hot"])
-            .await
-            .unwrap();
+        cache.set(&format!("short:{i}"), &i).ttl(Duration::from_millis(50)).tags(["hot"]).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(120)).await;
     for i in 0..300 {
-        cache
-            .set(&format!("live:{i}"), &i)
-            .ttl(60)
-            .tags(["hot"])
-            .await
-            .unwrap();
+        cache.set(&format!("live:{i}"), &i).ttl(60).tags(["hot"]).await.unwrap();
     }
     // Only live entries are deleted and counted, whatever the index still holds.
     assert_eq!(cache.invalidate_tags(["hot"]).await.unwrap(), 300);

@@ -37,10 +37,7 @@ fn runs() -> u32 {
 #[cached(cache = support::current(), ttl = 60, prefix = "missions", tags = ["missions", "mission:{mission_id}"])]
 async fn get_mission(mission_id: String) -> Mission {
     ran();
-    Mission {
-        id: mission_id,
-        status: "active".into(),
-    }
+    Mission { id: mission_id, status: "active".into() }
 }
 
 #[cached(cache = support::current(), ttl = 600, key_prefix = "agents", tags = ["agents"])]
@@ -49,18 +46,11 @@ async fn get_agent_config(agent_id: u32) -> Result<HashMap<String, String>, Stri
     if agent_id == 0 {
         return Err("no agent 0".into());
     }
-    Ok(HashMap::from([(
-        "model".to_owned(),
-        format!("m{agent_id}"),
-    )]))
+    Ok(HashMap::from([("model".to_owned(), format!("m{agent_id}"))]))
 }
 
 #[cached(cache = support::current(), ttl = 300, prefix = "policies", tags = ["policies"])]
-async fn evaluate_policy(
-    agent_id: u32,
-    action: String,
-    context: HashMap<String, u32>,
-) -> PolicyResult {
+async fn evaluate_policy(agent_id: u32, action: String, context: HashMap<String, u32>) -> PolicyResult {
     ran();
     PolicyResult {
         allowed: context.get("level").copied().unwrap_or(0) > 2,
@@ -71,19 +61,13 @@ async fn evaluate_policy(
 #[cached(cache = support::current(), prefix = "lookup")]
 async fn find_mission(name: String) -> Option<Mission> {
     ran();
-    (name != "ghost").then(|| Mission {
-        id: name,
-        status: "found".into(),
-    })
+    (name != "ghost").then(|| Mission { id: name, status: "found".into() })
 }
 
 #[cached(cache = support::current(), prefix = "lookup_none", cache_none = true)]
 async fn find_mission_caching_none(name: String) -> Option<Mission> {
     ran();
-    (name != "ghost").then(|| Mission {
-        id: name,
-        status: "found".into(),
-    })
+    (name != "ghost").then(|| Mission { id: name, status: "found".into() })
 }
 
 fn valid(m: &Mission) -> bool {
@@ -116,11 +100,7 @@ where
 {
     let redis = Redis::start();
     for cache in both_modes(&redis, name).await {
-        RUNS.scope(
-            Arc::new(AtomicU32::new(0)),
-            CURRENT.scope(cache.clone(), f(cache)),
-        )
-        .await;
+        RUNS.scope(Arc::new(AtomicU32::new(0)), CURRENT.scope(cache.clone(), f(cache))).await;
     }
 }
 
@@ -242,15 +222,9 @@ async fn composite_arguments_hash_into_the_key() {
 #[tokio::test]
 async fn a_key_format_replaces_the_argument_list() {
     in_both_modes("keyfmt", |cache| async move {
-        assert_eq!(
-            queued("high".into(), 7, "first".into()).await,
-            "high/7/first"
-        );
+        assert_eq!(queued("high".into(), 7, "first".into()).await, "high/7/first");
         // `note` is not in the key: the second call is a hit with the first result.
-        assert_eq!(
-            queued("high".into(), 7, "second".into()).await,
-            "high/7/first"
-        );
+        assert_eq!(queued("high".into(), 7, "second".into()).await, "high/7/first");
         assert_eq!(runs(), 1);
         assert_eq!(queued_key("high".into(), 7), "queue:v1:high:7");
         assert_eq!(cache.delete_pattern("queue:v1:high:*").await.unwrap(), 1);
@@ -300,9 +274,7 @@ async fn a_thousand_concurrent_callers_run_the_body_once() {
 #[tokio::test]
 async fn a_cache_fault_falls_back_to_the_body() {
     let redis = Redis::spawn();
-    let cache = redis
-        .cache("fault", cache_runtime::Serialization::Json)
-        .await;
+    let cache = redis.cache("fault", cache_runtime::Serialization::Json).await;
     let mut killed = redis;
     killed.kill();
     RUNS.scope(

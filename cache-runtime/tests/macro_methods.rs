@@ -23,10 +23,7 @@ struct Db {
 impl Db {
     async fn load(&self, id: u32) -> Agent {
         self.queries.fetch_add(1, Ordering::SeqCst);
-        Agent {
-            id,
-            model: format!("model-{id}"),
-        }
+        Agent { id, model: format!("model-{id}") }
     }
 }
 
@@ -37,12 +34,7 @@ struct AgentService {
 
 impl AgentService {
     fn new(cache: Cache) -> Self {
-        AgentService {
-            cache,
-            db: Db {
-                queries: AtomicU32::new(0),
-            },
-        }
+        AgentService { cache, db: Db { queries: AtomicU32::new(0) } }
     }
 
     /// Reads an agent through the cache.
@@ -77,9 +69,7 @@ async fn methods_cache_without_the_receiver_in_the_key() {
         assert!(service.get_agent_invalidate(1).await.unwrap());
         service.get_agent(1).await;
         assert_eq!(service.queries(), 2);
-        let KeyTtl::Expires(ttl) = cache.ttl("agents:v1:1").await.unwrap() else {
-            panic!("no ttl")
-        };
+        let KeyTtl::Expires(ttl) = cache.ttl("agents:v1:1").await.unwrap() else { panic!("no ttl") };
         assert!(ttl > Duration::from_secs(590));
     }
 }
@@ -89,9 +79,7 @@ async fn a_skipped_database_handle_is_not_part_of_the_key() {
     let redis = Redis::start();
     for cache in both_modes(&redis, "skip").await {
         let service = AgentService::new(cache.clone());
-        let db = Db {
-            queries: AtomicU32::new(0),
-        };
+        let db = Db { queries: AtomicU32::new(0) };
         service.get_agent_via(&db, 3).await;
         service.get_agent_via(&service.db, 3).await;
         assert_eq!(db.queries.load(Ordering::SeqCst) + service.queries(), 1);
@@ -124,22 +112,12 @@ async fn the_global_cache_named_ttls_and_profiles() {
         .unwrap();
     let cache = cache_runtime::init(config).await.unwrap();
     assert_eq!(quantum_state(21).await, 42);
-    let KeyTtl::Expires(ttl) = cache.ttl(&quantum_state_key(21)).await.unwrap() else {
-        panic!("not stored")
-    };
-    assert!(
-        ttl > Duration::from_secs(295) && ttl <= Duration::from_secs(300),
-        "{ttl:?}"
-    );
+    let KeyTtl::Expires(ttl) = cache.ttl(&quantum_state_key(21)).await.unwrap() else { panic!("not stored") };
+    assert!(ttl > Duration::from_secs(295) && ttl <= Duration::from_secs(300), "{ttl:?}");
 
     assert_eq!(api_response("/missions".into()).await, "GET /missions");
     let key = api_response_key("/missions".into());
-    assert!(
-        key.starts_with("api_response:"),
-        "the profile names the prefix: {key}"
-    );
-    let KeyTtl::Expires(ttl) = cache.ttl(&key).await.unwrap() else {
-        panic!("not stored")
-    };
+    assert!(key.starts_with("api_response:"), "the profile names the prefix: {key}");
+    let KeyTtl::Expires(ttl) = cache.ttl(&key).await.unwrap() else { panic!("not stored") };
     assert!(ttl > Duration::from_secs(895), "{ttl:?}");
 }

@@ -12,13 +12,7 @@ use redis::AsyncCommands;
 use support::proxy::{Fault, Proxy};
 use support::{unique_prefix, Redis};
 
-const SPEC: Spec = Spec {
-    name: "load",
-    prefix: Some("load"),
-    ttl: None,
-    profile: None,
-    version: 0,
-};
+const SPEC: Spec = Spec { name: "load", prefix: Some("load"), ttl: None, profile: None, version: 0 };
 const OP_TIMEOUT: Duration = Duration::from_millis(150);
 const BREAKER_TIMEOUT: Duration = Duration::from_millis(400);
 const HEALTH_EVERY: Duration = Duration::from_millis(100);
@@ -43,12 +37,7 @@ async fn cache_on(url: &str) -> Cache {
 async fn load(cache: &Cache, id: u32, runs: &AtomicU32) -> String {
     let mut key = KeyBuilder::new(cache, &SPEC);
     key.arg(&id);
-    let call = Call {
-        cache,
-        spec: &SPEC,
-        key: key.finish(),
-        tags: Tags::Static(&["load"]),
-    };
+    let call = Call { cache, spec: &SPEC, key: key.finish(), tags: Tags::Static(&["load"]) };
     get_or_compute::<Plain, _, _, _>(call, always, async {
         runs.fetch_add(1, Ordering::SeqCst);
         format!("value {id}")
@@ -59,11 +48,7 @@ async fn load(cache: &Cache, id: u32, runs: &AtomicU32) -> String {
 async fn wait_for_mode(cache: &Cache, mode: Mode, within: Duration) -> Duration {
     let started = Instant::now();
     while cache.mode() != mode {
-        assert!(
-            started.elapsed() < within,
-            "still {:?} after {within:?}",
-            cache.mode()
-        );
+        assert!(started.elapsed() < within, "still {:?} after {within:?}", cache.mode());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     started.elapsed()
@@ -74,23 +59,13 @@ async fn the_breaker_opens_at_exactly_the_threshold() {
     let redis = Redis::spawn();
     let proxy = Proxy::start(redis.port()).await;
     // No background checks here: only the calls below may count as failures.
-    let config = config(&proxy.url())
-        .health_check_interval(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    let config = config(&proxy.url()).health_check_interval(Duration::from_secs(3600)).build().unwrap();
     let cache = Cache::new(config).await.unwrap();
     cache.set("k", &1).await.unwrap();
     proxy.set(Fault::Reset);
     for failure in 1..=5 {
-        assert!(
-            cache.get::<u32>("k").await.is_err(),
-            "failure {failure} must surface as an error"
-        );
-        let expected = if failure < 5 {
-            Mode::Redis
-        } else {
-            Mode::Local
-        };
+        assert!(cache.get::<u32>("k").await.is_err(), "failure {failure} must surface as an error");
+        let expected = if failure < 5 { Mode::Redis } else { Mode::Local };
         assert_eq!(cache.mode(), expected, "after {failure} failures");
     }
     assert_eq!(cache.breaker_state(), BreakerState::Open);
@@ -111,11 +86,7 @@ async fn the_breaker_opens_at_exactly_the_threshold() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        probed,
-        "traffic did not close the breaker: {:?}",
-        cache.breaker_state()
-    );
+    assert!(probed, "traffic did not close the breaker: {:?}", cache.breaker_state());
     assert_eq!(cache.get::<u32>("k").await.unwrap(), Some(1));
 }
 
@@ -134,23 +105,13 @@ async fn a_killed_redis_opens_the_breaker_and_a_restart_closes_it() {
     cache.set("k", &2).await.unwrap();
     assert_eq!(cache.get::<u32>("k").await.unwrap(), Some(2));
     let stats = cache.stats().await.unwrap();
-    assert_eq!(
-        (stats.mode, stats.breaker, stats.breaker_opened),
-        (Mode::Local, BreakerState::Open, 1)
-    );
+    assert_eq!((stats.mode, stats.breaker, stats.breaker_opened), (Mode::Local, BreakerState::Open, 1));
     assert!(!cache.health().await.connected);
 
     redis.restart();
-    let took = wait_for_mode(
-        &cache,
-        Mode::Redis,
-        BREAKER_TIMEOUT + HEALTH_EVERY * 3 + Duration::from_secs(2),
-    )
-    .await;
-    assert!(
-        took <= BREAKER_TIMEOUT + HEALTH_EVERY * 3 + Duration::from_secs(1),
-        "recovery took {took:?}"
-    );
+    let took =
+        wait_for_mode(&cache, Mode::Redis, BREAKER_TIMEOUT + HEALTH_EVERY * 3 + Duration::from_secs(2)).await;
+    assert!(took <= BREAKER_TIMEOUT + HEALTH_EVERY * 3 + Duration::from_secs(1), "recovery took {took:?}");
     // The local tier's outage entries are gone: Redis is the truth again.
     assert_eq!(cache.get::<u32>("k").await.unwrap(), None);
     assert!(cache.health().await.connected);
@@ -188,21 +149,10 @@ async fn invalidations_made_during_an_outage_reach_redis_before_it_serves_again(
     assert_eq!(load(&cache, 9, &runs).await, "value 9");
 
     proxy.set(Fault::None);
-    wait_for_mode(
-        &cache,
-        Mode::Redis,
-        BREAKER_TIMEOUT + HEALTH_EVERY * 3 + Duration::from_secs(2),
-    )
-    .await;
+    wait_for_mode(&cache, Mode::Redis, BREAKER_TIMEOUT + HEALTH_EVERY * 3 + Duration::from_secs(2)).await;
     assert_eq!(cache.stats().await.unwrap().pending_invalidations, 0);
-    assert!(
-        !in_redis(format!("{prefix}:plain:1")).await,
-        "a key deleted during the outage came back"
-    );
-    assert!(
-        !in_redis(format!("{prefix}:queue:1")).await,
-        "a pattern deleted during the outage came back"
-    );
+    assert!(!in_redis(format!("{prefix}:plain:1")).await, "a key deleted during the outage came back");
+    assert!(!in_redis(format!("{prefix}:queue:1")).await, "a pattern deleted during the outage came back");
     for id in 0..4 {
         let mut k = KeyBuilder::new(&cache, &SPEC);
         k.arg(&id);
@@ -234,10 +184,7 @@ async fn a_paused_redis_costs_a_caller_at_most_the_operation_timeout() {
     }
     redis.resume();
     // Bounded, not fast: a generous multiple of the timeout proves nothing hangs.
-    assert!(
-        worst < OP_TIMEOUT * 4,
-        "a call took {worst:?} with the timeout at {OP_TIMEOUT:?}"
-    );
+    assert!(worst < OP_TIMEOUT * 4, "a call took {worst:?} with the timeout at {OP_TIMEOUT:?}");
     assert_eq!(cache.mode(), Mode::Local, "five timeouts open the breaker");
 }
 
@@ -245,14 +192,8 @@ async fn a_paused_redis_costs_a_caller_at_most_the_operation_timeout() {
 async fn a_black_hole_and_a_cut_reply_never_return_wrong_data() {
     let redis = Redis::spawn();
     let proxy = Proxy::start(redis.port()).await;
-    let cache = Cache::new(
-        config(&proxy.url())
-            .circuit_breaker_enabled(false)
-            .build()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let cache =
+        Cache::new(config(&proxy.url()).circuit_breaker_enabled(false).build().unwrap()).await.unwrap();
     for i in 0..20u32 {
         cache.set(&format!("k{i}"), &i).await.unwrap();
     }
@@ -260,10 +201,7 @@ async fn a_black_hole_and_a_cut_reply_never_return_wrong_data() {
         proxy.set(fault);
         for i in 0..5u32 {
             let r = cache.get::<u32>(&format!("k{i}")).await;
-            assert!(
-                r.is_err() || r.as_ref().unwrap() == &Some(i),
-                "{fault:?}: {r:?}"
-            );
+            assert!(r.is_err() || r.as_ref().unwrap() == &Some(i), "{fault:?}: {r:?}");
         }
         proxy.set(Fault::None);
         // After the fault, every key reads its own value: no reply is matched to another request.
@@ -328,44 +266,20 @@ async fn out_of_memory_keeps_reads_and_invalidations_working() {
         .query_async(&mut raw)
         .await
         .unwrap();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("1")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    let _: () =
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1").query_async(&mut raw).await.unwrap();
 
     let err = cache.set("new", &"x").await.unwrap_err();
-    assert!(
-        err.to_string().to_lowercase().contains("oom") || err.to_string().contains("memory"),
-        "{err}"
-    );
-    assert_eq!(
-        cache.get::<String>("kept").await.unwrap().as_deref(),
-        Some("before")
-    );
+    assert!(err.to_string().to_lowercase().contains("oom") || err.to_string().contains("memory"), "{err}");
+    assert_eq!(cache.get::<String>("kept").await.unwrap().as_deref(), Some("before"));
     assert_eq!(load(&cache, 1, &runs).await, "value 1");
     assert_eq!(runs.load(Ordering::SeqCst), 1, "reads still hit");
-    assert_eq!(
-        load(&cache, 2, &runs).await,
-        "value 2",
-        "a failed fill still serves the body's result"
-    );
+    assert_eq!(load(&cache, 2, &runs).await, "value 2", "a failed fill still serves the body's result");
     assert!(cache.delete("kept").await.unwrap());
-    assert_eq!(
-        cache.mode(),
-        Mode::Redis,
-        "OOM is Redis answering: the breaker stays closed"
-    );
+    assert_eq!(cache.mode(), Mode::Redis, "OOM is Redis answering: the breaker stays closed");
     assert_eq!(cache.breaker_state(), BreakerState::Closed);
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("0")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    let _: () =
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0").query_async(&mut raw).await.unwrap();
 }
 
 #[tokio::test]
@@ -374,31 +288,14 @@ async fn a_read_only_replica_serves_reads_and_keeps_the_breaker_closed() {
     let cache = cache_on(redis.url()).await;
     cache.set("k", &1u8).await.unwrap();
     let mut raw = redis.raw().await;
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(dead_port)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _: () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(dead_port).query_async(&mut raw).await.unwrap();
     // A replica that lost its master keeps its data and answers reads.
     assert_eq!(cache.get::<u8>("k").await.unwrap(), Some(1));
     let err = cache.set("k", &2u8).await.unwrap_err();
-    assert!(
-        err.to_string().contains("READONLY") || err.to_string().contains("read"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("READONLY") || err.to_string().contains("read"), "{err}");
     assert_eq!(cache.breaker_state(), BreakerState::Closed);
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("NO")
-        .arg("ONE")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    let _: () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query_async(&mut raw).await.unwrap();
     cache.set("k", &3u8).await.unwrap();
     assert_eq!(cache.get::<u8>("k").await.unwrap(), Some(3));
 }
@@ -408,10 +305,7 @@ async fn a_key_of_another_redis_type_is_a_miss() {
     let redis = Redis::spawn();
     let cache = cache_on(redis.url()).await;
     let mut raw = redis.raw().await;
-    let _: () = raw
-        .lpush(format!("{}:list", cache.config().key_prefix()), "x")
-        .await
-        .unwrap();
+    let _: () = raw.lpush(format!("{}:list", cache.config().key_prefix()), "x").await.unwrap();
     assert_eq!(cache.get::<String>("list").await.unwrap(), None);
     assert_eq!(cache.mode(), Mode::Redis);
 }

@@ -13,23 +13,15 @@ fn the_shipped_settings_file_loads() {
     assert_eq!(config.key_prefix(), "nb");
     assert_eq!(config.serialization(), Serialization::Json);
     assert_eq!(config.default_ttl(), Duration::from_secs(3600));
-    assert_eq!(
-        config.named_ttl("api_response"),
-        Some(Duration::from_secs(900))
-    );
+    assert_eq!(config.named_ttl("api_response"), Some(Duration::from_secs(900)));
     assert_eq!(config.max_connections(), 50);
-    assert!(
-        config.retry_on_timeout() && config.warmup_enabled() && config.circuit_breaker_enabled()
-    );
+    assert!(config.retry_on_timeout() && config.warmup_enabled() && config.circuit_breaker_enabled());
 }
 
 #[test]
 fn a_missing_file_is_named() {
     let err = CacheConfig::from_settings_file("/nonexistent/settings.yaml").unwrap_err();
-    assert!(
-        matches!(&err, CacheError::Settings { path, .. } if path.contains("nonexistent")),
-        "{err}"
-    );
+    assert!(matches!(&err, CacheError::Settings { path, .. } if path.contains("nonexistent")), "{err}");
 }
 
 #[test]
@@ -40,12 +32,8 @@ fn a_profile_section_is_read_and_checked() {
     assert_eq!(profile.ttl, Some(Duration::from_secs(900)));
     assert_eq!(profile.prefix.as_deref(), Some("api"));
     assert_eq!(profile.tags, ["api", "responses"]);
-    let err = CacheConfig::from_settings_str(
-        "REDIS:\n  profiles:\n    p:\n      ttl: 1\n      colour: red\n",
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string().contains("REDIS.profiles.p.colour") && err.to_string().contains("red"),
-        "{err}"
-    );
+    let err =
+        CacheConfig::from_settings_str("REDIS:\n  profiles:\n    p:\n      ttl: 1\n      colour: red\n")
+            .unwrap_err();
+    assert!(err.to_string().contains("REDIS.profiles.p.colour") && err.to_string().contains("red"), "{err}");
 }

@@ -7,30 +7,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_runtime::__private::{
-    always, get_or_compute, Call, KeyBuilder, OkOnly, Plain, Spec, Tags,
-};
+use cache_runtime::__private::{always, get_or_compute, Call, KeyBuilder, OkOnly, Plain, Spec, Tags};
 use cache_runtime::Cache;
 use support::{local_cache, Redis, FORMATS};
 use tokio::sync::{Barrier, Notify};
 
-const SPEC: Spec = Spec {
-    name: "load",
-    prefix: Some("load"),
-    ttl: None,
-    profile: None,
-    version: 0,
-};
+const SPEC: Spec = Spec { name: "load", prefix: Some("load"), ttl: None, profile: None, version: 0 };
 
 fn call<'a>(cache: &'a Cache, id: u32, tags: &'static [&'static str]) -> Call<'a> {
     let mut key = KeyBuilder::new(cache, &SPEC);
     key.arg(&id);
-    Call {
-        cache,
-        spec: &SPEC,
-        key: key.finish(),
-        tags: Tags::Static(tags),
-    }
+    Call { cache, spec: &SPEC, key: key.finish(), tags: Tags::Static(tags) }
 }
 
 async fn load(cache: &Cache, id: u32, runs: &AtomicU32, delay: Duration) -> u64 {
@@ -43,10 +30,7 @@ async fn load(cache: &Cache, id: u32, runs: &AtomicU32, delay: Duration) -> u64 
 }
 
 async fn caches(redis: &Redis, name: &str) -> Vec<Cache> {
-    vec![
-        redis.cache(name, FORMATS[0]).await,
-        local_cache(name, FORMATS[1]),
-    ]
+    vec![redis.cache(name, FORMATS[0]).await, local_cache(name, FORMATS[1])]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,11 +87,7 @@ async fn a_cancelled_leader_hands_over_to_a_follower() {
         .await
         .expect("followers hung after the leader was cancelled");
         assert!(results.iter().all(|&v| v == 10));
-        assert_eq!(
-            runs.load(Ordering::SeqCst),
-            2,
-            "exactly one follower took over"
-        );
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "exactly one follower took over");
     }
 }
 
@@ -136,10 +116,7 @@ async fn a_panicking_leader_hands_over_and_leaves_no_lock() {
             tokio::spawn(async move { load(&cache, 2, &runs, Duration::ZERO).await })
         };
         assert!(leader.await.unwrap_err().is_panic());
-        let v = tokio::time::timeout(Duration::from_secs(5), follower)
-            .await
-            .expect("follower hung")
-            .unwrap();
+        let v = tokio::time::timeout(Duration::from_secs(5), follower).await.expect("follower hung").unwrap();
         assert_eq!(v, 20);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
@@ -155,15 +132,11 @@ async fn a_fill_computed_before_an_invalidation_is_refused() {
             let reader = {
                 let (cache, in_body, release) = (cache.clone(), in_body.clone(), release.clone());
                 tokio::spawn(async move {
-                    get_or_compute::<Plain, _, _, _>(
-                        call(&cache, 3, &["load"]),
-                        always,
-                        async move {
-                            in_body.notify_one();
-                            release.notified().await;
-                            "read before the update".to_owned()
-                        },
-                    )
+                    get_or_compute::<Plain, _, _, _>(call(&cache, 3, &["load"]), always, async move {
+                        in_body.notify_one();
+                        release.notified().await;
+                        "read before the update".to_owned()
+                    })
                     .await
                 })
             };
@@ -204,4 +177,42 @@ async fn errors_pass_through_and_are_not_stored() {
         }
         assert_eq!(runs.load(Ordering::SeqCst), 3);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_by_another_process_refuses_the_fill() {
+    let redis = Redis::start();
+    let reader = redis.cache("xproc", FORMATS[0]).await;
+    let config = cache_runtime::CacheConfig::builder()
+        .redis_url(redis.url())
+        .key_prefix(reader.config().key_prefix())
+        .build()
+        .unwrap();
+    let writer = Cache::new(config).await.unwrap();
+    for round in 0..3 {
+        let in_body = Arc::new(Notify::new());
+        let release = Arc::new(Notify::new());
+        let task = {
+            let (reader, in_body, release) = (reader.clone(), in_body.clone(), release.clone());
+            tokio::spawn(async move {
+                get_or_compute::<Plain, _, _, _>(call(&reader, 5, &["load"]), always, async move {
+                    in_body.notify_one();
+                    release.notified().await;
+                    format!("stale {round}")
+                })
+                .await
+            })
+        };
+        in_body.notified().await;
+        writer.invalidate_tags(["load"]).await.unwrap();
+        release.notify_one();
+        task.await.unwrap();
+        let key = call(&reader, 5, &[]).key.into_relative();
+        assert_eq!(writer.get::<String>(&key).await.unwrap(), None, "round {round}: a stale fill landed");
+    }
+    // The refusals taught the reader the current epoch: its next fill lands.
+    let runs = AtomicU32::new(0);
+    load(&reader, 5, &runs, Duration::ZERO).await;
+    let key = call(&reader, 5, &[]).key.into_relative();
+    assert_eq!(writer.get::<u64>(&key).await.unwrap(), Some(50));
 }

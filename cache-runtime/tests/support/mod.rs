@@ -26,23 +26,14 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A key prefix no other test in any process uses.
 pub fn unique_prefix(name: &str) -> String {
-    format!(
-        "t{}x{}{name}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("t{}x{}{name}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 impl Redis {
     /// The server in `REDIS_URL`, or a fresh one of our own.
     pub fn start() -> Redis {
         match std::env::var("REDIS_URL") {
-            Ok(url) if !url.is_empty() => Redis {
-                url,
-                port: 0,
-                dir: None,
-                child: None,
-            },
+            Ok(url) if !url.is_empty() => Redis { url, port: 0, dir: None, child: None },
             _ => Redis::spawn(),
         }
     }
@@ -50,24 +41,16 @@ impl Redis {
     /// Always a fresh `redis-server` of our own, so it can be killed and restarted.
     pub fn spawn() -> Redis {
         let port = free_port();
-        let dir =
-            std::env::temp_dir().join(format!("cache-runtime-test-{}-{port}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("cache-runtime-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create a temp dir for redis-server");
-        let mut redis = Redis {
-            url: format!("redis://127.0.0.1:{port}/0"),
-            port,
-            dir: Some(dir),
-            child: None,
-        };
+        let mut redis =
+            Redis { url: format!("redis://127.0.0.1:{port}/0"), port, dir: Some(dir), child: None };
         redis.boot();
         redis
     }
 
     fn boot(&mut self) {
-        let dir = self
-            .dir
-            .as_ref()
-            .expect("only our own server can be booted");
+        let dir = self.dir.as_ref().expect("only our own server can be booted");
         let log = dir.join("redis.log");
         let child = Command::new("redis-server")
             .args([
@@ -103,10 +86,7 @@ impl Redis {
             std::thread::sleep(Duration::from_millis(20));
         }
         let log = std::fs::read_to_string(&log).unwrap_or_default();
-        panic!(
-            "redis-server on port {} did not answer PING within 10 s; its log:\n{log}",
-            self.port
-        );
+        panic!("redis-server on port {} did not answer PING within 10 s; its log:\n{log}", self.port);
     }
 
     pub fn url(&self) -> &str {
@@ -142,36 +122,20 @@ impl Redis {
     }
 
     fn signal(&self, sig: &str) {
-        let child = self
-            .child
-            .as_ref()
-            .expect("only our own server can be signalled");
-        let status = Command::new("kill")
-            .arg(sig)
-            .arg(child.id().to_string())
-            .status()
-            .expect("run kill");
+        let child = self.child.as_ref().expect("only our own server can be signalled");
+        let status = Command::new("kill").arg(sig).arg(child.id().to_string()).status().expect("run kill");
         assert!(status.success(), "kill {sig} failed");
     }
 
     /// A cache builder on this server with a prefix of the test's own.
     pub fn config(&self, name: &str) -> CacheConfigBuilder {
-        CacheConfig::builder()
-            .redis_url(self.url.clone())
-            .key_prefix(unique_prefix(name))
+        CacheConfig::builder().redis_url(self.url.clone()).key_prefix(unique_prefix(name))
     }
 
     /// A Redis-mode cache in `format`, asserting that Redis mode was reached.
     pub async fn cache(&self, name: &str, format: Serialization) -> Cache {
-        let cache = Cache::new(self.config(name).serialization(format).build().unwrap())
-            .await
-            .unwrap();
-        assert_eq!(
-            cache.mode(),
-            cache_runtime::Mode::Redis,
-            "test server unreachable at {}",
-            self.url
-        );
+        let cache = Cache::new(self.config(name).serialization(format).build().unwrap()).await.unwrap();
+        assert_eq!(cache.mode(), cache_runtime::Mode::Redis, "test server unreachable at {}", self.url);
         cache
     }
 
@@ -208,26 +172,17 @@ fn ping(port: u16) -> bool {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let mut buf = [0u8; 16];
     stream.write_all(b"PING\r\n").is_ok()
-        && stream
-            .read(&mut buf)
-            .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+        && stream.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
 }
 
 /// A local-mode cache in `format`.
 pub fn local_cache(name: &str, format: Serialization) -> Cache {
-    let config = CacheConfig::builder()
-        .key_prefix(unique_prefix(name))
-        .serialization(format)
-        .build()
-        .unwrap();
+    let config =
+        CacheConfig::builder().key_prefix(unique_prefix(name)).serialization(format).build().unwrap();
     Cache::local(config)
 }
 
-pub const FORMATS: [Serialization; 3] = [
-    Serialization::Json,
-    Serialization::MsgPack,
-    Serialization::Binary,
-];
+pub const FORMATS: [Serialization; 3] = [Serialization::Json, Serialization::MsgPack, Serialization::Binary];
 
 tokio::task_local! {
     /// The cache `#[cached(cache = support::current())]` functions use in the running test.
@@ -241,10 +196,7 @@ pub fn current() -> Cache {
 
 /// A Redis-mode and a local-mode cache, for tests that must hold in both.
 pub async fn both_modes(redis: &Redis, name: &str) -> [Cache; 2] {
-    [
-        redis.cache(name, FORMATS[0]).await,
-        local_cache(name, FORMATS[1]),
-    ]
+    [redis.cache(name, FORMATS[0]).await, local_cache(name, FORMATS[1])]
 }
 
 pub mod proxy;

@@ -36,9 +36,7 @@ pub struct Proxy {
 impl Proxy {
     /// Starts a proxy on a free loopback port forwarding to `127.0.0.1:upstream`.
     pub async fn start(upstream: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the proxy");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let port = listener.local_addr().unwrap().port();
         let fault = Arc::new(AtomicU8::new(Fault::None as u8));
         let latency_ms = Arc::new(AtomicU64::new(0));
@@ -58,32 +56,12 @@ impl Proxy {
                     let _ = server.set_nodelay(true);
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    tokio::spawn(pump(
-                        cr,
-                        sw,
-                        fault.clone(),
-                        latency_ms.clone(),
-                        kick.subscribe(),
-                        false,
-                    ));
-                    tokio::spawn(pump(
-                        sr,
-                        cw,
-                        fault.clone(),
-                        latency_ms.clone(),
-                        kick.subscribe(),
-                        true,
-                    ));
+                    tokio::spawn(pump(cr, sw, fault.clone(), latency_ms.clone(), kick.subscribe(), false));
+                    tokio::spawn(pump(sr, cw, fault.clone(), latency_ms.clone(), kick.subscribe(), true));
                 }
             })
         };
-        Proxy {
-            port,
-            fault,
-            latency_ms,
-            kick,
-            task,
-        }
+        Proxy { port, fault, latency_ms, kick, task }
     }
 
     pub fn url(&self) -> String {
@@ -98,8 +76,7 @@ impl Proxy {
     }
 
     pub fn set_latency(&self, latency: Duration) {
-        self.latency_ms
-            .store(latency.as_millis() as u64, Ordering::SeqCst);
+        self.latency_ms.store(latency.as_millis() as u64, Ordering::SeqCst);
         self.set(Fault::Latency);
     }
 }

@@ -164,7 +164,14 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
     let doc_invalidate_all = format!("Removes every cached result of `{name}`.");
     let doc_key = format!("The cache key (relative to the cache's prefix) of `{name}` for these arguments.");
     let doc_refresh = format!("Runs `{name}` and stores its result whatever is cached (write-through).");
-    let allow = quote!(#[allow(clippy::too_many_arguments, clippy::needless_lifetimes, clippy::ptr_arg, unused_qualifications)]);
+    let allow = quote!(#[allow(
+        clippy::too_many_arguments,
+        clippy::needless_lifetimes,
+        clippy::ptr_arg,
+        clippy::redundant_closure,
+        clippy::redundant_closure_call,
+        unused_qualifications
+    )]);
 
     quote! {
         #(#attrs)*

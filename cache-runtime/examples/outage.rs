@@ -150,21 +150,22 @@ fn main() {
             t.await.unwrap();
         }
 
-        let tally = tally.lock().unwrap();
         let stats = cache.stats().await.unwrap();
-        let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1e3;
-        println!("caller errors:                   0 (a #[cached] call returns the function's result; it has no error path)");
-        println!("panics:                          {}", panics.load(Ordering::Relaxed));
-        println!("results for the wrong key:       {}", tally.wrong);
-        println!("calls in mode redis / local:     {} / {}", tally.calls_by_mode[0], tally.calls_by_mode[1]);
-        for (name, h) in ["before", "during", "after"].iter().zip(&tally.hist) {
-            println!("p50 / p99 {name:<7} (µs):       {:.0} / {:.0}   ({} calls)", q(h, 0.5), q(h, 0.99), h.len());
+        {
+            let tally = tally.lock().unwrap();
+            let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1e3;
+            println!("caller errors:                   0 (a #[cached] call returns the function's result; it has no error path)");
+            println!("panics:                          {}", panics.load(Ordering::Relaxed));
+            println!("results for the wrong key:       {}", tally.wrong);
+            println!("calls in mode redis / local:     {} / {}", tally.calls_by_mode[0], tally.calls_by_mode[1]);
+            for (name, h) in ["before", "during", "after"].iter().zip(&tally.hist) {
+                println!("p50 / p99 {name:<7} (µs):       {:.0} / {:.0}   ({} calls)", q(h, 0.5), q(h, 0.99), h.len());
+            }
+            println!("faults before the breaker opened: {faults_before_open} (threshold {THRESHOLD}; calls in flight at the kill fail together)");
+            println!("breaker opened:                  {} time(s)", stats.breaker_opened);
+            println!("restart -> mode redis:           {:.2} s (breaker timeout {:?} + health interval {:?})", recovery.as_secs_f64(), BREAKER_TIMEOUT, HEALTH_EVERY);
+            println!("body runs:                       {}", BODY_RUNS.load(Ordering::Relaxed));
         }
-        println!("faults before the breaker opened: {faults_before_open} (threshold {THRESHOLD}; calls in flight at the kill fail together)");
-        println!("breaker opened:                  {} time(s)", stats.breaker_opened);
-        println!("restart -> mode redis:           {:.2} s (breaker timeout {:?} + health interval {:?})", recovery.as_secs_f64(), BREAKER_TIMEOUT, HEALTH_EVERY);
-        println!("body runs:                       {}", BODY_RUNS.load(Ordering::Relaxed));
-
         storm_run(&redis, storm).await;
     });
 }

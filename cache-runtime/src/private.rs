@@ -288,23 +288,23 @@ where
         return body.await;
     }
     let full = call.key.full.as_str();
-    match cache.read(&full).await {
+    match cache.read(full).await {
         Ok(Some(raw)) => {
-            if let Some(v) = cache.decode_or_drop::<Out::Value>(&full, &raw) {
+            if let Some(v) = cache.decode_or_drop::<Out::Value>(full, &raw) {
                 cache.record_lookup(true);
                 return Out::from_cached(v);
             }
         }
         Ok(None) => {}
         Err(e) => {
-            cache.record_fault("get", &full, &e);
+            cache.record_fault("get", full, &e);
             return body.await;
         }
     }
     cache.record_lookup(false);
 
     let leader = loop {
-        match cache.inner.flights.join(&full) {
+        match cache.inner.flights.join(full) {
             Role::Leader(leader) => break leader,
             Role::Follower(slot) => match flight::follow(slot).await {
                 Some(Outcome::Value(bytes)) => match codec::decode::<Out::Value>(&bytes) {
@@ -340,8 +340,8 @@ where
     let epoch = call.cache.epoch().await;
     let out = body.await;
     match epoch {
-        Ok(epoch) => drop(store(&call, &full, &out, condition, Some(epoch)).await),
-        Err(e) => call.cache.record_fault("refresh", &full, &e),
+        Ok(epoch) => drop(store(&call, full, &out, condition, Some(epoch)).await),
+        Err(e) => call.cache.record_fault("refresh", full, &e),
     }
     out
 }

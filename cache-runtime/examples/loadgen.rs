@@ -191,9 +191,9 @@ async fn run_scenario(
                 // Deterministic spread: 1 call in 10 invalidates the key it lands on.
                 let id = (n.wrapping_mul(2654435761) >> 7) % KEYSPACE;
                 if n % 10 == 9 {
-                    let _ = redis_mission_invalidate(id).await;
+                    let _ = mix_mission_invalidate(id).await;
                 } else {
-                    std::hint::black_box(redis_mission(id).await);
+                    std::hint::black_box(mix_mission(id).await);
                 }
             })
             .await
@@ -324,6 +324,16 @@ fn main() {
                 eprintln!("{json}");
             }
         }
+        let stats = redis_cache.stats().await.unwrap();
+        println!(
+            "redis cache: hits {} misses {} faults {} decode failures {} fills refused {} breaker opened {}",
+            stats.hits,
+            stats.misses,
+            stats.errors,
+            stats.decode_failures,
+            stats.fills_refused,
+            stats.breaker_opened
+        );
         redis_cache.clear().await.unwrap();
     });
 }

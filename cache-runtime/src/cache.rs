@@ -339,6 +339,33 @@ impl Cache {
         Health::new(self.mode(), self.inner.breaker.state(), started.elapsed(), result.err())
     }
 
+    /// One page of keys matching the glob `pattern` (relative to the prefix), from
+    /// `cursor` (0 to start); the cursor of the next page is 0 at the end.
+    pub async fn scan_keys(
+        &self,
+        pattern: &str,
+        cursor: u64,
+        count: usize,
+    ) -> Result<(Vec<String>, u64), CacheError> {
+        let prefix = escape_glob(&self.inner.config.key_prefix);
+        let full = format!("{prefix}:{pattern}");
+        let strip = self.inner.config.key_prefix.len() + 1;
+        match self.redis().await {
+            Some((redis, permit)) => {
+                let (next, keys) = self.settle(permit, redis.scan_page(&full, cursor, count).await)?;
+                Ok((keys.into_iter().map(|k| k[strip..].to_owned()).collect(), next))
+            }
+            None => {
+                let mut keys = self.inner.local.keys(&full);
+                keys.sort_unstable();
+                let start = (cursor as usize).min(keys.len());
+                let end = start.saturating_add(count).min(keys.len());
+                let next = if end < keys.len() { end as u64 } else { 0 };
+                Ok((keys[start..end].iter().map(|k| k[strip..].to_owned()).collect(), next))
+            }
+        }
+    }
+
     /// This cache's Prometheus metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics

@@ -25,6 +25,9 @@ mod conn;
 mod error;
 mod flight;
 mod glob;
+/// HTTP: the management API, `/metrics`, and response caching for axum.
+#[cfg(feature = "http")]
+pub mod http;
 mod key;
 mod local;
 mod metrics;

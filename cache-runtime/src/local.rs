@@ -143,6 +143,16 @@ impl LocalTier {
             .count() as u64
     }
 
+    /// Live keys matching the full-key glob `pattern`.
+    pub(crate) fn keys(&self, pattern: &str) -> Vec<String> {
+        let now = Instant::now();
+        self.entries
+            .iter()
+            .filter(|(k, e)| e.expires_at > now && glob::matches(pattern.as_bytes(), k.as_bytes()))
+            .map(|(k, _)| k.to_string())
+            .collect()
+    }
+
     pub(crate) fn len(&self) -> u64 {
         self.entries.run_pending_tasks();
         self.entries.entry_count()

@@ -150,6 +150,11 @@ impl Metrics {
         Ok(())
     }
 
+    /// Records how long a warm-up took (`*_cache_warmup_duration_seconds`).
+    pub fn observe_warmup(&self, took: Duration) {
+        self.warmup_duration.observe(took.as_secs_f64());
+    }
+
     /// Cache faults absorbed so far (`*_cache_errors_total`).
     pub fn errors_total(&self) -> u64 {
         self.errors.get()

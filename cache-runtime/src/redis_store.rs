@@ -291,6 +291,16 @@ impl RedisStore {
         }
     }
 
+    /// One SCAN page: the next cursor and the keys.
+    pub(crate) async fn scan_page(
+        &self,
+        pattern: &str,
+        cursor: u64,
+        count: usize,
+    ) -> Result<(u64, Vec<String>), CacheError> {
+        self.query(redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(count)).await
+    }
+
     pub(crate) async fn ping(&self) -> Result<(), CacheError> {
         self.query(&redis::cmd("PING")).await
     }

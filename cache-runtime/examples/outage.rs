@@ -20,7 +20,8 @@ use support::proxy::Proxy;
 
 static CACHE: OnceLock<Cache> = OnceLock::new();
 static BODY_RUNS: AtomicU64 = AtomicU64::new(0);
-const BODY_TIME: Duration = Duration::from_micros(200);
+// tokio's timer has millisecond granularity: a shorter sleep would take 1 ms anyway.
+const BODY_TIME: Duration = Duration::from_millis(1);
 const OP_TIMEOUT: Duration = Duration::from_millis(100);
 const BREAKER_TIMEOUT: Duration = Duration::from_secs(2);
 const HEALTH_EVERY: Duration = Duration::from_millis(500);
@@ -78,6 +79,7 @@ fn main() {
         let done = Arc::new(AtomicU64::new(0));
         let outage = Arc::new(Mutex::new(Phase::Before));
         let panics = Arc::new(AtomicU64::new(0));
+        let after = Arc::new(AtomicU64::new(0));
         let tally = Arc::new(Mutex::new(Tally {
             hist: std::array::from_fn(|_| Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap()),
             calls_by_mode: [0; 2],
@@ -85,8 +87,8 @@ fn main() {
         }));
         let tasks: Vec<_> = (0..64u64)
             .map(|t| {
-                let (done, outage, tally, cache, panics) =
-                    (done.clone(), outage.clone(), tally.clone(), cache.clone(), panics.clone());
+                let (done, outage, tally, cache, panics, after) =
+                    (done.clone(), outage.clone(), tally.clone(), cache.clone(), panics.clone(), after.clone());
                 tokio::spawn(async move {
                     let mut local = Tally {
                         hist: std::array::from_fn(|_| Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap()),
@@ -94,7 +96,11 @@ fn main() {
                         wrong: 0,
                     };
                     let mut i = 0u64;
-                    while done.fetch_add(1, Ordering::Relaxed) < calls {
+                    // Runs past `calls` until half as many again were made after recovery.
+                    while done.fetch_add(1, Ordering::Relaxed) < calls
+                        || *outage.lock().unwrap() != Phase::After
+                        || after.fetch_add(1, Ordering::Relaxed) < calls / 2
+                    {
                         let id = (t * 7919 + i) % 2_000;
                         i += 1;
                         let phase = *outage.lock().unwrap();
@@ -165,6 +171,10 @@ fn main() {
             println!("breaker opened:                  {} time(s)", stats.breaker_opened);
             println!("restart -> mode redis:           {:.2} s (breaker timeout {:?} + health interval {:?})", recovery.as_secs_f64(), BREAKER_TIMEOUT, HEALTH_EVERY);
             println!("body runs:                       {}", BODY_RUNS.load(Ordering::Relaxed));
+            println!(
+                "cache: hits {} misses {} faults {} fills refused {} decode failures {}",
+                stats.hits, stats.misses, stats.errors, stats.fills_refused, stats.decode_failures
+            );
         }
         storm_run(&redis, storm).await;
     });

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 pub enum Fault {
     /// Forward everything.
     None = 0,
-    /// Hold every chunk this many milliseconds (see [`Proxy::set_latency`]).
+    /// Hold every reply chunk this many milliseconds (see [`Proxy::set_latency`]).
     Latency = 1,
     /// Read and drop everything; answer nothing.
     BlackHole = 2,
@@ -109,7 +109,7 @@ async fn pump(
         match fault.load(Ordering::SeqCst) {
             f if f == Fault::BlackHole as u8 => continue,
             f if f == Fault::Reset as u8 => return,
-            f if f == Fault::Latency as u8 => {
+            f if f == Fault::Latency as u8 && replies => {
                 tokio::time::sleep(Duration::from_millis(latency_ms.load(Ordering::SeqCst))).await;
             }
             f if f == Fault::CutReply as u8 && replies => {

@@ -176,7 +176,7 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
     quote! {
         #(#attrs)*
         #allow
-        #sig {
+        #vis #sig {
             #assert_output
             #cache
             let __cache_spec = #this #spec_fn();
@@ -336,4 +336,40 @@ fn tags(shape: &Shape, rt: &TokenStream) -> TokenStream {
         })
     });
     quote!(#rt::__private::Tags::Owned(::std::vec![#(#tags),*]))
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    #[test]
+    fn a_typical_function_expands_to_one_runtime_call_and_its_companions() {
+        let out = super::cached(
+            quote!(ttl = 60, prefix = "missions", tags = ["missions", "mission:{mission_id}"], skip = [db]),
+            quote!(
+                /// Loads a mission.
+                pub async fn get_mission(mission_id: String, db: &Db) -> Result<Mission, DbError> {
+                    db.load(&mission_id).await
+                }
+            ),
+        )
+        .to_string();
+        if std::env::var_os("CACHE_MACROS_PRINT").is_some() {
+            println!("{out}");
+        }
+        for item in [
+            "pub async fn get_mission (mission_id : String , db : & Db)",
+            "get_or_compute :: < :: cache_runtime :: __private :: OkOnly",
+            "async fn __cache_get_mission_body (mission_id : String , db : & Db)",
+            "pub async fn get_mission_invalidate (mission_id : String)",
+            "pub async fn get_mission_invalidate_all ()",
+            "pub fn get_mission_key (mission_id : String)",
+            "pub async fn get_mission_refresh (mission_id : String , db : & Db)",
+            "Tags :: Owned",
+        ] {
+            assert!(out.contains(item), "missing `{item}` in\n{out}");
+        }
+        assert!(!out.contains("compile_error"), "{out}");
+        assert_eq!(out.matches("db . load").count(), 1, "the body is emitted once");
+    }
 }

@@ -24,3 +24,19 @@ fn main() {
     let _ = get_mission_refresh("m1".into());
     let _ = no_options();
 }
+
+mod inner {
+    use cache_runtime::cached;
+
+    /// Visibility is kept: this is callable from the parent module.
+    #[cached(prefix = "inner")]
+    pub async fn visible(id: u32) -> u32 {
+        id
+    }
+}
+
+#[allow(dead_code)]
+fn uses_inner() {
+    let _ = inner::visible(1);
+    let _ = inner::visible_invalidate(1);
+}

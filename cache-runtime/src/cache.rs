@@ -459,7 +459,9 @@ impl Cache {
                 Some((redis, permit)) => {
                     let result = self.apply_redis(redis, &what).await;
                     let result = self.settle(permit, result);
-                    if result.is_err() {
+                    // Only an unreachable Redis defers the invalidation; an error Redis
+                    // answered with would fail the replay forever, so it goes to the caller.
+                    if result.as_ref().is_err_and(CacheError::is_unavailable) {
                         self.inner.pending.push(what);
                     }
                     result

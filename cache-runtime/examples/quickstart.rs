@@ -34,7 +34,7 @@ async fn timed<T>(label: &str, f: impl std::future::IntoFuture<Output = T>) -> T
     let out = f.await;
     let took = started.elapsed();
     println!(
-        "  {label:<44} {:>9.3} ms   (db queries so far: {})",
+        "  {label:<48} {:>9.3} ms   (db queries so far: {})",
         took.as_secs_f64() * 1e3,
         DB_QUERIES.load(Ordering::Relaxed)
     );
@@ -46,7 +46,12 @@ async fn main() -> Result<(), CacheError> {
     tracing_subscriber::fmt().with_env_filter("cache_runtime=info").with_target(false).init();
     let config = CacheConfig::builder().key_prefix("quickstart").build()?.with_env()?;
     let cache = cache_runtime::init(config).await?;
-    println!("mode: {} (set REDIS_URL to use Redis)", cache.mode().as_str());
+    match cache.mode() {
+        cache_runtime::Mode::Local => {
+            println!("mode: local (set REDIS_URL=redis://127.0.0.1:6379/0 to use Redis)")
+        }
+        cache_runtime::Mode::Redis => println!("mode: redis"),
+    }
     cache.clear().await?;
 
     println!("\n#[cached] get_mission:");

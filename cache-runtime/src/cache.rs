@@ -339,6 +339,63 @@ impl Cache {
         Health::new(self.mode(), self.inner.breaker.state(), started.elapsed(), result.err())
     }
 
+    /// Pre-loads `entries` (key, value) with `ttl` (the default when `None`) and
+    /// `tags`: `warmup_concurrency` tasks each write a batch of
+    /// `warmup_batch_size` at a time. Returns how many were written; does nothing
+    /// when `warmup_enabled` is off. The duration lands in `*_cache_warmup_duration_seconds`.
+    pub async fn warm<K, V, I>(
+        &self,
+        entries: I,
+        ttl: Option<Duration>,
+        tags: &[&str],
+    ) -> Result<u64, CacheError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: Serialize,
+    {
+        let config = &self.inner.config;
+        if !config.warmup_enabled {
+            tracing::info!("cache warm-up is disabled (warmup_enabled: false)");
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let ttl = ttl.unwrap_or(config.default_ttl);
+        let tags: Arc<[String]> = tags.iter().map(|t| (*t).to_owned()).collect();
+        let mut encoded = Vec::new();
+        for (key, value) in entries {
+            let bytes = codec::encode(config.serialization, &value)?;
+            self.check_size(bytes.len())?;
+            encoded.push((self.full_key(key.as_ref()), bytes));
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut written = 0;
+        let mut batches = encoded.chunks(config.warmup_batch_size.max(1)).map(<[_]>::to_vec);
+        loop {
+            while tasks.len() < config.warmup_concurrency.max(1) {
+                let Some(batch) = batches.next() else { break };
+                let (cache, tags) = (self.clone(), tags.clone());
+                tasks.spawn(async move {
+                    for (full, bytes) in &batch {
+                        cache.write(full, bytes, ttl, &tags, None).await?;
+                    }
+                    Ok::<u64, CacheError>(batch.len() as u64)
+                });
+            }
+            match tasks.join_next().await {
+                Some(done) => {
+                    written +=
+                        done.map_err(|e| CacheError::InvalidArgument(format!("a warm-up task failed: {e}")))??
+                }
+                None => break,
+            }
+        }
+        let took = started.elapsed();
+        self.inner.metrics.observe_warmup(took);
+        tracing::info!(entries = written, ?took, "cache warmed");
+        Ok(written)
+    }
+
     /// One page of keys matching the glob `pattern` (relative to the prefix), from
     /// `cursor` (0 to start); the cursor of the next page is 0 at the end.
     pub async fn scan_keys(

@@ -335,15 +335,15 @@ impl CacheConfig {
     pub fn max_value_bytes(&self) -> usize {
         self.max_value_bytes
     }
-    /// Read but not acted on yet: cache warming is a later feature.
+    /// Whether [`Cache::warm`](crate::Cache::warm) writes anything.
     pub fn warmup_enabled(&self) -> bool {
         self.warmup_enabled
     }
-    /// Read but not acted on yet: cache warming is a later feature.
+    /// Entries one warm-up task writes per batch.
     pub fn warmup_batch_size(&self) -> usize {
         self.warmup_batch_size
     }
-    /// Read but not acted on yet: cache warming is a later feature.
+    /// Warm-up tasks running at once.
     pub fn warmup_concurrency(&self) -> usize {
         self.warmup_concurrency
     }
@@ -416,6 +416,17 @@ impl CacheConfigBuilder {
     /// Sets the most one cache call may spend on Redis.
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.config.operation_timeout = timeout;
+        self
+    }
+    /// Turns [`Cache::warm`](crate::Cache::warm) on or off.
+    pub fn warmup_enabled(mut self, on: bool) -> Self {
+        self.config.warmup_enabled = on;
+        self
+    }
+    /// Sets the warm-up batch size and how many batches run at once.
+    pub fn warmup(mut self, batch_size: usize, concurrency: usize) -> Self {
+        self.config.warmup_batch_size = batch_size;
+        self.config.warmup_concurrency = concurrency;
         self
     }
     /// Sets how often the background health check runs.

@@ -206,3 +206,20 @@ async fn a_malformed_url_is_a_config_error() {
     let err = Cache::new(config).await.unwrap_err();
     assert!(matches!(err, cache_runtime::CacheError::Config { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn warming_writes_in_batches_and_can_be_turned_off() {
+    let redis = Redis::start();
+    let config = redis.config("warm").warmup(100, 2).build().unwrap();
+    for cache in [Cache::new(config.clone()).await.unwrap(), Cache::local(config)] {
+        let entries = (0..250).map(|i| (format!("agents:{i}"), mission(&i.to_string())));
+        let written = cache.warm(entries, Some(Duration::from_secs(600)), &["agents"]).await.unwrap();
+        assert_eq!(written, 250, "{:?}", cache.mode());
+        assert_eq!(cache.get::<Mission>("agents:249").await.unwrap(), Some(mission("249")));
+        assert_eq!(cache.invalidate_tags(["agents"]).await.unwrap(), 250);
+        assert!(cache.metrics().render().contains("cache_warmup_duration_seconds_count 1"));
+    }
+    let off = Cache::local(redis.config("warm_off").warmup_enabled(false).build().unwrap());
+    assert_eq!(off.warm([("k", 1)], None, &[]).await.unwrap(), 0);
+    assert!(!off.exists("k").await.unwrap());
+}

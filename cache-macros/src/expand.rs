@@ -159,8 +159,7 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
     let block = &func.block;
     let (spec_fn, key_fn, invalidate, invalidate_all, key_pub, refresh) =
         (&n.spec, &n.key, &n.invalidate, &n.invalidate_all, &n.key_fn, &n.refresh);
-    let doc_invalidate =
-        format!("Removes the cached result of [`{name}`](Self::{name}) for these arguments.");
+    let doc_invalidate = format!("Removes the cached result of `{name}` for these arguments.");
     let doc_invalidate_all = format!("Removes every cached result of `{name}`.");
     let doc_key = format!("The cache key (relative to the cache's prefix) of `{name}` for these arguments.");
     let doc_refresh = format!("Runs `{name}` and stores its result whatever is cached (write-through).");
@@ -212,7 +211,6 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
         #allow
         #vis async fn #invalidate #generics (#companion_self #(#key_params),*) -> ::core::result::Result<bool, #rt::CacheError> #where_clause {
             #cache
-            let __cache_spec = #this #spec_fn();
             #rt::__private::invalidate(__cache, &#this #key_fn(__cache, #(#key_refs),*)).await
         }
 

@@ -86,8 +86,8 @@ impl Args {
             }
             "prefix" | "key_prefix" => self.prefix = Some(lit_str(input, key, "\"missions\"")?),
             "tags" => {
-                let content;
-                bracketed!(content in input);
+                let content =
+                    brackets(input, "a list of string literals: `tags = [\"missions\", \"mission:{id}\"]`")?;
                 let tags = Punctuated::<Lit, Token![,]>::parse_terminated(&content)?;
                 self.tags = Some(
                     tags.into_iter()
@@ -101,14 +101,21 @@ impl Args {
                         .collect::<syn::Result<_>>()?,
                 )
             }
-            "condition" => self.condition = Some(input.parse()?),
+            "condition" => {
+                self.condition = Some(not_lit(
+                    input.parse()?,
+                    "a function or closure: `condition = |v: &Mission| v.active`",
+                )?)
+            }
             "key" => self.key = Some(lit_str(input, key, "\"{mission_id}\"")?),
             "skip" => {
-                let content;
-                bracketed!(content in input);
+                let content = brackets(input, "a list of argument names: `skip = [db, conn]`")?;
                 self.skip = Some(idents(&content)?);
             }
-            "cache" => self.cache = Some(input.parse()?),
+            "cache" => {
+                self.cache =
+                    Some(not_lit(input.parse()?, "an expression giving a `Cache`: `cache = self.cache`")?)
+            }
             "version" => {
                 let lit: Lit = input.parse()?;
                 match lit {
@@ -148,6 +155,22 @@ fn lit_str(input: ParseStream<'_>, key: &str, example: &str) -> syn::Result<LitS
     }
 }
 
+fn brackets<'a>(input: ParseStream<'a>, expected: &str) -> syn::Result<syn::parse::ParseBuffer<'a>> {
+    if !input.peek(syn::token::Bracket) {
+        return Err(input.error(format!("expected {expected}")));
+    }
+    let content;
+    bracketed!(content in input);
+    Ok(content)
+}
+
+fn not_lit(expr: Expr, expected: &str) -> syn::Result<Expr> {
+    match expr {
+        Expr::Lit(_) => Err(syn::Error::new_spanned(expr, format!("expected {expected}"))),
+        expr => Ok(expr),
+    }
+}
+
 fn idents(input: ParseStream<'_>) -> syn::Result<Vec<Ident>> {
     Ok(Punctuated::<Ident, Token![,]>::parse_terminated(input)?.into_iter().collect())
 }
@@ -161,13 +184,17 @@ fn check_ttl(expr: &Expr) -> syn::Result<()> {
             ));
         }
     }
-    if let Expr::Lit(syn::ExprLit { lit, .. }) = expr {
-        if !matches!(lit, Lit::Int(_)) {
-            return Err(syn::Error::new(
-                lit.span(),
-                "expected seconds, a `Duration` or a named TTL: `ttl = 300`, `ttl = Duration::from_secs(300)`, `ttl = \"quantum_state\"`",
-            ));
-        }
+    // Shapes that can't be seconds or a `Duration`: said here, not as a trait error.
+    let wrong = match expr {
+        Expr::Lit(syn::ExprLit { lit, .. }) => !matches!(lit, Lit::Int(_)),
+        Expr::Array(_) | Expr::Tuple(_) | Expr::Closure(_) | Expr::Range(_) | Expr::Repeat(_) => true,
+        _ => false,
+    };
+    if wrong {
+        return Err(syn::Error::new_spanned(
+            expr,
+            "expected seconds, a `Duration` or a named TTL: `ttl = 300`, `ttl = Duration::from_secs(300)`, `ttl = \"quantum_state\"`",
+        ));
     }
     Ok(())
 }
@@ -222,5 +249,23 @@ mod tests {
         assert!(err.contains("`ttl` set multiple times"), "{err}");
         let err = syn::parse_str::<Args>("prefix = \"a\", key_prefix = \"b\"").err().unwrap().to_string();
         assert!(err.contains("`prefix` set multiple times"), "{err}");
+    }
+
+    #[test]
+    fn says_what_each_option_expects() {
+        for (given, expected) in [
+            ("ttl = [1]", "expected seconds"),
+            ("ttl = 0", "ttl must be positive"),
+            ("prefix = 5", "expected a string literal"),
+            ("version = \"x\"", "expected a whole number"),
+            ("tags = \"missions\"", "expected a list of string literals"),
+            ("tags = [1]", "tags are string literals"),
+            ("skip = db", "expected a list of argument names"),
+            ("condition = \"yes\"", "expected a function or closure"),
+            ("cache_none = 1", "expected `true` or `false`"),
+        ] {
+            let err = syn::parse_str::<Args>(given).err().unwrap().to_string();
+            assert!(err.contains(expected), "{given}: {err}");
+        }
     }
 }

@@ -15,13 +15,14 @@
 //!     let __cache_spec = __cache_get_mission_spec();
 //!     rt::get_or_compute::<rt::OkOnly, _, _, _>(
 //!         rt::Call { cache: __cache, spec: &__cache_spec,
-//!                    key: __cache_get_mission_key(__cache, &id), tags: vec![/* "mission:{id}" */] },
+//!                    key: __cache_get_mission_key(__cache, &__cache_spec, &id),
+//!                    tags: rt::Tags::Owned(vec![/* "mission:{id}" */]) },
 //!         rt::always,
 //!         __cache_get_mission_body(id, db),
 //!     ).await
 //! }
 //! fn __cache_get_mission_spec() -> rt::Spec { .. }
-//! fn __cache_get_mission_key(__cache: &Cache, id: &u64) -> String { .. }
+//! fn __cache_get_mission_key(__cache: &Cache, __cache_spec: &rt::Spec, id: &u64) -> rt::Key { .. }
 //! async fn __cache_get_mission_body(id: u64, db: &Db) -> Result<Mission, DbError> { body }
 //! pub async fn get_mission_invalidate(id: u64) -> Result<bool, CacheError> { .. }
 //! pub async fn get_mission_invalidate_all() -> Result<u64, CacheError> { .. }
@@ -88,6 +89,13 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
     };
     let vis = &func.vis;
     let cfgs: Vec<&Attribute> = func.attrs.iter().filter(|a| a.path().is_ident("cfg")).collect();
+    // The user's lint levels apply to the body, where their code now is; an `expect`
+    // goes there only, since on the rewritten function it would go unfulfilled.
+    let is_lint =
+        |a: &&Attribute| ["allow", "warn", "deny", "forbid", "expect"].iter().any(|l| a.path().is_ident(l));
+    let body_attrs: Vec<&Attribute> =
+        func.attrs.iter().filter(|a| a.path().is_ident("cfg") || is_lint(a)).collect();
+    let attrs: Vec<&Attribute> = func.attrs.iter().filter(|a| !a.path().is_ident("expect")).collect();
     let generics = &func.sig.generics;
     let where_clause = &func.sig.generics.where_clause;
     let this = if shape.receiver.is_some() { quote!(Self::) } else { quote!() };
@@ -116,24 +124,23 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
     let all_params: Vec<TokenStream> = (0..shape.args.len()).map(|i| param(shape, i)).collect();
     let all_idents: Vec<&Ident> = shape.args.iter().map(|a| &a.ident).collect();
 
-    let spec_fn_name = &n.spec;
     let spec_body = spec(args, name, &rt);
-    let key_body = key(shape, &rt, quote!(#this #spec_fn_name()));
+    let key_body = key(shape, &rt);
     let tags = tags(shape, &rt);
+    // Paths in the runtime call are spanned on the return type, so that the trait
+    // errors of a type that can't be cached point at it rather than at the attribute.
+    let rt_out = respan(rt.clone(), output.span());
     let condition = match &args.condition {
         Some(cond) => quote_spanned!(cond.span()=> |__cache_v| (#cond)(__cache_v)),
-        None => quote!(#rt::__private::always),
+        None => quote_spanned!(output.span()=> #rt_out::__private::always),
     };
     let marker = match shape.marker {
-        Marker::Plain => quote!(#rt::__private::Plain),
-        Marker::OkOnly => quote!(#rt::__private::OkOnly),
-        Marker::SomeOnly => quote!(#rt::__private::SomeOnly),
+        Marker::Plain => quote_spanned!(output.span()=> #rt_out::__private::Plain),
+        Marker::OkOnly => quote_spanned!(output.span()=> #rt_out::__private::OkOnly),
+        Marker::SomeOnly => quote_spanned!(output.span()=> #rt_out::__private::SomeOnly),
     };
-    // Spanned on the return type, so an uncacheable type is blamed where it is written.
     let assert_output =
-        quote_spanned!(output.span()=> #rt::__private::assert_cacheable::<#marker, #output>(););
-    let get_or_compute = quote_spanned!(output.span()=> #rt::__private::get_or_compute::<#marker, _, _, _>);
-    let refresh_call = quote_spanned!(output.span()=> #rt::__private::refresh::<#marker, _, _, _>);
+        quote_spanned!(output.span()=> #rt_out::__private::assert_cacheable::<#marker, #output>(););
     let cache = match &args.cache {
         Some(expr) => quote_spanned!(expr.span()=>
             let __cache_owner = &(#expr);
@@ -142,23 +149,51 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
         None => quote!(let __cache: &#rt::Cache = #rt::__private::global();),
     };
     let key_hidden = &n.key;
-    let call = quote! {
-        #rt::__private::Call {
-            cache: __cache,
-            spec: &__cache_spec,
-            key: #this #key_hidden(__cache, #(#key_refs),*),
-            tags: #tags,
+    let body_name = &n.body;
+    let run = |function: &str| {
+        let function = Ident::new(function, output.span());
+        quote_spanned! {output.span()=>
+            #rt_out::__private::#function::<#marker, _, _, _>(
+                #rt::__private::Call {
+                    cache: __cache,
+                    spec: &__cache_spec,
+                    key: #this #key_hidden(__cache, &__cache_spec, #(#key_refs),*),
+                    tags: #tags,
+                },
+                #condition,
+                #this #body_name(#receiver_arg #(#all_idents),*),
+            )
+            .await
         }
     };
+    let get_or_compute = run("get_or_compute");
+    let refresh_call = run("refresh");
 
-    let attrs = &func.attrs;
-    let sig = &func.sig;
-    let body_name = &n.body;
+    // `mut` on an argument only matters to the body, which keeps it; here it would be unused.
+    let mut sig = func.sig.clone();
+    for input in &mut sig.inputs {
+        if let syn::FnArg::Typed(syn::PatType { pat, .. }) = input {
+            if let syn::Pat::Ident(p) = &mut **pat {
+                p.mutability = None;
+            }
+        }
+    }
     let mut body_sig = func.sig.clone();
     body_sig.ident = n.body.clone();
     let block = &func.block;
     let (spec_fn, key_fn, invalidate, invalidate_all, key_pub, refresh) =
         (&n.spec, &n.key, &n.invalidate, &n.invalidate_all, &n.key_fn, &n.refresh);
+    let public_body = quote! {{
+        #assert_output
+        #cache
+        let __cache_spec = #this #spec_fn();
+        #get_or_compute
+    }};
+    let refresh_body = quote! {{
+        #cache
+        let __cache_spec = #this #spec_fn();
+        #refresh_call
+    }};
     let doc_invalidate = format!("Removes the cached result of `{name}` for these arguments.");
     let doc_invalidate_all = format!("Removes every cached result of `{name}`.");
     let doc_key = format!("The cache key (relative to the cache's prefix) of `{name}` for these arguments.");
@@ -175,17 +210,7 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
     quote! {
         #(#attrs)*
         #allow
-        #vis #sig {
-            #assert_output
-            #cache
-            let __cache_spec = #this #spec_fn();
-            #get_or_compute(
-                #call,
-                #condition,
-                #this #body_name(#receiver_arg #(#all_idents),*),
-            )
-            .await
-        }
+        #vis #sig #public_body
 
         #(#cfgs)*
         #[doc(hidden)]
@@ -197,13 +222,12 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
         #(#cfgs)*
         #[doc(hidden)]
         #allow
-        fn #key_fn #generics (__cache: &#rt::Cache, #(#key_ref_params),*) -> #rt::__private::Key #where_clause {
+        fn #key_fn #generics (__cache: &#rt::Cache, __cache_spec: &#rt::__private::Spec, #(#key_ref_params),*) -> #rt::__private::Key #where_clause {
             #key_body
         }
 
-        #(#cfgs)*
+        #(#body_attrs)*
         #[doc(hidden)]
-        #allow
         #body_sig #block
 
         #(#cfgs)*
@@ -211,7 +235,7 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
         #allow
         #vis async fn #invalidate #generics (#companion_self #(#key_params),*) -> ::core::result::Result<bool, #rt::CacheError> #where_clause {
             #cache
-            #rt::__private::invalidate(__cache, &#this #key_fn(__cache, #(#key_refs),*)).await
+            #rt::__private::invalidate(__cache, &#this #key_fn(__cache, &#this #spec_fn(), #(#key_refs),*)).await
         }
 
         #(#cfgs)*
@@ -227,23 +251,27 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
         #allow
         #vis fn #key_pub #generics (#companion_self #(#key_params),*) -> ::std::string::String #where_clause {
             #cache
-            #this #key_fn(__cache, #(#key_refs),*).into_relative()
+            #this #key_fn(__cache, &#this #spec_fn(), #(#key_refs),*).into_relative()
         }
 
         #(#cfgs)*
         #[doc = #doc_refresh]
         #allow
-        #vis async fn #refresh #generics (#receiver_param #(#all_params),*) -> #output #where_clause {
-            #cache
-            let __cache_spec = #this #spec_fn();
-            #refresh_call(
-                #call,
-                #condition,
-                #this #body_name(#receiver_arg #(#all_idents),*),
-            )
-            .await
-        }
+        #vis async fn #refresh #generics (#receiver_param #(#all_params),*) -> #output #where_clause #refresh_body
     }
+}
+
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut token| {
+            if let proc_macro2::TokenTree::Group(g) = &mut token {
+                *g = proc_macro2::Group::new(g.delimiter(), respan(g.stream(), span));
+            }
+            token.set_span(span);
+            token
+        })
+        .collect()
 }
 
 fn param(shape: &Shape, i: usize) -> TokenStream {
@@ -278,14 +306,14 @@ fn spec(args: &Args, name: &Ident, rt: &TokenStream) -> TokenStream {
     }
 }
 
-fn key(shape: &Shape, rt: &TokenStream, spec: TokenStream) -> TokenStream {
+fn key(shape: &Shape, rt: &TokenStream) -> TokenStream {
     let parts: Vec<TokenStream> = match &shape.key_format {
         Some(segments) => std::iter::once(quote!(__cache_key.custom();))
             .chain(segments.iter().map(|s| match s {
                 Segment::Lit(l) => quote!(__cache_key.lit(#l);),
                 Segment::Arg(ident) => {
-                    let ty = &shape.args.iter().find(|a| a.ident == *ident).expect("validated").ty;
-                    let ident = Ident::new(&ident.to_string(), Span::call_site());
+                    let arg = shape.args.iter().find(|a| a.ident == *ident).expect("validated");
+                    let (ident, ty) = (&arg.ident, &arg.ty);
                     quote_spanned!(ty.span()=> __cache_key.part(#ident);)
                 }
             }))
@@ -300,8 +328,7 @@ fn key(shape: &Shape, rt: &TokenStream, spec: TokenStream) -> TokenStream {
             .collect(),
     };
     quote! {
-        let __cache_spec = #spec;
-        let mut __cache_key = #rt::__private::KeyBuilder::new(__cache, &__cache_spec);
+        let mut __cache_key = #rt::__private::KeyBuilder::new(__cache, __cache_spec);
         #(#parts)*
         __cache_key.finish()
     }
@@ -323,8 +350,11 @@ fn tags(shape: &Shape, rt: &TokenStream) -> TokenStream {
         let pushes = segments.iter().map(|s| match s {
             Segment::Lit(l) => quote!(__cache_tag.push_str(#l);),
             Segment::Arg(ident) => {
-                let ident = Ident::new(&ident.to_string(), Span::call_site());
-                quote!(#rt::__private::push_part(&mut __cache_tag, &#ident);)
+                // Spanned on the argument's type, like the key's parts: a tag can name a skipped argument.
+                let arg = shape.args.iter().find(|a| a.ident == *ident).expect("validated");
+                let (ident, ty) = (&arg.ident, &arg.ty);
+                let rt = respan(rt.clone(), ty.span());
+                quote_spanned!(ty.span()=> #rt::__private::push_part(&mut __cache_tag, &#ident);)
             }
         });
         quote!({

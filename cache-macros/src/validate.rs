@@ -1,7 +1,6 @@
 //! Checks that involve the function and the options together; on success, the
 //! shape of the function that expansion needs.
 
-use syn::spanned::Spanned;
 use syn::{FnArg, GenericParam, ItemFn, Pat, ReturnType, Type};
 
 use crate::args::Args;
@@ -40,8 +39,8 @@ pub(crate) fn check(args: &Args, func: &ItemFn) -> syn::Result<Shape> {
     }
     for param in &sig.generics.params {
         if !matches!(param, GenericParam::Lifetime(_)) {
-            return Err(syn::Error::new(
-                param.span(),
+            return Err(syn::Error::new_spanned(
+                param,
                 "generic parameters can't be part of a cache key: use concrete types (lifetimes are fine)",
             ));
         }
@@ -50,12 +49,11 @@ pub(crate) fn check(args: &Args, func: &ItemFn) -> syn::Result<Shape> {
     let mut fn_args = Vec::new();
     for input in &sig.inputs {
         match input {
-            FnArg::Receiver(r) if r.reference.is_some() && r.colon_token.is_none() => {
-                receiver = Some(r.clone())
-            }
+            // `&self`, `&mut self`, and their long forms `self: &Self`, `self: &'a mut Self`.
+            FnArg::Receiver(r) if matches!(&*r.ty, Type::Reference(_)) => receiver = Some(r.clone()),
             FnArg::Receiver(r) => {
-                return Err(syn::Error::new(
-                    r.span(),
+                return Err(syn::Error::new_spanned(
+                    r,
                     "#[cached] methods take `&self` or `&mut self`: the receiver is not part of the key",
                 ))
             }
@@ -64,8 +62,8 @@ pub(crate) fn check(args: &Args, func: &ItemFn) -> syn::Result<Shape> {
                     Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => {
                         fn_args.push(Arg { ident: p.ident.clone(), ty: t.ty.clone() })
                     }
-                    other => return Err(syn::Error::new(
-                        other.span(),
+                    other => return Err(syn::Error::new_spanned(
+                        other,
                         "#[cached] needs plain argument names (bind the pattern inside the function body)",
                     )),
                 }
@@ -102,9 +100,10 @@ pub(crate) fn check(args: &Args, func: &ItemFn) -> syn::Result<Shape> {
         None => (0..fn_args.len()).filter(|i| !skipped.contains(i)).collect(),
     };
     for &i in &key_args {
-        if let Type::ImplTrait(t) = &*fn_args[i].ty {
-            return Err(syn::Error::new(
-                t.span(),
+        let ty = &fn_args[i].ty;
+        if impl_trait(quote::quote!(#ty)) {
+            return Err(syn::Error::new_spanned(
+                ty,
                 "`impl Trait` arguments can't be part of a cache key: add the argument to `skip`",
             ));
         }
@@ -143,12 +142,21 @@ pub(crate) fn check(args: &Args, func: &ItemFn) -> syn::Result<Shape> {
     };
     let cache_uses_self = args.cache.as_ref().is_some_and(|e| mentions_self(quote::quote!(#e)));
     if cache_uses_self && receiver.is_none() {
-        return Err(syn::Error::new(
-            args.cache.span(),
+        return Err(syn::Error::new_spanned(
+            &args.cache,
             "`cache` reads `self`, but this function has no `&self`",
         ));
     }
     Ok(Shape { receiver, args: fn_args, key_args, key_format, tags, marker, output, cache_uses_self })
+}
+
+/// Whether a type has an `impl Trait` anywhere, as in `&[impl Serialize]`.
+fn impl_trait(tokens: proc_macro2::TokenStream) -> bool {
+    tokens.into_iter().any(|t| match t {
+        proc_macro2::TokenTree::Ident(i) => i == "impl",
+        proc_macro2::TokenTree::Group(g) => impl_trait(g.stream()),
+        _ => false,
+    })
 }
 
 fn mentions_self(tokens: proc_macro2::TokenStream) -> bool {

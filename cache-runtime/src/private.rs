@@ -288,6 +288,7 @@ where
         return body.await;
     }
     let full = call.key.full.as_str();
+    let started = std::time::Instant::now();
     match cache.read(full).await {
         Ok(Some(raw)) => {
             if let Some(v) = cache.decode_or_drop::<Out::Value>(full, &raw) {
@@ -303,18 +304,34 @@ where
     }
     cache.record_lookup(false);
 
+    let mut started = started;
+    let mut reread = false;
     let leader = loop {
-        match cache.inner.flights.join(full) {
+        let outcome = match cache.inner.flights.join(full, started, reread) {
             Role::Leader(leader) => break leader,
-            Role::Follower(slot) => match flight::follow(slot).await {
-                Some(Outcome::Value(bytes)) => match codec::decode::<Out::Value>(&bytes) {
-                    Ok(v) => return Out::from_cached(v),
-                    Err(_) => return body.await,
-                },
-                Some(Outcome::Uncacheable) => return body.await,
-                // The leader was cancelled or panicked: race to take over.
-                None => continue,
+            Role::Finished(outcome) => Some(outcome),
+            Role::Follower(slot) => flight::follow(slot).await,
+            Role::Reread => {
+                // Rare: another caller's fill began after this one started.
+                started = std::time::Instant::now();
+                reread = true;
+                if let Ok(Some(raw)) = cache.read(full).await {
+                    if let Some(v) = cache.decode_or_drop::<Out::Value>(full, &raw) {
+                        return Out::from_cached(v);
+                    }
+                }
+                continue;
+            }
+        };
+        match outcome {
+            Some(Outcome::Value(bytes, at)) if started < at => match codec::decode::<Out::Value>(&bytes) {
+                Ok(v) => return Out::from_cached(v),
+                Err(_) => return body.await,
             },
+            Some(Outcome::Uncacheable) => return body.await,
+            // Written after this call began, refused as stale, or abandoned by a
+            // cancelled or panicking leader: start over.
+            Some(Outcome::Value(..)) | Some(Outcome::Stale) | None => continue,
         }
     };
 
@@ -378,6 +395,8 @@ where
             return Outcome::Uncacheable;
         }
     };
+    // Followers that started before this instant may share the value (flight.rs).
+    let writing = std::time::Instant::now();
     if cache.check_size(bytes.len()).is_err() {
         tracing::debug!(key = full, size = bytes.len(), "result too large to cache");
     } else if condition(value) {
@@ -388,9 +407,10 @@ where
             Ok(false) => {
                 cache.inner.counters.fills_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(key = full, "fill refused: invalidated while computing");
+                return Outcome::Stale;
             }
             Err(e) => cache.record_fault("set", full, &e),
         }
     }
-    Outcome::Value(bytes.into())
+    Outcome::Value(bytes.into(), writing)
 }

@@ -216,3 +216,39 @@ async fn an_invalidation_by_another_process_refuses_the_fill() {
     let key = call(&reader, 5, &[]).key.into_relative();
     assert_eq!(writer.get::<u64>(&key).await.unwrap(), Some(50));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_starting_after_an_invalidation_never_gets_the_older_flight_value() {
+    let redis = Redis::start();
+    for cache in caches(&redis, "follower_stale").await {
+        let in_body = Arc::new(Notify::new());
+        let release = Arc::new(Notify::new());
+        let leader = {
+            let (cache, in_body, release) = (cache.clone(), in_body.clone(), release.clone());
+            tokio::spawn(async move {
+                get_or_compute::<Plain, _, _, _>(call(&cache, 6, &["load"]), always, async move {
+                    in_body.notify_one();
+                    release.notified().await;
+                    "computed before the update".to_owned()
+                })
+                .await
+            })
+        };
+        in_body.notified().await;
+        cache.invalidate_tags(["load"]).await.unwrap();
+        // Starts after the invalidation returned, while the old flight is still running.
+        let late = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                get_or_compute::<Plain, _, _, _>(call(&cache, 6, &["load"]), always, async {
+                    "computed after the update".to_owned()
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        release.notify_one();
+        assert_eq!(leader.await.unwrap(), "computed before the update");
+        assert_eq!(late.await.unwrap(), "computed after the update", "{:?}", cache.mode());
+    }
+}

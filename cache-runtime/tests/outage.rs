@@ -16,6 +16,10 @@ const SPEC: Spec = Spec { name: "load", prefix: Some("load"), ttl: None, profile
 const OP_TIMEOUT: Duration = Duration::from_millis(150);
 const BREAKER_TIMEOUT: Duration = Duration::from_millis(400);
 const HEALTH_EVERY: Duration = Duration::from_millis(100);
+/// Generous bound for "Redis is back": breaker timeout, a health tick, and a
+/// reconnect backoff (at most 2 s) with room for a loaded machine. The outage
+/// example measures the real figure.
+const RECOVERY: Duration = Duration::from_secs(8);
 
 fn config(url: &str) -> CacheConfigBuilder {
     cache_runtime::CacheConfig::builder()
@@ -79,7 +83,7 @@ async fn the_breaker_opens_at_exactly_the_threshold() {
     proxy.set(Fault::None);
     tokio::time::sleep(BREAKER_TIMEOUT + Duration::from_millis(50)).await;
     let mut probed = false;
-    for _ in 0..50 {
+    for _ in 0..400 {
         if cache.get::<u32>("k").await.is_ok() && cache.mode() == Mode::Redis {
             probed = true;
             break;
@@ -109,9 +113,8 @@ async fn a_killed_redis_opens_the_breaker_and_a_restart_closes_it() {
     assert!(!cache.health().await.connected);
 
     redis.restart();
-    let took =
-        wait_for_mode(&cache, Mode::Redis, BREAKER_TIMEOUT + HEALTH_EVERY * 3 + Duration::from_secs(2)).await;
-    assert!(took <= BREAKER_TIMEOUT + HEALTH_EVERY * 3 + Duration::from_secs(1), "recovery took {took:?}");
+    let took = wait_for_mode(&cache, Mode::Redis, RECOVERY).await;
+    assert!(took < RECOVERY, "recovery took {took:?}");
     // The local tier's outage entries are gone: Redis is the truth again.
     assert_eq!(cache.get::<u32>("k").await.unwrap(), None);
     assert!(cache.health().await.connected);
@@ -149,7 +152,7 @@ async fn invalidations_made_during_an_outage_reach_redis_before_it_serves_again(
     assert_eq!(load(&cache, 9, &runs).await, "value 9");
 
     proxy.set(Fault::None);
-    wait_for_mode(&cache, Mode::Redis, BREAKER_TIMEOUT + HEALTH_EVERY * 3 + Duration::from_secs(2)).await;
+    wait_for_mode(&cache, Mode::Redis, RECOVERY).await;
     assert_eq!(cache.stats().await.unwrap().pending_invalidations, 0);
     assert!(!in_redis(format!("{prefix}:plain:1")).await, "a key deleted during the outage came back");
     assert!(!in_redis(format!("{prefix}:queue:1")).await, "a pattern deleted during the outage came back");

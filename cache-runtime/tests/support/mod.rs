@@ -40,16 +40,23 @@ impl Redis {
 
     /// Always a fresh `redis-server` of our own, so it can be killed and restarted.
     pub fn spawn() -> Redis {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("cache-runtime-test-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create a temp dir for redis-server");
-        let mut redis =
-            Redis { url: format!("redis://127.0.0.1:{port}/0"), port, dir: Some(dir), child: None };
-        redis.boot();
-        redis
+        let mut last = String::new();
+        // Another process may take the free port before redis-server binds it.
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = std::env::temp_dir().join(format!("cache-runtime-test-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("create a temp dir for redis-server");
+            let mut redis =
+                Redis { url: format!("redis://127.0.0.1:{port}/0"), port, dir: Some(dir), child: None };
+            match redis.boot() {
+                Ok(()) => return redis,
+                Err(e) => last = e,
+            }
+        }
+        panic!("{last}");
     }
 
-    fn boot(&mut self) {
+    fn boot(&mut self) -> Result<(), String> {
         let dir = self.dir.as_ref().expect("only our own server can be booted");
         let log = dir.join("redis.log");
         let child = Command::new("redis-server")
@@ -80,13 +87,20 @@ impl Redis {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
+            // A PONG from a server that is not ours (the port was taken between
+            // picking it and binding it) must not count: ours has to be alive.
+            let alive = self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+            if !alive {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("redis-server on port {} exited at start; its log:\n{log}", self.port));
+            }
             if ping(self.port) {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let log = std::fs::read_to_string(&log).unwrap_or_default();
-        panic!("redis-server on port {} did not answer PING within 10 s; its log:\n{log}", self.port);
+        Err(format!("redis-server on port {} did not answer PING within 10 s; its log:\n{log}", self.port))
     }
 
     pub fn url(&self) -> &str {
@@ -108,7 +122,9 @@ impl Redis {
     /// Starts again on the same port after [`kill`](Self::kill).
     pub fn restart(&mut self) {
         self.kill();
-        self.boot();
+        if let Err(e) = self.boot() {
+            panic!("{e}");
+        }
     }
 
     /// SIGSTOP: the server keeps its sockets open and answers nothing.

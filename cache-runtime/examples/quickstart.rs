@@ -42,8 +42,19 @@ async fn timed<T>(label: &str, f: impl std::future::IntoFuture<Output = T>) -> T
 }
 
 #[tokio::main]
-async fn main() -> Result<(), CacheError> {
+async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt().with_env_filter("cache_runtime=info").with_target(false).init();
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Display, not Debug: the message says what happened and what to do.
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), CacheError> {
     let config = CacheConfig::builder().key_prefix("quickstart").build()?.with_env()?;
     let cache = cache_runtime::init(config).await?;
     match cache.mode() {

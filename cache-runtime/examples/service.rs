@@ -98,10 +98,17 @@ async fn list_missions(State(app): State<Arc<AppState>>) -> Json<Vec<Mission>> {
     Json(app.db.all())
 }
 
-/// The whole service, for `main` and for tests.
-pub fn app(state: Arc<AppState>, admin_token: Option<String>) -> Router {
+/// The whole service, for `main` and for tests. The management API's admin
+/// routes take the cache's `admin_token` (`CACHE_ADMIN_TOKEN`).
+pub fn app(state: Arc<AppState>) -> Router {
+    app_with(state, |api| api)
+}
+
+/// The service with its management API adjusted by `admin` (tests use it to
+/// set a token or open the admin routes).
+pub fn app_with(state: Arc<AppState>, admin: impl FnOnce(ManagementApi) -> ManagementApi) -> Router {
     let cache = state.cache.clone();
-    let mut management = ManagementApi::new(cache.clone())
+    let management = ManagementApi::new(cache.clone())
         .group("missions", Invalidation::tags(["missions"]))
         .group("agents", Invalidation::tags(["agents"]))
         .group("policies", Invalidation::tags(["policies"]))
@@ -120,9 +127,7 @@ pub fn app(state: Arc<AppState>, admin_token: Option<String>) -> Router {
                 }
             }
         });
-    if let Some(token) = admin_token {
-        management = management.admin_token(token);
-    }
+    let management = admin(management);
     let missions = Router::new()
         .route("/missions", get(list_missions))
         .layer(ResponseCacheLayer::new(cache.clone()))
@@ -171,6 +176,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:8000".into());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("missions service on http://{addr} (mode {})", state.cache.mode().as_str());
-    axum::serve(listener, app(state, std::env::var("CACHE_ADMIN_TOKEN").ok())).await?;
+    if state.cache.config().admin_token().is_none() {
+        println!("no CACHE_ADMIN_TOKEN: the admin routes under /api/cache answer 403");
+    }
+    axum::serve(listener, app(state)).await?;
     Ok(())
 }

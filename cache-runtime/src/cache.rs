@@ -13,9 +13,10 @@ use crate::breaker::{Breaker, BreakerState, Permit};
 use crate::codec;
 use crate::config::CacheConfig;
 use crate::flight::SingleFlight;
-use crate::key::escape_glob;
+use crate::key::{display_key, escape_glob};
 use crate::local::LocalTier;
 use crate::metrics::{Metrics, Op};
+use crate::misconfig::Misconfig;
 use crate::pending::{Pending, PendingLog};
 use crate::redis_store::RedisStore;
 use crate::stats::{CacheStats, Counters, Health};
@@ -74,6 +75,8 @@ pub(crate) struct Inner {
     pub(crate) redis: Option<RedisStore>,
     pub(crate) breaker: Breaker,
     pub(crate) pending: PendingLog,
+    /// A credentials or permission problem Redis reported, until a check passes.
+    pub(crate) misconfig: Arc<Misconfig>,
     /// The newest Redis invalidation epoch this process has seen.
     last_epoch: AtomicU64,
     pub(crate) local: LocalTier,
@@ -128,29 +131,43 @@ impl Cache {
     /// Builds a cache from `config`. With Redis configured and reachable the mode is
     /// `redis`; with none configured, or none reachable now, it is `local`, said once
     /// in the log, and a background health check switches to `redis` once Redis answers.
+    ///
+    /// # Errors
+    ///
+    /// A Redis that answers but refuses the cache is an error, not a fallback:
+    /// [`CacheError::Auth`] for a wrong or missing password,
+    /// [`CacheError::Permission`] when the ACL user lacks a command or key pattern
+    /// the cache uses (each is tried once here), and [`CacheError::Config`] for a
+    /// URL that can't be used.
     pub async fn new(config: CacheConfig) -> Result<Cache, CacheError> {
         let Some(target) = config.redis().cloned() else {
             tracing::info!(prefix = %config.key_prefix, "no Redis configured: cache runs in local mode");
-            return Ok(Cache::assemble(config, None));
+            return Ok(Cache::local(config));
         };
-        let store = RedisStore::new(&config, target.as_str()).map_err(|e| match e {
+        let metrics = Metrics::for_config(&config);
+        let misconfig = Arc::new(Misconfig::new(metrics.config_errors.clone()));
+        let store = RedisStore::new(&config, target.as_str(), misconfig.clone()).map_err(|e| match e {
             CacheError::Redis(e) => CacheError::config("REDIS_URL", &target, e.to_string()),
             other => other,
         })?;
-        let cache = Cache::assemble(config, Some(store));
+        let cache = Cache::assemble(config, metrics, misconfig, Some(store));
         let connect = cache.inner.config.socket_connect_timeout.max(cache.inner.config.operation_timeout());
-        let reachable = match &cache.inner.redis {
-            Some(redis) => tokio::time::timeout(connect, redis.connect()).await,
-            None => unreachable!("assembled with a store"),
-        };
+        let Some(redis) = &cache.inner.redis else { unreachable!("assembled with a store") };
+        let prefix = &cache.inner.config.key_prefix;
+        let reachable = tokio::time::timeout(connect, async {
+            redis.connect().await?;
+            redis.check_access(prefix).await
+        })
+        .await
+        .unwrap_or(Err(CacheError::Timeout(connect)));
         match reachable {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 // Fills are checked against the newest epoch seen: start from the current one.
                 let _ = cache.epoch().await;
-                tracing::info!(redis = %target, prefix = %cache.inner.config.key_prefix, "cache runs in redis mode")
+                tracing::info!(redis = %target, prefix = %prefix, "cache runs in redis mode")
             }
-            Ok(Err(e)) => cache.start_degraded(&target, &e),
-            Err(_) => cache.start_degraded(&target, &CacheError::Timeout(connect)),
+            Err(e) if e.is_misconfiguration() => return Err(e),
+            Err(e) => cache.start_degraded(&target, &e),
         }
         tokio::spawn(health_loop(Arc::downgrade(&cache.inner)));
         Ok(cache)
@@ -167,19 +184,18 @@ impl Cache {
 
     /// A cache in local mode, whatever `config` says about Redis.
     pub fn local(config: CacheConfig) -> Cache {
-        Cache::assemble(config, None)
+        let metrics = Metrics::for_config(&config);
+        let misconfig = Arc::new(Misconfig::new(metrics.config_errors.clone()));
+        Cache::assemble(config, metrics, misconfig, None)
     }
 
-    fn assemble(config: CacheConfig, redis: Option<RedisStore>) -> Cache {
+    fn assemble(
+        config: CacheConfig,
+        metrics: Metrics,
+        misconfig: Arc<Misconfig>,
+        redis: Option<RedisStore>,
+    ) -> Cache {
         let epoch_key = format!("{}#epoch", config.key_prefix);
-        // Checked when the config was built; a hand-assembled bad namespace degrades to the default.
-        let metrics = Metrics::new(&config.metrics_namespace).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "bad metrics namespace: using `cache`");
-            Metrics::new("cache").expect("the default namespace is valid")
-        });
-        for (name, ttl) in &config.named_ttls {
-            metrics.ttl_seconds.with_label_values(&[name]).set(ttl.as_secs() as i64);
-        }
         Cache {
             inner: Arc::new(Inner {
                 local: LocalTier::new(config.local_max_entries),
@@ -192,6 +208,7 @@ impl Cache {
                     config.circuit_breaker_timeout,
                 ),
                 pending: PendingLog::new(),
+                misconfig,
                 last_epoch: AtomicU64::new(0),
                 redis,
                 epoch_key,
@@ -328,7 +345,9 @@ impl Cache {
         Ok(stats)
     }
 
-    /// Whether the store answers, and how fast. Never fails: a failure is the answer.
+    /// Whether the store answers, and how fast: one PING, no scan. Never fails: a
+    /// failure is the answer. A credentials or permission problem Redis reported
+    /// makes it `unhealthy` with the cause until a check of the cache's access passes.
     pub async fn health(&self) -> Health {
         let started = Instant::now();
         let result = match (&self.inner.redis, self.redis().await) {
@@ -336,7 +355,9 @@ impl Cache {
             (Some(_), Some((redis, permit))) => self.settle(permit, redis.ping().await),
             (Some(_), None) => Err(CacheError::Unavailable("the circuit breaker is open".into())),
         };
-        Health::new(self.mode(), self.inner.breaker.state(), started.elapsed(), result.err())
+        let took = started.elapsed();
+        let misconfigured = self.inner.misconfig.current();
+        Health::new(self.mode(), self.inner.breaker.state(), took, result.err(), misconfigured)
     }
 
     /// Pre-loads `entries` (key, value) with `ttl` (the default when `None`) and
@@ -397,7 +418,9 @@ impl Cache {
     }
 
     /// One page of keys matching the glob `pattern` (relative to the prefix), from
-    /// `cursor` (0 to start); the cursor of the next page is 0 at the end.
+    /// `cursor` (0 to start); the cursor of the next page is 0 at the end. Names
+    /// are listed escaped, since another client may have written bytes that are
+    /// not UTF-8: `\\` for a backslash, `\xNN` for such a byte.
     pub async fn scan_keys(
         &self,
         pattern: &str,
@@ -410,7 +433,7 @@ impl Cache {
         match self.redis().await {
             Some((redis, permit)) => {
                 let (next, keys) = self.settle(permit, redis.scan_page(&full, cursor, count).await)?;
-                Ok((keys.into_iter().map(|k| k[strip..].to_owned()).collect(), next))
+                Ok((keys.iter().map(|k| display_key(&k[strip.min(k.len())..])).collect(), next))
             }
             None => {
                 let mut keys = self.inner.local.keys(&full);
@@ -418,7 +441,7 @@ impl Cache {
                 let start = (cursor as usize).min(keys.len());
                 let end = start.saturating_add(count).min(keys.len());
                 let next = if end < keys.len() { end as u64 } else { 0 };
-                Ok((keys[start..end].iter().map(|k| k[strip..].to_owned()).collect(), next))
+                Ok((keys[start..end].iter().map(|k| display_key(&k.as_bytes()[strip..])).collect(), next))
             }
         }
     }
@@ -471,6 +494,9 @@ impl Cache {
 
     /// Reports a Redis call's outcome to the breaker and passes it on.
     fn settle<T>(&self, permit: Permit<'_>, result: Result<T, CacheError>) -> Result<T, CacheError> {
+        if let Err(e) = &result {
+            self.inner.misconfig.report(e);
+        }
         let healthy = result.as_ref().map_or_else(|e| !e.is_unavailable(), |_| true);
         let probe = permit.is_probe();
         permit.report(healthy);
@@ -693,6 +719,10 @@ impl Cache {
 
     pub(crate) fn record_fault(&self, op: &'static str, key: &str, error: &CacheError) {
         self.inner.metrics.errors.inc();
+        // Logged once per cause where it was recorded; per call it would bury everything else.
+        if error.is_misconfiguration() {
+            return;
+        }
         tracing::warn!(op, key, error = %error, "cache fault: serving the function's own result");
     }
 }
@@ -712,6 +742,13 @@ async fn health_loop(inner: std::sync::Weak<Inner>) {
         if let Some((redis, permit)) = cache.redis().await {
             let _ = cache.settle(permit, redis.ping().await);
         };
+        // A refused password or command clears only when the whole check passes
+        // again; a failed check adds nothing the refused calls did not report.
+        if let (Some(redis), Some(_)) = (&cache.inner.redis, cache.inner.misconfig.current()) {
+            if redis.check_access(&cache.inner.config.key_prefix).await.is_ok() {
+                cache.inner.misconfig.resolve();
+            }
+        }
     }
 }
 

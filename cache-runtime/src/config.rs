@@ -50,6 +50,23 @@ impl fmt::Debug for RedisTarget {
     }
 }
 
+/// A secret setting: `Debug` and `Display` show `***`, so a logged or printed
+/// configuration never carries it.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Secret(String);
+
+impl Secret {
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
 /// A named bundle of TTL, prefix and tags that `#[cached(profile = "...")]` refers to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Profile {
@@ -89,6 +106,7 @@ pub struct CacheConfig {
     pub(crate) circuit_breaker_enabled: bool,
     pub(crate) circuit_breaker_threshold: u32,
     pub(crate) circuit_breaker_timeout: Duration,
+    pub(crate) admin_token: Option<Secret>,
 }
 
 impl Default for CacheConfig {
@@ -117,6 +135,7 @@ impl Default for CacheConfig {
             circuit_breaker_enabled: true,
             circuit_breaker_threshold: 5,
             circuit_breaker_timeout: Duration::from_secs(60),
+            admin_token: None,
         }
     }
 }
@@ -129,7 +148,8 @@ impl CacheConfig {
 
     /// Reads the environment over the defaults: `REDIS_URL` (or `REDIS_HOST`, `REDIS_PORT`,
     /// `REDIS_DB`, `REDIS_PASSWORD`), `CACHE_DEFAULT_TTL`, `CACHE_SERIALIZATION`,
-    /// `CACHE_TRACK_STATS` and `CACHE_KEY_PREFIX`. Without a Redis variable the cache runs locally.
+    /// `CACHE_TRACK_STATS`, `CACHE_KEY_PREFIX`, `CACHE_METRICS_NAMESPACE` and
+    /// `CACHE_ADMIN_TOKEN`. Without a Redis variable the cache runs locally.
     pub fn from_env() -> Result<Self, CacheError> {
         CacheConfig::default().with_env()
     }
@@ -163,6 +183,9 @@ impl CacheConfig {
         }
         if let Some(v) = var("CACHE_KEY_PREFIX") {
             self.key_prefix = check_prefix("CACHE_KEY_PREFIX", v)?;
+        }
+        if let Some(v) = var("CACHE_ADMIN_TOKEN") {
+            self.admin_token = Some(Secret(v));
         }
         Ok(self)
     }
@@ -238,6 +261,10 @@ impl CacheConfig {
                 }
                 "circuit_breaker_timeout" => config.circuit_breaker_timeout = yaml_secs(key_path, v)?,
                 "profiles" => config.profiles = yaml_profiles(v)?,
+                "admin_token" => {
+                    config.admin_token =
+                        (!v.is_null()).then(|| yaml_str(key_path, v).map(Secret)).transpose()?
+                }
                 named if named.ends_with("_ttl") && named.len() > 4 => {
                     config.named_ttls.insert(named[..named.len() - 4].to_owned(), yaml_secs(key_path, v)?);
                 }
@@ -254,6 +281,11 @@ impl CacheConfig {
             config.redis = Some(RedisTarget::host(&host, port, db, password.as_deref()));
         }
         Ok(config)
+    }
+
+    /// The management API's admin token (`admin_token`, `CACHE_ADMIN_TOKEN`).
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_ref().map(Secret::expose)
     }
 
     /// The Redis this cache talks to; `None` runs it in local mode.
@@ -368,6 +400,13 @@ pub struct CacheConfigBuilder {
 }
 
 impl CacheConfigBuilder {
+    /// The bearer token the management API's admin routes require
+    /// (the HTTP `ManagementApi` reads it from here).
+    pub fn admin_token(mut self, token: impl Into<String>) -> Self {
+        self.config.admin_token = Some(Secret(token.into()));
+        self
+    }
+
     /// Talks to Redis at `url` (`redis://[:password@]host:port/db`).
     pub fn redis_url(mut self, url: impl Into<String>) -> Self {
         self.config.redis = Some(RedisTarget::url(url));
@@ -657,6 +696,15 @@ REDIS:
     }
 
     #[test]
+    fn the_admin_token_is_read_from_the_settings_file_and_never_printed() {
+        let c = CacheConfig::from_settings_str("REDIS:\n  admin_token: \"hunter2-admin\"\n").unwrap();
+        assert_eq!(c.admin_token(), Some("hunter2-admin"));
+        assert!(!format!("{c:?}").contains("hunter2-admin"));
+        let c = CacheConfig::from_settings_str("REDIS:\n  admin_token: null\n").unwrap();
+        assert_eq!(c.admin_token(), None);
+    }
+
+    #[test]
     fn errors_name_the_key_and_the_value() {
         let err = CacheConfig::from_settings_str("REDIS:\n  hots: redis\n").unwrap_err().to_string();
         assert!(err.contains("REDIS.hots") && err.contains("redis"), "{err}");
@@ -683,8 +731,11 @@ REDIS:
                 ("CACHE_SERIALIZATION", "msgpack"),
                 ("CACHE_TRACK_STATS", "false"),
                 ("CACHE_KEY_PREFIX", "nb"),
+                ("CACHE_ADMIN_TOKEN", "t0ken-in-env"),
             ]))
             .unwrap();
+        assert_eq!(c.admin_token(), Some("t0ken-in-env"));
+        assert!(!format!("{c:?}").contains("t0ken-in-env"), "the admin token is never printed");
         let target = c.redis().unwrap();
         assert_eq!(target.as_str(), "redis://:s3cret@db.internal:6380/2");
         assert!(!target.to_string().contains("s3cret"));

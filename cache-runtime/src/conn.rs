@@ -16,6 +16,7 @@ use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client};
 
+use crate::misconfig::Misconfig;
 use crate::CacheError;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(20);
@@ -35,6 +36,8 @@ struct Slot {
 pub(crate) struct Connections {
     client: Client,
     config: AsyncConnectionConfig,
+    /// Where a reconnect refused for its credentials is reported.
+    misconfig: Arc<Misconfig>,
     slots: Vec<Slot>,
     next: AtomicUsize,
     ids: AtomicU64,
@@ -49,10 +52,16 @@ pub(crate) struct Lease {
 }
 
 impl Connections {
-    pub(crate) fn new(client: Client, config: AsyncConnectionConfig, count: usize) -> Arc<Self> {
+    pub(crate) fn new(
+        client: Client,
+        config: AsyncConnectionConfig,
+        count: usize,
+        misconfig: Arc<Misconfig>,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|me| Connections {
             client,
             config,
+            misconfig,
             slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
             next: AtomicUsize::new(0),
             ids: AtomicU64::new(0),
@@ -138,7 +147,11 @@ impl Connections {
                         tracing::info!(slot, attempts = attempt + 1, "reconnected to Redis");
                         return;
                     }
-                    Err(e) => tracing::debug!(slot, attempt, error = %e, "reconnect failed"),
+                    Err(e) => {
+                        let e = CacheError::from(e);
+                        this.misconfig.report(&e);
+                        tracing::debug!(slot, attempt, error = %e, "reconnect failed");
+                    }
                 }
                 drop(this);
                 tokio::time::sleep(backoff(attempt)).await;

@@ -5,8 +5,21 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum CacheError {
     /// Redis could not be reached or answered with an error.
-    #[error("redis error: {0} (check that Redis is running and REDIS_URL points at it)")]
-    Redis(#[from] redis::RedisError),
+    #[error("redis error: {0}{hint}", hint = connection_hint(.0))]
+    Redis(redis::RedisError),
+
+    /// Redis refused the credentials (WRONGPASS) or wants some (NOAUTH).
+    #[error("redis refused authentication: {0} (set the user and password in REDIS_URL as redis://user:password@host, in REDIS_PASSWORD, or as `password` in the settings file)")]
+    Auth(String),
+
+    /// The Redis user lacks a permission the cache needs (NOPERM).
+    #[error("the redis user may not {action}: {message} (grant it with ACL SETUSER; the README lists the commands and key patterns the cache needs)")]
+    Permission {
+        /// What was refused: a command, or access to a key pattern.
+        action: String,
+        /// What Redis said.
+        message: String,
+    },
 
     /// A Redis call did not finish within its timeout.
     #[error("redis did not answer within {0:?} (raise `socket_timeout` or check the server's load)")]
@@ -87,7 +100,69 @@ impl CacheError {
         }
     }
 
+    /// Whether this is a mistake in how the cache reaches Redis (credentials,
+    /// permissions) that retrying will not fix.
+    pub fn is_misconfiguration(&self) -> bool {
+        matches!(self, CacheError::Auth(_) | CacheError::Permission { .. })
+    }
+
     pub(crate) fn config(key: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
         CacheError::Config { key: key.to_owned(), value: value.to_string(), reason: reason.into() }
     }
+}
+
+impl From<redis::RedisError> for CacheError {
+    fn from(e: redis::RedisError) -> Self {
+        match e.code() {
+            Some("WRONGPASS" | "NOAUTH") => return CacheError::Auth(server_message(&e)),
+            Some("NOPERM") => {
+                return CacheError::Permission { action: refused_action(&e), message: server_message(&e) }
+            }
+            // ACL refusals inside a Lua script come back as plain ERR.
+            Some("ERR") if e.detail().is_some_and(|d| d.contains("can't run this command or subcommand")) => {
+                return CacheError::Permission {
+                    action: "run a command inside the cache's Lua scripts".into(),
+                    message: server_message(&e),
+                };
+            }
+            _ => {}
+        }
+        if e.kind() == redis::ErrorKind::AuthenticationFailed {
+            return CacheError::Auth(e.to_string());
+        }
+        CacheError::Redis(e)
+    }
+}
+
+/// The hint about reaching Redis, only where the failure was reaching it.
+fn connection_hint(e: &redis::RedisError) -> &'static str {
+    if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() || e.is_timeout() {
+        " (check that Redis is running and REDIS_URL points at it)"
+    } else {
+        ""
+    }
+}
+
+fn server_message(e: &redis::RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => e.to_string(),
+    }
+}
+
+/// `run the 'get' command` or `access a key`, from Redis's NOPERM text.
+fn refused_action(e: &redis::RedisError) -> String {
+    let detail = e.detail().unwrap_or_default();
+    if let Some(rest) = detail.split("to run the '").nth(1) {
+        if let Some(command) = rest.split('\'').next() {
+            return format!("run {}", command.to_uppercase());
+        }
+    }
+    if detail.contains("access one of the keys") || detail.contains("access a key") {
+        return "access one of the cache's keys".into();
+    }
+    if detail.contains("channel") {
+        return "use a pub/sub channel".into();
+    }
+    "run a command the cache needs".into()
 }

@@ -55,6 +55,60 @@ pub fn matches(pattern: &[u8], text: &[u8]) -> bool {
     pattern[p..].iter().all(|&c| c == b'*')
 }
 
+/// Keys of every common shape and first character: a pattern matching all of
+/// them selects everything, whatever its spelling (`[!-~]*`, `[^#]*` …).
+const PROBES: &[&str] = &[
+    "a",
+    "Z",
+    "0",
+    "_",
+    "-",
+    "#",
+    "~",
+    ".",
+    "%",
+    "!",
+    "@",
+    "a:b",
+    "missions:v1:m1",
+    "Agents:1",
+    "9:x",
+    "_x:v1:_",
+    "#h:x",
+    "~x:1",
+    ".x:1",
+    "%25:x",
+    "!x:y:z",
+    "@x:1",
+];
+
+/// Whether a glob (relative to a cache's prefix) selects everything rather than
+/// something: it names nothing (only `*`, `?`, negated classes and the `:`
+/// separator: `*`, `?*`, `*:*`, `[^x]*`), or it matches keys of every shape.
+pub fn matches_everything(pattern: &[u8]) -> bool {
+    names_nothing(pattern) || PROBES.iter().all(|key| matches(pattern, key.as_bytes()))
+}
+
+fn names_nothing(pattern: &[u8]) -> bool {
+    let (mut i, mut star) = (0, false);
+    while i < pattern.len() {
+        match pattern[i] {
+            b'*' => {
+                star = true;
+                i += 1;
+            }
+            b'?' | b':' => i += 1,
+            b'\\' if pattern.get(i + 1) == Some(&b':') => i += 2,
+            b'[' if pattern.get(i + 1) == Some(&b'^') => match class(pattern, i, 0) {
+                Some((_, next)) => i = next,
+                None => return false,
+            },
+            _ => return false,
+        }
+    }
+    star
+}
+
 /// Matches one byte against the class starting at `pattern[start] == b'['`;
 /// returns whether it matched and where the pattern continues.
 fn class(pattern: &[u8], start: usize, c: u8) -> Option<(bool, usize)> {
@@ -113,5 +167,53 @@ mod tests {
         assert!(m("a*b*c", "aXXbYYbc"));
         assert!(!m("a*b*c", "aXXbYYb"));
         assert!(!m("[abc", "a"));
+    }
+}
+
+#[cfg(test)]
+mod everything {
+    use super::matches_everything;
+
+    #[test]
+    fn patterns_that_select_everything() {
+        for p in [
+            "*",
+            "**",
+            "?*",
+            "*?",
+            "*:*",
+            "*:*:*",
+            "?*:*",
+            "[^x]*",
+            "*[^:]",
+            "[^a-z]*:*",
+            "\\:*:*",
+            "[!-~]*",
+            "[ -~]*",
+            "[^#]*",
+        ] {
+            assert!(matches_everything(p.as_bytes()), "{p} should need invalidate_all");
+        }
+    }
+
+    #[test]
+    fn patterns_that_select_something() {
+        for p in [
+            "missions:*",
+            "llm:*",
+            "missions:queue:high:*",
+            "*:v1:*",
+            "user_*",
+            "[ab]*",
+            "[a-z]*",
+            "\\**",
+            "*a*",
+            "?",
+            "m?ssions:*",
+            "agents:[0-9]*",
+            "",
+        ] {
+            assert!(!matches_everything(p.as_bytes()), "{p} should pass without confirmation");
+        }
     }
 }

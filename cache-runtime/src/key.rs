@@ -236,9 +236,36 @@ impl<'a> ser::Serializer for PartSerializer<'a> {
     }
 }
 
+/// A key name for listing, lossless whatever another client wrote: each
+/// backslash as `\\\\` and each byte that is not UTF-8 as `\\xNN`.
+pub(crate) fn display_key(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn display_key_is_lossless() {
+        assert_eq!(display_key(b"missions:v1:m1"), "missions:v1:m1");
+        assert_eq!(display_key(b"missions:v1:a\\b"), "missions:v1:a\\\\b");
+        assert_eq!(display_key(b"bad:\xff\xfe:a\\b"), "bad:\\xff\\xfe:a\\\\b");
+        assert_ne!(display_key(b"\xff"), display_key(b"\\xff"));
+    }
 
     fn part<T: Serialize + ?Sized>(v: &T) -> String {
         let mut s = String::new();

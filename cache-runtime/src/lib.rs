@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+mod access;
 mod breaker;
 mod cache;
 pub mod codec;
@@ -31,6 +32,7 @@ pub mod http;
 mod key;
 mod local;
 mod metrics;
+mod misconfig;
 mod pending;
 mod redis_store;
 mod stats;

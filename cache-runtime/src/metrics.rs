@@ -54,6 +54,7 @@ pub struct Metrics {
     pub(crate) hits: IntCounter,
     pub(crate) misses: IntCounter,
     pub(crate) errors: IntCounter,
+    pub(crate) config_errors: IntCounter,
     operations: IntCounterVec,
     // Label lookups resolved once: the hot path indexes an array.
     op_ok: Vec<IntCounter>,
@@ -97,6 +98,10 @@ impl Metrics {
             hits: counter("hits_total", "Cache hits")?,
             misses: counter("misses_total", "Cache misses")?,
             errors: counter("errors_total", "Cache faults absorbed by falling back to the function")?,
+            config_errors: counter(
+                "config_errors_total",
+                "Redis calls refused for the cache's credentials or ACL permissions",
+            )?,
             op_ok: Op::ALL.iter().map(|op| operations.with_label_values(&[op.as_str(), "success"])).collect(),
             op_err: Op::ALL.iter().map(|op| operations.with_label_values(&[op.as_str(), "error"])).collect(),
             op_duration: Op::ALL.iter().map(|op| durations.with_label_values(&[op.as_str()])).collect(),
@@ -122,6 +127,19 @@ impl Metrics {
         Ok(metrics)
     }
 
+    /// The metrics of a cache built from `config`, with its named TTLs set.
+    pub(crate) fn for_config(config: &crate::CacheConfig) -> Metrics {
+        // Checked when the config was built; a hand-assembled bad namespace degrades to the default.
+        let metrics = Metrics::new(&config.metrics_namespace).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "bad metrics namespace: using `cache`");
+            Metrics::new("cache").expect("the default namespace is valid")
+        });
+        for (name, ttl) in &config.named_ttls {
+            metrics.ttl_seconds.with_label_values(&[name]).set(ttl.as_secs() as i64);
+        }
+        metrics
+    }
+
     /// The namespace the names were built with.
     pub fn namespace(&self) -> &str {
         &self.namespace
@@ -129,10 +147,11 @@ impl Metrics {
 
     /// Registers every metric with `registry` (for example `prometheus::default_registry()`).
     pub fn register(&self, registry: &Registry) -> Result<(), CacheError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
             Box::new(self.hits.clone()),
             Box::new(self.misses.clone()),
             Box::new(self.errors.clone()),
+            Box::new(self.config_errors.clone()),
             Box::new(self.operations.clone()),
             Box::new(self.durations.clone()),
             Box::new(self.keys.clone()),

@@ -21,6 +21,7 @@ use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Script};
 use crate::conn::Connections;
 
 use crate::config::CacheConfig;
+use crate::misconfig::Misconfig;
 use crate::CacheError;
 
 /// Keys per SCAN page and per UNLINK batch.
@@ -114,7 +115,12 @@ pub(crate) struct ServerInfo {
 
 impl RedisStore {
     /// Builds the store without connecting; [`connect`](Self::connect) tries once now.
-    pub(crate) fn new(config: &CacheConfig, url: &str) -> Result<Self, CacheError> {
+    /// Credentials refused on a reconnect go to `misconfig`.
+    pub(crate) fn new(
+        config: &CacheConfig,
+        url: &str,
+        misconfig: Arc<Misconfig>,
+    ) -> Result<Self, CacheError> {
         let client = Client::open(url)?;
         // No response timeout here: `run` bounds every command with the operation
         // timeout already, and a second timer per command would cost the hot path.
@@ -122,7 +128,7 @@ impl RedisStore {
             .set_connection_timeout(Some(config.socket_connect_timeout))
             .set_response_timeout(None);
         Ok(RedisStore {
-            conns: Connections::new(client, conn_config, config.connections),
+            conns: Connections::new(client, conn_config, config.connections, misconfig),
             op_timeout: config.operation_timeout(),
             set_script: Script::new(SET_SCRIPT),
             invalidate_script: Script::new(&format!("{BUMP}{INVALIDATE_TAGS_BODY}")),
@@ -142,7 +148,7 @@ impl RedisStore {
 
     /// Runs one command under the operation timeout, poisoning its connection
     /// when the reply stream can no longer be trusted.
-    async fn run<T, F, Fut>(&self, command: F) -> Result<T, CacheError>
+    pub(crate) async fn run<T, F, Fut>(&self, command: F) -> Result<T, CacheError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
@@ -164,7 +170,7 @@ impl RedisStore {
         }
     }
 
-    async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, CacheError> {
+    pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, CacheError> {
         self.run(|mut conn| async move { cmd.query_async(&mut conn).await }).await
     }
 
@@ -254,7 +260,7 @@ impl RedisStore {
     pub(crate) async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
         let mut deleted = 0;
         let unlink =
-            |keys: Vec<String>| async move { self.query::<u64>(redis::cmd("UNLINK").arg(keys)).await };
+            |keys: Vec<Vec<u8>>| async move { self.query::<u64>(redis::cmd("UNLINK").arg(keys)).await };
         self.scan(pattern, unlink, &mut deleted).await?;
         Ok(deleted)
     }
@@ -266,6 +272,7 @@ impl RedisStore {
     }
 
     /// Calls `each` with every page of keys matching `pattern`; adds up what it returns.
+    /// Keys are bytes: another client may have written names that are not UTF-8.
     pub(crate) async fn scan<F, Fut>(
         &self,
         pattern: &str,
@@ -273,12 +280,12 @@ impl RedisStore {
         total: &mut u64,
     ) -> Result<(), CacheError>
     where
-        F: FnMut(Vec<String>) -> Fut,
+        F: FnMut(Vec<Vec<u8>>) -> Fut,
         Fut: std::future::Future<Output = Result<u64, CacheError>>,
     {
         let mut cursor = 0u64;
         loop {
-            let (next, keys): (u64, Vec<String>) = self
+            let (next, keys): (u64, Vec<Vec<u8>>) = self
                 .query(redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(BATCH))
                 .await?;
             if !keys.is_empty() {
@@ -297,7 +304,7 @@ impl RedisStore {
         pattern: &str,
         cursor: u64,
         count: usize,
-    ) -> Result<(u64, Vec<String>), CacheError> {
+    ) -> Result<(u64, Vec<Vec<u8>>), CacheError> {
         self.query(redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(count)).await
     }
 

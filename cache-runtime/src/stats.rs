@@ -107,7 +107,9 @@ pub struct CacheStats {
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct Health {
-    /// `healthy`, or `degraded` when the store did not answer.
+    /// `healthy`; `degraded` when the store did not answer (calls are served from
+    /// the local tier or the function); `unhealthy` when Redis refuses the cache's
+    /// credentials or commands, which needs an operator.
     pub status: &'static str,
     /// Whether Redis answered a PING (false in local mode).
     pub connected: bool,
@@ -117,7 +119,7 @@ pub struct Health {
     pub breaker: BreakerState,
     /// How long the check took, in milliseconds.
     pub latency_ms: f64,
-    /// Why the check failed.
+    /// Why the check failed, or what Redis refuses.
     pub error: Option<String>,
 }
 
@@ -127,14 +129,15 @@ impl Health {
         breaker: BreakerState,
         took: Duration,
         error: Option<CacheError>,
+        misconfigured: Option<String>,
     ) -> Health {
-        Health {
-            status: if error.is_none() { "healthy" } else { "degraded" },
-            connected: mode == Mode::Redis && error.is_none(),
-            mode,
-            breaker,
-            latency_ms: took.as_secs_f64() * 1e3,
-            error: error.map(|e| e.to_string()),
-        }
+        let connected = mode == Mode::Redis && error.is_none();
+        let (status, error) = match (misconfigured, error) {
+            (Some(cause), _) => ("unhealthy", Some(cause)),
+            (None, Some(e)) if e.is_misconfiguration() => ("unhealthy", Some(e.to_string())),
+            (None, Some(e)) => ("degraded", Some(e.to_string())),
+            (None, None) => ("healthy", None),
+        };
+        Health { status, connected, mode, breaker, latency_ms: took.as_secs_f64() * 1e3, error }
     }
 }

@@ -10,6 +10,7 @@ mod service;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use cache_runtime::http::ManagementApi;
 use cache_runtime::{Cache, CacheConfig};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -28,28 +29,54 @@ impl Drop for Running {
     }
 }
 
+const TOKEN: &str = "s3cret";
+
+/// The service with the admin token configured as users do: in the cache's config.
 async fn start(redis: &Redis) -> Running {
-    let config = CacheConfig::builder()
+    start_with(redis, Some(TOKEN), |api| api).await
+}
+
+async fn start_with(
+    redis: &Redis,
+    token: Option<&str>,
+    admin: impl FnOnce(ManagementApi) -> ManagementApi,
+) -> Running {
+    let mut config = CacheConfig::builder()
         .redis_url(redis.url())
         .key_prefix(unique_prefix("svc"))
         .metrics_namespace("brain")
-        .named_ttl("api_response", std::time::Duration::from_secs(900))
-        .build()
-        .unwrap();
-    let cache = Cache::new(config).await.unwrap();
+        .named_ttl("api_response", std::time::Duration::from_secs(900));
+    if let Some(token) = token {
+        config = config.admin_token(token);
+    }
+    let cache = Cache::new(config.build().unwrap()).await.unwrap();
     let state = Arc::new(service::AppState { db: service::Db::default(), cache });
     service::seed(&state.db);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = service::app(state.clone(), Some("s3cret".into()));
+    let app = service::app_with(state.clone(), admin);
     let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Running { base, state, http: reqwest::Client::new(), server }
 }
 
 impl Running {
+    /// A call as the operator: with the admin token.
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call_as(Some(TOKEN), method, path, body).await
+    }
+
+    async fn call_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method.parse().unwrap(), url);
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
         if let Some(body) = body {
             req = req.json(&body);
         }
@@ -63,6 +90,7 @@ impl Running {
         let resp = self
             .http
             .post(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -214,7 +242,7 @@ async fn every_management_endpoint() {
         let page: Value = app
             .http
             .get(format!("{url}&cursor={cursor}"))
-            .bearer_auth("s3cret")
+            .bearer_auth(TOKEN)
             .send()
             .await
             .unwrap()
@@ -230,7 +258,7 @@ async fn every_management_endpoint() {
     all.sort();
     all.dedup();
     assert_eq!(all.len(), 3, "{all:?}");
-    let bad = app.http.get(format!("{url}&colour=red")).bearer_auth("s3cret").send().await.unwrap();
+    let bad = app.http.get(format!("{url}&colour=red")).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
 
     // clear
@@ -299,4 +327,187 @@ async fn metrics_move_and_the_deployment_files_name_real_metrics() {
     ] {
         assert!(redis_conf.contains(line), "redis.conf lacks {line}");
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Admin {
+    Configured,
+    Unconfigured,
+    OptedOut,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Credential {
+    Missing,
+    Wrong,
+    InQuery,
+    Right,
+}
+
+/// Every route of the service's cache API: method, path, body, and whether it
+/// changes the cache or reveals key names.
+fn routes() -> Vec<(&'static str, &'static str, Option<Value>, bool)> {
+    vec![
+        ("GET", "/api/cache/stats", None, false),
+        ("GET", "/api/cache/health", None, false),
+        ("GET", "/api/cache/metrics/cache", None, false),
+        ("GET", "/api/cache/metrics/cache/hit-rate", None, false),
+        ("GET", "/metrics", None, false),
+        ("POST", "/api/cache/clear", None, true),
+        ("POST", "/api/cache/invalidate", Some(json!({"invalidate_all": true})), true),
+        ("POST", "/api/cache/invalidate", Some(json!({"tags": ["missions"]})), true),
+        ("POST", "/api/cache/invalidate", Some(json!({"mission_id": "k0"})), true),
+        ("POST", "/api/cache/invalidate/missions", None, true),
+        ("POST", "/api/cache/warm", None, true),
+        ("DELETE", "/api/cache/keys/missions:k0", None, true),
+        ("GET", "/api/cache/keys/missions:k0/ttl", None, true),
+        ("GET", "/api/cache/metrics/cache/keys", None, true),
+    ]
+}
+
+fn expected(admin: Admin, credential: Credential, admin_route: bool) -> StatusCode {
+    match (admin_route, admin, credential) {
+        (false, _, _) | (true, Admin::OptedOut, _) | (true, Admin::Configured, Credential::Right) => {
+            StatusCode::OK
+        }
+        (true, Admin::Unconfigured, _) | (true, Admin::Configured, Credential::Wrong) => {
+            StatusCode::FORBIDDEN
+        }
+        (true, Admin::Configured, Credential::Missing | Credential::InQuery) => StatusCode::UNAUTHORIZED,
+    }
+}
+
+async fn plant(cache: &Cache) -> usize {
+    for i in 0..5 {
+        cache.set(&format!("missions:k{i}"), &i).tags(["missions", &format!("mission:k{i}")]).await.unwrap();
+    }
+    cache.set("llm:x", &"model").await.unwrap();
+    6
+}
+
+async fn live_keys(cache: &Cache) -> usize {
+    let mut n = 0;
+    for key in ["missions:k0", "missions:k1", "missions:k2", "missions:k3", "missions:k4", "llm:x"] {
+        n += usize::from(cache.exists(key).await.unwrap());
+    }
+    n
+}
+
+#[tokio::test]
+async fn the_admin_routes_need_the_token_and_refused_calls_delete_nothing() {
+    let redis = Redis::start();
+    for admin in [Admin::Configured, Admin::Unconfigured, Admin::OptedOut] {
+        let app = match admin {
+            Admin::Configured => start(&redis).await,
+            Admin::Unconfigured => start_with(&redis, None, |api| api).await,
+            Admin::OptedOut => start_with(&redis, None, ManagementApi::allow_unauthenticated_admin).await,
+        };
+        let cache = &app.state.cache;
+        let planted = plant(cache).await;
+        for credential in [Credential::Missing, Credential::Wrong, Credential::InQuery, Credential::Right] {
+            for (method, path, body, admin_route) in routes() {
+                let want = expected(admin, credential, admin_route);
+                if want == StatusCode::OK {
+                    continue; // refused calls first, against untouched keys
+                }
+                let (token, path) = match credential {
+                    Credential::Missing => (None, path.to_owned()),
+                    Credential::Wrong => (Some("not-the-token"), path.to_owned()),
+                    Credential::InQuery => (None, format!("{path}?token={TOKEN}")),
+                    Credential::Right => (Some(TOKEN), path.to_owned()),
+                };
+                let (status, reply) = app.call_as(token, method, &path, body.clone()).await;
+                assert_eq!(status, want, "{admin:?} {credential:?} {method} {path}: {reply}");
+                let message = reply["message"].as_str().unwrap_or_default();
+                assert!(
+                    !message.is_empty() && !message.contains(TOKEN),
+                    "{admin:?} {method} {path}: {reply}"
+                );
+                if admin == Admin::Unconfigured {
+                    assert!(message.contains("CACHE_ADMIN_TOKEN"), "says how to configure one: {message}");
+                }
+            }
+        }
+        assert_eq!(live_keys(cache).await, planted, "{admin:?}: a refused call deleted something");
+
+        // Control: the same calls, allowed, do act.
+        for credential in [Credential::Missing, Credential::Wrong, Credential::InQuery, Credential::Right] {
+            for (method, path, body, admin_route) in routes() {
+                if expected(admin, credential, admin_route) != StatusCode::OK {
+                    continue;
+                }
+                plant(cache).await;
+                let token = match credential {
+                    Credential::Wrong => Some("not-the-token"),
+                    Credential::Right => Some(TOKEN),
+                    Credential::Missing | Credential::InQuery => None,
+                };
+                let (status, reply) = app.call_as(token, method, path, body.clone()).await;
+                assert_eq!(status, StatusCode::OK, "{admin:?} {credential:?} {method} {path}: {reply}");
+                if path == "/api/cache/clear" {
+                    assert_eq!(live_keys(cache).await, 0, "{admin:?}: an allowed clear clears");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_401_names_the_header_and_a_query_token_is_not_read() {
+    let redis = Redis::start();
+    let app = start(&redis).await;
+    let resp = app.http.post(format!("{}/api/cache/clear?token={TOKEN}", app.base)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().contains("Authorization: Bearer"), "{body}");
+}
+
+#[tokio::test]
+async fn patterns_that_match_everything_need_invalidate_all() {
+    let redis = Redis::start();
+    let app = start(&redis).await;
+    let cache = &app.state.cache;
+    let planted = plant(cache).await;
+    for pattern in ["*", "?*", "*:*", "[^x]*", "**", "*?", "[!-~]*", "*[^:]"] {
+        let (status, body) =
+            app.call("POST", "/api/cache/invalidate", Some(json!({"pattern": pattern}))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{pattern}: {body}");
+        assert!(body["message"].as_str().unwrap().contains("invalidate_all"), "{body}");
+    }
+    assert_eq!(live_keys(cache).await, planted, "nothing deleted without confirmation");
+    let (status, body) =
+        app.call("POST", "/api/cache/invalidate", Some(json!({"pattern": "missions:k*"}))).await;
+    assert_eq!((status, body["keys_deleted"].clone()), (StatusCode::OK, json!(5)), "targeted patterns pass");
+    let (status, body) = app
+        .call("POST", "/api/cache/invalidate", Some(json!({"pattern": "*:*", "invalidate_all": true})))
+        .await;
+    assert_eq!((status, body["keys_deleted"].clone()), (StatusCode::OK, json!(1)), "{body}");
+    assert_eq!(live_keys(cache).await, 0);
+}
+
+#[tokio::test]
+async fn health_scans_nothing() {
+    // A server of our own: nothing else may SCAN it while the counter is read.
+    let redis = Redis::spawn();
+    let app = start(&redis).await;
+    let mut raw = redis.raw().await;
+    let stat = |info: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_scan:calls="))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let before: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.unwrap();
+    for _ in 0..20 {
+        let (status, body) = app.call_as(None, "GET", "/api/cache/health", None).await;
+        assert_eq!((status, body["status"].clone()), (StatusCode::OK, json!("healthy")));
+    }
+    let after: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.unwrap();
+    assert_eq!(stat(&after), stat(&before), "20 health probes ran SCAN");
+    // Control: stats does scan, so the counter can move.
+    app.call_as(None, "GET", "/api/cache/stats", None).await;
+    let control: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.unwrap();
+    assert!(stat(&control) > stat(&after));
 }

@@ -176,3 +176,37 @@ async fn local_tag_invalidation_counts_only_live_entries() {
     // Only live entries are deleted and counted, whatever the index still holds.
     assert_eq!(cache.invalidate_tags(["hot"]).await.unwrap(), 300);
 }
+
+#[tokio::test]
+async fn key_names_that_are_not_utf8_break_nothing() {
+    let redis = Redis::start();
+    let cache = redis.cache("bytes", FORMATS[0]).await;
+    let prefix = cache.config().key_prefix().to_owned();
+    let mut raw = redis.raw().await;
+    let foreign = |suffix: &[u8]| [prefix.as_bytes(), b":", suffix].concat();
+    let plant = |raw: &mut redis::aio::MultiplexedConnection| {
+        let (a, b) = (foreign(b"bad\xff\xfe:1"), foreign(b"bad\\x:2"));
+        let mut raw = raw.clone();
+        async move {
+            let _: () = raw.set(a, "written by another client").await.unwrap();
+            let _: () = raw.set(b, "a plain backslash").await.unwrap();
+        }
+    };
+    plant(&mut raw).await;
+    cache.set("missions:1", &1).await.unwrap();
+
+    let stats = cache.stats().await.unwrap();
+    assert!(stats.connected, "a foreign key name must not look like an outage");
+    assert_eq!(stats.total_keys, 3);
+    let (mut keys, cursor) = cache.scan_keys("*", 0, 1000).await.unwrap();
+    assert_eq!(cursor, 0);
+    keys.sort();
+    assert_eq!(keys, ["bad\\\\x:2", "bad\\xff\\xfe:1", "missions:1"], "listed escaped, distinct");
+
+    assert_eq!(cache.delete_pattern("bad*").await.unwrap(), 2);
+    let gone: bool = raw.exists(foreign(b"bad\xff\xfe:1")).await.unwrap();
+    assert!(!gone);
+    plant(&mut raw).await;
+    assert_eq!(cache.clear().await.unwrap(), 3);
+    assert_eq!(cache.stats().await.unwrap().total_keys, 0);
+}

@@ -1,4 +1,10 @@
 //! The management API.
+//!
+//! Routes that change the cache or reveal key names are admin routes: they need
+//! `Authorization: Bearer <token>`, compared in constant time. Without a token
+//! configured they answer 403 until the app either configures one or opts out
+//! by name ([`ManagementApi::allow_unauthenticated_admin`]). The open routes
+//! (`stats`, `health`, the metrics) expose counts and versions, never key names.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -7,14 +13,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::glob::matches_everything;
 use crate::key::push_part;
 use crate::{Cache, CacheError, KeyTtl};
 
@@ -62,7 +70,15 @@ pub struct ManagementApi {
     groups: BTreeMap<String, Invalidation>,
     id_fields: BTreeMap<String, String>,
     warmer: Option<Warmer>,
-    admin_token: Option<String>,
+    admin: Admin,
+}
+
+/// Who may call the admin routes.
+#[derive(Clone)]
+enum Admin {
+    Token(Arc<str>),
+    Unconfigured,
+    Anyone,
 }
 
 struct Shared {
@@ -70,15 +86,14 @@ struct Shared {
 }
 
 impl ManagementApi {
-    /// An API over `cache` with no groups, id fields, warmer or admin token yet.
+    /// An API over `cache` with no groups, id fields or warmer yet; its admin
+    /// token is the cache's `admin_token` (settings file or `CACHE_ADMIN_TOKEN`).
     pub fn new(cache: Cache) -> Self {
-        ManagementApi {
-            cache,
-            groups: BTreeMap::new(),
-            id_fields: BTreeMap::new(),
-            warmer: None,
-            admin_token: None,
-        }
+        let admin = match cache.config().admin_token() {
+            Some(token) => Admin::Token(token.into()),
+            None => Admin::Unconfigured,
+        };
+        ManagementApi { cache, groups: BTreeMap::new(), id_fields: BTreeMap::new(), warmer: None, admin }
     }
 
     /// Registers `POST invalidate/{name}`.
@@ -104,29 +119,42 @@ impl ManagementApi {
         self
     }
 
-    /// The bearer token `GET metrics/cache/keys` requires.
+    /// The bearer token the admin routes require, over the cache's `admin_token`.
+    /// It is never logged or echoed.
     pub fn admin_token(mut self, token: impl Into<String>) -> Self {
-        self.admin_token = Some(token.into());
+        self.admin = Admin::Token(token.into().into());
         self
     }
 
-    /// The routes, relative: `stats`, `health`, `invalidate`, `warm`,
-    /// `invalidate/{group}`, `keys/{key}`, `keys/{key}/ttl`, `clear`,
-    /// `metrics/cache`, `metrics/cache/hit-rate`, `metrics/cache/keys`.
+    /// Lets anyone who can reach the API clear and invalidate the cache, warm it
+    /// and list its keys: only for an API that is reachable by operators alone
+    /// (a loopback or internal-only listener).
+    pub fn allow_unauthenticated_admin(mut self) -> Self {
+        self.admin = Admin::Anyone;
+        self
+    }
+
+    /// The routes, relative. Open: `stats`, `health`, `metrics/cache`,
+    /// `metrics/cache/hit-rate`. Admin: `invalidate`, `invalidate/{group}`,
+    /// `warm`, `clear`, `keys/{key}` (DELETE), `keys/{key}/ttl`, `metrics/cache/keys`.
     pub fn router(self) -> Router {
+        let admin = self.admin.clone();
         let shared = Arc::new(Shared { api: self });
-        Router::new()
-            .route("/stats", get(stats))
-            .route("/health", get(health))
+        let admin_routes = Router::new()
             .route("/invalidate", post(invalidate))
             .route("/invalidate/{group}", post(invalidate_group))
             .route("/warm", post(warm))
             .route("/clear", post(clear))
             .route("/keys/{key}", delete(delete_key))
             .route("/keys/{key}/ttl", get(key_ttl))
+            .route("/metrics/cache/keys", get(list_keys))
+            .route_layer(middleware::from_fn_with_state(admin, require_admin));
+        Router::new()
+            .route("/stats", get(stats))
+            .route("/health", get(health))
             .route("/metrics/cache", get(cache_metrics))
             .route("/metrics/cache/hit-rate", get(hit_rate))
-            .route("/metrics/cache/keys", get(list_keys))
+            .merge(admin_routes)
             .with_state(shared)
     }
 }
@@ -207,9 +235,12 @@ async fn stats(State(s): State<Arc<Shared>>) -> Reply {
     })))
 }
 
+/// One PING and in-memory counters: cheap enough for a probe every few seconds.
 async fn health(State(s): State<Arc<Shared>>) -> Reply {
     let health = s.api.cache.health().await;
-    let stats = s.api.cache.stats().await?;
+    let m = s.api.cache.metrics();
+    let (hits, misses) = (m.hits_total(), m.misses_total());
+    let hit_rate = if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 };
     Ok(Json(json!({
         "status": health.status,
         "connected": health.connected,
@@ -217,7 +248,7 @@ async fn health(State(s): State<Arc<Shared>>) -> Reply {
         "breaker": health.breaker,
         "latency_ms": health.latency_ms,
         "error": health.error,
-        "stats": { "total_keys": stats.total_keys, "hits": stats.hits, "misses": stats.misses, "hit_rate": stats.hit_rate },
+        "stats": { "hits": hits, "misses": misses, "hit_rate": hit_rate, "errors": m.errors_total() },
     })))
 }
 
@@ -243,10 +274,10 @@ async fn invalidate(State(s): State<Arc<Shared>>, body: Bytes) -> Reply {
         }
         [(field, value)] => match (field.as_str(), value) {
             ("pattern", Value::String(pattern)) => {
-                if pattern.chars().all(|c| c == '*') && !everything {
-                    return Err(ApiError::bad_request(
-                        "this pattern matches every key: send \"invalidate_all\": true to confirm",
-                    ));
+                if matches_everything(pattern.as_bytes()) && !everything {
+                    return Err(ApiError::bad_request(format!(
+                        "pattern '{pattern}' matches every key: send \"invalidate_all\": true to confirm"
+                    )));
                 }
                 let n = cache.delete_pattern(pattern).await?;
                 deleted(n, format!("Pattern '{pattern}' invalidated ({n} keys deleted)"))
@@ -400,34 +431,50 @@ fn default_pattern() -> String {
 
 async fn list_keys(
     State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
     query: Result<Query<KeysQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Reply {
-    let Some(token) = &s.api.admin_token else {
-        return Err(ApiError {
-            status: StatusCode::FORBIDDEN,
-            message: "no admin token is configured".into(),
-        });
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let (keys, next) = s.api.cache.scan_keys(&q.pattern, q.cursor, q.count.clamp(1, 10_000)).await?;
+    Ok(Json(json!({ "keys": keys, "cursor": next, "done": next == 0 })))
+}
+
+/// Lets a request through to an admin route, or answers 401 (no credentials)
+/// or 403 (wrong ones, or no token configured). A token in the query string
+/// is never accepted: it would end up in access logs and browser history.
+async fn require_admin(State(admin): State<Admin>, request: Request, next: Next) -> Response {
+    let refuse = |status, message: &str| ApiError { status, message: message.into() }.into_response();
+    let token = match &admin {
+        Admin::Anyone => return next.run(request).await,
+        Admin::Unconfigured => {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "no admin token is configured: set CACHE_ADMIN_TOKEN or `admin_token` in the settings \
+                 file, or call ManagementApi::admin_token (ManagementApi::allow_unauthenticated_admin \
+                 opts out)",
+            )
+        }
+        Admin::Token(token) => token,
     };
-    let given = headers
+    let given = request
+        .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
+        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => next.run(request).await,
+        Some(_) => refuse(StatusCode::FORBIDDEN, "wrong admin token"),
         None => {
-            return Err(ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                message: "send Authorization: Bearer <admin token>".into(),
-            })
+            let mut response = refuse(
+                StatusCode::UNAUTHORIZED,
+                "this route needs the admin token: send Authorization: Bearer <token> \
+                 (a token in the query string is not read)",
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            response
         }
-        Some(given) if !constant_time_eq(given.as_bytes(), token.as_bytes()) => {
-            return Err(ApiError { status: StatusCode::FORBIDDEN, message: "wrong admin token".into() })
-        }
-        Some(_) => {}
     }
-    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let (keys, next) = s.api.cache.scan_keys(&q.pattern, q.cursor, q.count.clamp(1, 10_000)).await?;
-    Ok(Json(json!({ "keys": keys, "cursor": next, "done": next == 0 })))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -20,6 +20,8 @@ pub struct Redis {
     port: u16,
     dir: Option<PathBuf>,
     child: Option<Child>,
+    /// `requirepass`: the URL carries it, and so does the readiness check.
+    password: Option<String>,
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -33,21 +35,32 @@ impl Redis {
     /// The server in `REDIS_URL`, or a fresh one of our own.
     pub fn start() -> Redis {
         match std::env::var("REDIS_URL") {
-            Ok(url) if !url.is_empty() => Redis { url, port: 0, dir: None, child: None },
+            Ok(url) if !url.is_empty() => Redis { url, port: 0, dir: None, child: None, password: None },
             _ => Redis::spawn(),
         }
     }
 
     /// Always a fresh `redis-server` of our own, so it can be killed and restarted.
     pub fn spawn() -> Redis {
+        Redis::spawn_with_password(None)
+    }
+
+    /// A fresh server of our own that requires `password` (`requirepass`).
+    pub fn spawn_with_password(password: Option<&str>) -> Redis {
         let mut last = String::new();
         // Another process may take the free port before redis-server binds it.
         for _ in 0..5 {
             let port = free_port();
             let dir = std::env::temp_dir().join(format!("cache-runtime-test-{}-{port}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("create a temp dir for redis-server");
-            let mut redis =
-                Redis { url: format!("redis://127.0.0.1:{port}/0"), port, dir: Some(dir), child: None };
+            let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+            let mut redis = Redis {
+                url: format!("redis://{auth}127.0.0.1:{port}/0"),
+                port,
+                dir: Some(dir),
+                child: None,
+                password: password.map(str::to_owned),
+            };
             match redis.boot() {
                 Ok(()) => return redis,
                 Err(e) => last = e,
@@ -59,7 +72,11 @@ impl Redis {
     fn boot(&mut self) -> Result<(), String> {
         let dir = self.dir.as_ref().expect("only our own server can be booted");
         let log = dir.join("redis.log");
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -94,7 +111,7 @@ impl Redis {
                 let log = std::fs::read_to_string(&log).unwrap_or_default();
                 return Err(format!("redis-server on port {} exited at start; its log:\n{log}", self.port));
             }
-            if ping(self.port) {
+            if ping(self.port, self.password.as_deref()) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -109,6 +126,11 @@ impl Redis {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The URL without credentials, for connecting as another user.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("redis://{user}:{password}@127.0.0.1:{}/0", self.port)
     }
 
     /// SIGKILL and wait, as a crash would.
@@ -181,14 +203,33 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-fn ping(port: u16) -> bool {
+fn ping(port: u16, password: Option<&str>) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut buf = [0u8; 16];
-    stream.write_all(b"PING\r\n").is_ok()
-        && stream.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+    let request = match password {
+        Some(p) => format!("AUTH {p}\r\nPING\r\n"),
+        None => "PING\r\n".to_owned(),
+    };
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if seen.windows(5).any(|w| w == b"+PONG") {
+            return true;
+        }
+        if seen.starts_with(b"-") {
+            return false;
+        }
+    }
+    false
 }
 
 /// A local-mode cache in `format`.

@@ -1,0 +1,119 @@
+//! What the cache needs of its Redis user, checked command by command.
+//!
+//! An ACL user without `@scripting`, or without the internal `{prefix}#*` keys,
+//! connects and answers PING, then fails every fill and invalidation. Checked at
+//! start, that is one error that names the refused command or key; found later
+//! (an ACL changed), the same check decides when the cause is gone.
+//!
+//! Every probe touches only keys of its own: `{prefix}:#probe` is read, and
+//! written only when absent (NX, 50 ms), so an existing key of that name is left
+//! alone; `{prefix}#probe` and `{prefix}#probe:z` are internal.
+
+use redis::Script;
+
+use crate::key::escape_glob;
+use crate::redis_store::RedisStore;
+use crate::CacheError;
+
+/// Every command the cache's Lua scripts call, on the key kinds they call it on.
+/// Errors other than ACL refusals (OOM, READONLY) are not the probe's business.
+const PROBE_SCRIPT: &str = r"
+local entry, internal, tags = KEYS[1], KEYS[2], KEYS[3]
+local checks = {
+  {'GET', entry}, {'EXISTS', entry}, {'PTTL', entry},
+  {'SET', internal, '0', 'PX', 1000}, {'GET', internal}, {'INCR', internal}, {'EXISTS', internal},
+  {'TIME'},
+  {'ZREMRANGEBYSCORE', tags, '-inf', 0}, {'ZADD', tags, 1, entry}, {'ZRANGE', tags, 0, -1},
+  {'PTTL', tags}, {'PEXPIRE', tags, 1000}, {'UNLINK', internal, tags},
+}
+local function refused(err)
+  return string.find(err, 'NOPERM', 1, true) or string.find(err, 'can.t run this command')
+end
+local created = redis.pcall('SET', entry, '', 'PX', 50, 'NX')
+if type(created) == 'table' and created.err then
+  if refused(created.err) then return {'SET', created.err} end
+  created = false
+end
+local found = {}
+for _, c in ipairs(checks) do
+  local r = redis.pcall(unpack(c))
+  if type(r) == 'table' and r.err and refused(r.err) then
+    found = {c[1], r.err}
+    break
+  end
+end
+if created then
+  local r = redis.pcall('UNLINK', entry)
+  if #found == 0 and type(r) == 'table' and r.err and refused(r.err) then found = {'UNLINK', r.err} end
+end
+redis.pcall('UNLINK', internal, tags)
+return found
+";
+
+impl RedisStore {
+    /// Runs every command the cache uses against probe keys under `prefix`.
+    /// `Err` is an [`Auth`](CacheError::Auth) or
+    /// [`Permission`](CacheError::Permission) error naming what was refused, or
+    /// the error that kept the probe from reaching Redis.
+    pub(crate) async fn check_access(&self, prefix: &str) -> Result<(), CacheError> {
+        let entry = format!("{prefix}:#probe");
+        let internal = format!("{prefix}#probe");
+        let tags = format!("{prefix}#probe:z");
+        let scan = format!("{}:*", escape_glob(prefix));
+        let steps = [
+            redis::cmd("PING"),
+            redis::cmd("GET").arg(&entry).clone(),
+            redis::cmd("SET").arg(&internal).arg("0").arg("PX").arg(1000).clone(),
+            redis::cmd("EXISTS").arg(&internal).clone(),
+            redis::cmd("PTTL").arg(&internal).clone(),
+            redis::cmd("UNLINK").arg(&internal).clone(),
+            redis::cmd("SCAN").arg(0).arg("MATCH").arg(&scan).arg("COUNT").arg(1).clone(),
+            redis::cmd("INFO").arg("server").clone(),
+        ];
+        for step in &steps {
+            match self.query::<redis::Value>(step).await {
+                Ok(_) => {}
+                Err(e) => self.judge(e, prefix)?,
+            }
+        }
+        let script = Script::new(PROBE_SCRIPT);
+        let load = redis::cmd("SCRIPT").arg("LOAD").arg(PROBE_SCRIPT).clone();
+        if let Err(e) = self.query::<String>(&load).await {
+            return self.judge(e, prefix);
+        }
+        let mut call = script.key(&entry);
+        call.key(&internal).key(&tags);
+        let refused: Vec<String> =
+            match self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await {
+                Ok(refused) => refused,
+                Err(e) => return self.judge(e, prefix),
+            };
+        match refused.as_slice() {
+            [command, message, ..] => Err(CacheError::Permission {
+                action: format!("run {command} inside the cache's Lua scripts"),
+                message: message.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Passes on what stops the cache (credentials, permissions, no Redis);
+    /// anything else (OOM, a read-only replica) is a state, not a misconfiguration.
+    fn judge(&self, e: CacheError, prefix: &str) -> Result<(), CacheError> {
+        match e {
+            CacheError::Permission { action, message } if action.contains("keys") => {
+                Err(CacheError::Permission {
+                    action: format!(
+                        "access its keys (it reads and writes `{prefix}:*` and its internal `{prefix}#*`)"
+                    ),
+                    message,
+                })
+            }
+            e if e.is_misconfiguration() || e.is_unavailable() => Err(e),
+            e => {
+                tracing::debug!(error = %e, "access check: not a permission problem");
+                Ok(())
+            }
+        }
+    }
+}

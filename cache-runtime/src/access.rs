@@ -7,7 +7,7 @@
 //!
 //! Every probe touches only keys of its own: `{prefix}:#probe` is read, and
 //! written only when absent (NX, 50 ms), so an existing key of that name is left
-//! alone; `{prefix}#probe` and `{prefix}#probe:z` are internal.
+//! alone; `{prefix}#probe`, `{prefix}#probe:z` and `{prefix}#probe:h` are internal.
 
 use redis::Script;
 
@@ -18,13 +18,16 @@ use crate::CacheError;
 /// Every command the cache's Lua scripts call, on the key kinds they call it on.
 /// Errors other than ACL refusals (OOM, READONLY) are not the probe's business.
 const PROBE_SCRIPT: &str = r"
-local entry, internal, tags = KEYS[1], KEYS[2], KEYS[3]
+local entry, internal, tags, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local checks = {
   {'GET', entry}, {'EXISTS', entry}, {'PTTL', entry},
-  {'SET', internal, '0', 'PX', 1000}, {'GET', internal}, {'INCR', internal}, {'EXISTS', internal},
+  {'SET', internal, '0', 'PX', 1000}, {'GET', internal}, {'EXISTS', internal},
   {'TIME'},
+  {'HSET', fence, 'probe', 1}, {'HGET', fence, 'probe'}, {'HINCRBY', fence, 'probe', 1},
+  {'HSCAN', fence, 0, 'COUNT', 1}, {'HDEL', fence, 'probe'}, {'DEL', fence},
   {'ZREMRANGEBYSCORE', tags, '-inf', 0}, {'ZADD', tags, 1, entry}, {'ZRANGE', tags, 0, -1},
-  {'PTTL', tags}, {'PEXPIRE', tags, 1000}, {'UNLINK', internal, tags},
+  {'ZCARD', tags}, {'PTTL', tags}, {'PEXPIRE', tags, 1000}, {'RENAME', tags, internal},
+  {'ZREM', internal, entry}, {'UNLINK', internal, tags},
 }
 local function refused(err)
   return string.find(err, 'NOPERM', 1, true) or string.find(err, 'can.t run this command')
@@ -46,7 +49,7 @@ if created then
   local r = redis.pcall('UNLINK', entry)
   if #found == 0 and type(r) == 'table' and r.err and refused(r.err) then found = {'UNLINK', r.err} end
 end
-redis.pcall('UNLINK', internal, tags)
+redis.pcall('UNLINK', internal, tags, fence)
 return found
 ";
 
@@ -59,6 +62,7 @@ impl RedisStore {
         let entry = format!("{prefix}:#probe");
         let internal = format!("{prefix}#probe");
         let tags = format!("{prefix}#probe:z");
+        let fence = format!("{prefix}#probe:h");
         let scan = format!("{}:*", escape_glob(prefix));
         let steps = [
             redis::cmd("PING"),
@@ -82,7 +86,7 @@ impl RedisStore {
             return self.judge(e, prefix);
         }
         let mut call = script.key(&entry);
-        call.key(&internal).key(&tags);
+        call.key(&internal).key(&tags).key(&fence);
         let refused: Vec<String> =
             match self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await {
                 Ok(refused) => refused,

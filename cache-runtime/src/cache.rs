@@ -2,7 +2,7 @@
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,9 @@ use serde::Serialize;
 use crate::breaker::{Breaker, BreakerState, Permit};
 use crate::codec;
 use crate::config::CacheConfig;
+use crate::fence::{Fence, Fill, Observed, WINDOW};
 use crate::flight::SingleFlight;
+use crate::glob::to_lua_pattern;
 use crate::key::{display_key, escape_glob};
 use crate::local::LocalTier;
 use crate::metrics::{Metrics, Op};
@@ -77,21 +79,25 @@ pub(crate) struct Inner {
     pub(crate) pending: PendingLog,
     /// A credentials or permission problem Redis reported, until a check passes.
     pub(crate) misconfig: Arc<Misconfig>,
-    /// The newest Redis invalidation epoch this process has seen.
-    last_epoch: AtomicU64,
+    /// The newest fence this process has seen of Redis (see `fence.rs`).
+    observed: Observed,
+    /// When the fence hash was last pruned.
+    pruned_at: std::sync::Mutex<Option<Instant>>,
     pub(crate) local: LocalTier,
     pub(crate) counters: Counters,
     pub(crate) metrics: Metrics,
     pub(crate) flights: SingleFlight,
-    epoch_key: String,
+    fence_key: String,
 }
 
-/// The invalidation epoch a fill was computed under, and which tier it came from:
-/// a fill is stored only in the tier, and at the epoch, it read.
+/// What a fill is checked against, taken before its read: a fill is stored only
+/// in the tier it read, and only if nothing covering its key was invalidated since.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Epoch {
-    redis: bool,
-    value: u64,
+pub(crate) enum FillFence {
+    /// Redis's fence as the process last saw it, and when it was taken.
+    Redis(Fence, Instant),
+    /// The local tier's invalidation counter.
+    Local(u64),
 }
 
 /// Bytes read from a tier.
@@ -162,14 +168,16 @@ impl Cache {
         .unwrap_or(Err(CacheError::Timeout(connect)));
         match reachable {
             Ok(()) => {
-                // Fills are checked against the newest epoch seen: start from the current one.
-                let _ = cache.epoch().await;
+                // Fills are checked against the newest fence seen: start from the current one,
+                // and clear what an earlier incarnation of the fence may have left unindexed.
+                cache.observe_fence(redis).await;
                 tracing::info!(redis = %target, prefix = %prefix, "cache runs in redis mode")
             }
             Err(e) if e.is_misconfiguration() => return Err(e),
             Err(e) => cache.start_degraded(&target, &e),
         }
         tokio::spawn(health_loop(Arc::downgrade(&cache.inner)));
+        tokio::spawn(replay_loop(Arc::downgrade(&cache.inner)));
         Ok(cache)
     }
 
@@ -195,7 +203,7 @@ impl Cache {
         misconfig: Arc<Misconfig>,
         redis: Option<RedisStore>,
     ) -> Cache {
-        let epoch_key = format!("{}#epoch", config.key_prefix);
+        let fence_key = format!("{}#fence", config.key_prefix);
         Cache {
             inner: Arc::new(Inner {
                 local: LocalTier::new(config.local_max_entries),
@@ -209,9 +217,10 @@ impl Cache {
                 ),
                 pending: PendingLog::new(),
                 misconfig,
-                last_epoch: AtomicU64::new(0),
+                observed: Observed::default(),
+                pruned_at: std::sync::Mutex::new(None),
                 redis,
-                epoch_key,
+                fence_key,
                 config,
             }),
         }
@@ -398,7 +407,7 @@ impl Cache {
                 let (cache, tags) = (self.clone(), tags.clone());
                 tasks.spawn(async move {
                     for (full, bytes) in &batch {
-                        cache.write(full, bytes, ttl, &tags, None).await?;
+                        cache.write(full, bytes, ttl, &tags, None, true).await?;
                     }
                     Ok::<u64, CacheError>(batch.len() as u64)
                 });
@@ -530,30 +539,30 @@ impl Cache {
         }
     }
 
-    /// Runs an invalidation on both tiers. When Redis can't take it now, it is
-    /// logged and replayed before Redis serves anything again.
+    /// Runs an invalidation on both tiers. `Ok` means Redis applied it. When Redis
+    /// can't take it now, it is applied to the local tier, queued, and replayed as
+    /// soon as Redis answers (before Redis serves this process anything again), and
+    /// the call returns [`CacheError::Deferred`].
     async fn invalidate(&self, op: Op, what: Pending) -> Result<u64, CacheError> {
         self.timed(op, async {
             let local = self.apply_local(&what);
             if self.inner.redis.is_none() {
                 return Ok(local);
             }
-            match self.redis().await {
+            let cause = match self.redis().await {
                 Some((redis, permit)) => {
                     let result = self.apply_redis(redis, &what).await;
-                    let result = self.settle(permit, result);
-                    // Only an unreachable Redis defers the invalidation; an error Redis
-                    // answered with would fail the replay forever, so it goes to the caller.
-                    if result.as_ref().is_err_and(CacheError::is_unavailable) {
-                        self.inner.pending.push(what);
+                    match self.settle(permit, result) {
+                        // Only an unreachable Redis defers the invalidation; an error Redis
+                        // answered with would fail the replay forever, so it goes to the caller.
+                        Err(e) if e.is_unavailable() => e.to_string(),
+                        other => return other,
                     }
-                    result
                 }
-                None => {
-                    self.inner.pending.push(what);
-                    Ok(local)
-                }
-            }
+                None => "the circuit breaker is open".to_owned(),
+            };
+            self.inner.pending.push(what);
+            Err(CacheError::Deferred(cause))
         })
         .await
     }
@@ -573,49 +582,115 @@ impl Cache {
         }
     }
 
+    /// Fences what `what` covers, then deletes it (see `fence.rs`).
     async fn apply_redis(&self, redis: &RedisStore, what: &Pending) -> Result<u64, CacheError> {
-        let epoch_key = &self.inner.epoch_key;
-        let (deleted, epoch) = match what {
+        let fence_key = &self.inner.fence_key;
+        let observed = &self.inner.observed;
+        let entries = format!("{}:*", escape_glob(&self.inner.config.key_prefix));
+        match what {
             Pending::Key(full) => {
-                let (existed, epoch) = redis.delete(full, epoch_key).await?;
-                (u64::from(existed), epoch)
+                let (existed, fence) = redis.invalidate_key(fence_key, full).await?;
+                observed.observe(fence);
+                Ok(u64::from(existed))
             }
             Pending::Tags(tags) => {
-                let keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
-                redis.invalidate_tags(epoch_key, &keys).await?
+                let tags: Vec<(String, String)> = tags.iter().map(|t| (t.clone(), self.tag_key(t))).collect();
+                let mut deleted = 0;
+                let mut lost = None;
+                loop {
+                    let fenced = redis.fence_tags(fence_key, &tags).await?;
+                    observed.observe(fenced.fence);
+                    if fenced.lost {
+                        lost = Some((fenced.fence.id, fenced.token));
+                    }
+                    for dead in &fenced.dead {
+                        deleted += redis.drain(dead).await?;
+                    }
+                    if !fenced.waiting {
+                        break;
+                    }
+                }
+                if let Some((id, token)) = lost {
+                    // An index is gone while entries it listed may live: only a
+                    // clear of every entry is sure to reach them.
+                    tracing::warn!(
+                        "a tag index was lost (evicted or flushed): clearing every entry under the prefix"
+                    );
+                    deleted += redis.delete_pattern(&entries).await?;
+                    redis.settle(fence_key, id, &token).await?;
+                }
+                Ok(deleted)
             }
             Pending::Pattern(full) => {
-                let epoch = redis.bump_epoch(epoch_key).await?;
-                (redis.delete_pattern(full).await?, epoch)
+                observed.observe(redis.fence_pattern(fence_key, &to_lua_pattern(full.as_bytes())).await?);
+                redis.delete_pattern(full).await
             }
             Pending::Everything => {
-                let prefix = escape_glob(&self.inner.config.key_prefix);
-                let epoch = redis.bump_epoch(epoch_key).await?;
-                let deleted = redis.delete_pattern(&format!("{prefix}:*")).await?;
-                redis.delete_pattern(&format!("{prefix}#tag:*")).await?;
-                (deleted, epoch)
+                let fence = redis.fence_all(fence_key).await?;
+                observed.observe(fence);
+                let deleted = redis.delete_pattern(&entries).await?;
+                let indexes = format!("{}#tag:*", escape_glob(&self.inner.config.key_prefix));
+                redis.delete_pattern(&indexes).await?;
+                redis.settle(fence_key, fence.id, "new").await?;
+                Ok(deleted)
             }
-        };
-        self.observe_epoch(epoch);
-        Ok(deleted)
-    }
-
-    /// Remembers the newest Redis epoch seen. Fills are checked against it, so a
-    /// stale one only costs a refused fill; a fill it lets through had no
-    /// invalidation since it was seen, which was before the fill's body started.
-    fn observe_epoch(&self, epoch: Option<u64>) {
-        if let Some(epoch) = epoch {
-            self.inner.last_epoch.store(epoch, Ordering::Release);
         }
     }
 
-    /// The epoch a fill starting now is checked against: no round trip for Redis.
-    pub(crate) fn fill_epoch(&self) -> Epoch {
-        match (&self.inner.redis, self.inner.breaker.state()) {
-            (Some(_), BreakerState::Closed) => {
-                Epoch { redis: true, value: self.inner.last_epoch.load(Ordering::Acquire) }
+    /// Learns the current fence; when entries of an earlier incarnation of it may
+    /// remain unindexed (Redis restarted, was flushed, or evicted the fence), clears
+    /// the prefix so that tag invalidations can find every entry again.
+    async fn observe_fence(&self, redis: &RedisStore) {
+        let fence_key = &self.inner.fence_key;
+        let result = async {
+            let (fence, orphans) = redis.observe(fence_key).await?;
+            self.inner.observed.observe(fence);
+            if let Some(token) = orphans {
+                let entries = format!("{}:*", escape_glob(&self.inner.config.key_prefix));
+                let deleted = redis.delete_pattern(&entries).await?;
+                redis.settle(fence_key, fence.id, &token).await?;
+                if deleted > 0 {
+                    tracing::info!(deleted, "entries of an earlier fence incarnation cleared");
+                }
             }
-            _ => Epoch { redis: false, value: self.inner.local.epoch() },
+            Ok::<_, CacheError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "could not observe the fence");
+        }
+    }
+
+    /// Drops fences no fill can need any more, at most once per a quarter of the
+    /// fence window.
+    async fn prune_fences(&self, redis: &RedisStore) {
+        {
+            let mut at = self.inner.pruned_at.lock().unwrap_or_else(|e| e.into_inner());
+            if at.is_some_and(|at| at.elapsed() < WINDOW / 4) {
+                return;
+            }
+            *at = Some(Instant::now());
+        }
+        let mut cursor = 0;
+        loop {
+            match redis.prune(&self.inner.fence_key, cursor).await {
+                Ok(0) => return,
+                Ok(next) => cursor = next,
+                Err(e) => {
+                    tracing::debug!(error = %e, "fence pruning interrupted");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// What a fill starting now is checked against: no round trip. Taken before
+    /// the fill's read, so any invalidation after that read is newer.
+    #[inline]
+    pub(crate) fn fill_fence(&self) -> FillFence {
+        match (&self.inner.redis, self.inner.breaker.state()) {
+            (Some(_), BreakerState::Closed) => FillFence::Redis(self.inner.observed.get(), Instant::now()),
+            _ => FillFence::Local(self.inner.local.epoch()),
         }
     }
 
@@ -629,48 +704,52 @@ impl Cache {
         .await
     }
 
-    pub(crate) async fn epoch(&self) -> Result<Epoch, CacheError> {
-        match self.redis().await {
-            Some((redis, permit)) => {
-                let value = self.settle(permit, redis.epoch(&self.inner.epoch_key).await)?;
-                self.observe_epoch(Some(value));
-                Ok(Epoch { redis: true, value })
-            }
-            None => Ok(Epoch { redis: false, value: self.inner.local.epoch() }),
-        }
-    }
-
-    /// Stores encoded bytes; with `expected`, only in the tier it was read from and
-    /// only if no invalidation happened since. Fills made from the local tier during
-    /// an outage therefore never reach Redis.
+    /// Stores encoded bytes. With `expected` (a fill), only in the tier it was
+    /// read from and only if nothing covering `full` was invalidated since, so
+    /// fills made from the local tier during an outage never reach Redis. Without
+    /// it (`set`, warm-up), the write wins, and with `bump` it refuses the fills
+    /// of `full` that read before it.
     pub(crate) async fn write(
         &self,
         full: &str,
         bytes: &[u8],
         ttl: Duration,
         tags: &[String],
-        expected: Option<Epoch>,
+        expected: Option<FillFence>,
+        bump: bool,
     ) -> Result<bool, CacheError> {
         self.timed(Op::Set, async {
             match self.redis().await {
-                Some(_) if expected.is_some_and(|e| !e.redis) => Ok(false),
+                Some(_) if matches!(expected, Some(FillFence::Local(_))) => Ok(false),
                 Some((redis, permit)) => {
-                    let tag_keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
-                    let expected = expected.map(|e| e.value);
-                    let stored =
-                        redis.set(full, bytes, ttl, &self.inner.epoch_key, &tag_keys, expected).await;
-                    let (stored, epoch) = self.settle(permit, stored)?;
-                    self.observe_epoch(epoch);
+                    let expected = match expected {
+                        Some(FillFence::Redis(_, taken)) if taken.elapsed() > WINDOW => return Ok(false),
+                        Some(FillFence::Redis(fence, _)) => Some(fence),
+                        _ => None,
+                    };
+                    let tags: Vec<(String, String)> =
+                        tags.iter().map(|t| (t.clone(), self.tag_key(t))).collect();
+                    let fill = Fill { entry: full, bytes, ttl, tags: &tags, expected, bump };
+                    let (stored, fence) =
+                        self.settle(permit, redis.fill(&self.inner.fence_key, fill).await)?;
+                    self.inner.observed.observe(fence);
                     Ok(stored)
                 }
-                None if expected.is_some_and(|e| e.redis) => Ok(false),
-                None => Ok(self.inner.local.set(full, bytes.to_vec(), ttl, tags, expected.map(|e| e.value))),
+                None if matches!(expected, Some(FillFence::Redis(..))) => Ok(false),
+                None => {
+                    let expected = match expected {
+                        Some(FillFence::Local(epoch)) => Some(epoch),
+                        _ => None,
+                    };
+                    Ok(self.inner.local.set(full, bytes.to_vec(), ttl, tags, expected))
+                }
             }
         })
         .await
     }
 
-    /// Decodes, or removes the unreadable entry and reports a miss.
+    /// Decodes, or removes the unreadable entry and reports a miss. The removal
+    /// fences nothing: the value that replaces it is not refused.
     pub(crate) fn decode_or_drop<T: DeserializeOwned>(&self, full: &str, raw: &[u8]) -> Option<T> {
         match codec::decode(raw) {
             Ok(v) => Some(v),
@@ -678,11 +757,16 @@ impl Cache {
                 self.inner.counters.decode_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key = full, error = %e, "unreadable cache entry dropped");
                 let this = self.clone();
-                let full = full.to_owned();
+                let (full, raw) = (full.to_owned(), raw.to_vec());
                 // Best effort and off the caller's path: the entry reads as a miss either way.
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move {
-                        let _ = this.invalidate(Op::Delete, Pending::Key(full)).await;
+                        match this.redis().await {
+                            Some((redis, permit)) => {
+                                let _ = this.settle(permit, redis.drop_if_same(&full, &raw).await);
+                            }
+                            None => this.inner.local.drop_if_same(&full, &raw),
+                        }
                     });
                 }
                 None
@@ -729,7 +813,9 @@ impl Cache {
 
 /// PINGs Redis every `health_check_interval`: counts failures while the breaker is
 /// closed, and probes it (replaying pending invalidations first) once it may close.
-/// Holds only a weak reference, so it ends with the last clone of the cache.
+/// It also keeps the fence hash pruned and its incarnation settled, and re-checks
+/// a refused password or command. Holds only a weak reference, so it ends with
+/// the last clone of the cache.
 async fn health_loop(inner: std::sync::Weak<Inner>) {
     let interval = match inner.upgrade() {
         Some(inner) => inner.config.health_check_interval,
@@ -740,13 +826,39 @@ async fn health_loop(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else { return };
         let cache = Cache { inner };
         if let Some((redis, permit)) = cache.redis().await {
-            let _ = cache.settle(permit, redis.ping().await);
+            let healthy = cache.settle(permit, redis.ping().await).is_ok();
+            if healthy {
+                cache.observe_fence(redis).await;
+                cache.prune_fences(redis).await;
+            }
         };
         // A refused password or command clears only when the whole check passes
         // again; a failed check adds nothing the refused calls did not report.
         if let (Some(redis), Some(_)) = (&cache.inner.redis, cache.inner.misconfig.current()) {
             if redis.check_access(&cache.inner.config.key_prefix).await.is_ok() {
                 cache.inner.misconfig.resolve();
+            }
+        }
+    }
+}
+
+/// How often queued invalidations are retried while Redis can't take them.
+const REPLAY_EVERY: Duration = Duration::from_millis(200);
+
+/// Retries queued invalidations every [`REPLAY_EVERY`], whatever the breaker
+/// says: the window in which other processes can read what they cover from Redis
+/// is the outage plus one interval, not the breaker's timeout.
+async fn replay_loop(inner: std::sync::Weak<Inner>) {
+    loop {
+        tokio::time::sleep(REPLAY_EVERY).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if !inner.pending.is_dirty() {
+            continue;
+        }
+        let cache = Cache { inner };
+        if let Some(redis) = &cache.inner.redis {
+            if let Err(e) = cache.replay(redis).await {
+                tracing::debug!(error = %e, "queued invalidations not replayed yet");
             }
         }
     }
@@ -787,7 +899,7 @@ impl<'a, T: Serialize + ?Sized + Sync> Set<'a, T> {
         let bytes = codec::encode(self.cache.inner.config.serialization, self.value)?;
         self.cache.check_size(bytes.len())?;
         let full = self.cache.full_key(self.key);
-        self.cache.write(&full, &bytes, ttl, &self.tags, None).await?;
+        self.cache.write(&full, &bytes, ttl, &self.tags, None, true).await?;
         Ok(())
     }
 }

@@ -29,6 +29,12 @@ pub enum CacheError {
     #[error("redis is unavailable: {0} (the cache serves from the local tier until Redis recovers)")]
     Unavailable(String),
 
+    /// An invalidation could not reach Redis: it was applied to this process's
+    /// local tier and queued, and is replayed as soon as Redis answers. Until
+    /// then other processes may still read what it covers from Redis.
+    #[error("the invalidation is queued, not applied: redis could not take it ({0}); it is replayed as soon as redis answers, and this process serves nothing it covers meanwhile")]
+    Deferred(String),
+
     /// A value could not be encoded into the configured format.
     #[error(
         "could not encode the value as {format}: {message} (choose another serialization or change the type)"
@@ -88,7 +94,7 @@ impl CacheError {
     /// loading), as opposed to an error Redis answered with.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            CacheError::Timeout(_) | CacheError::Unavailable(_) => true,
+            CacheError::Timeout(_) | CacheError::Unavailable(_) | CacheError::Deferred(_) => true,
             CacheError::Redis(e) => {
                 e.is_io_error()
                     || e.is_connection_dropped()

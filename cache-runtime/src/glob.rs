@@ -109,6 +109,70 @@ fn names_nothing(pattern: &[u8]) -> bool {
     star
 }
 
+/// The Redis glob `pattern` as an anchored Lua pattern, so a script can test keys
+/// against it (`string.find(key, p)`) with the same meaning.
+pub(crate) fn to_lua_pattern(pattern: &[u8]) -> Vec<u8> {
+    fn literal(out: &mut Vec<u8>, c: u8) {
+        if !c.is_ascii_alphanumeric() {
+            out.push(b'%');
+        }
+        out.push(c);
+    }
+    let mut out = vec![b'^'];
+    let mut i = 0;
+    while i < pattern.len() {
+        match pattern[i] {
+            b'*' => out.extend_from_slice(b".*"),
+            b'?' => out.push(b'.'),
+            b'\\' if i + 1 < pattern.len() => {
+                i += 1;
+                literal(&mut out, pattern[i]);
+            }
+            // An empty class (`[]`, `[^]`) has no Lua spelling: it stays literal text.
+            b'[' if class(pattern, i, 0).is_some() && !empty_class(pattern, i) => {
+                let mut j = i + 1;
+                out.push(b'[');
+                if pattern.get(j) == Some(&b'^') {
+                    out.push(b'^');
+                    j += 1;
+                }
+                while pattern[j] != b']' {
+                    match pattern[j] {
+                        b'\\' => {
+                            literal(&mut out, pattern[j + 1]);
+                            j += 2;
+                        }
+                        lo if pattern.get(j + 1) == Some(&b'-')
+                            && pattern.get(j + 2).is_some_and(|&h| h != b']') =>
+                        {
+                            // Every member spelled out: Lua ranges can't have escaped ends.
+                            let hi = pattern[j + 2];
+                            let (lo, hi) = if lo <= hi { (lo, hi) } else { (hi, lo) };
+                            (lo..=hi).for_each(|c| literal(&mut out, c));
+                            j += 3;
+                        }
+                        c => {
+                            literal(&mut out, c);
+                            j += 1;
+                        }
+                    }
+                }
+                out.push(b']');
+                i = j;
+            }
+            c => literal(&mut out, c),
+        }
+        i += 1;
+    }
+    out.push(b'$');
+    out
+}
+
+fn empty_class(pattern: &[u8], start: usize) -> bool {
+    let body = if pattern.get(start + 1) == Some(&b'^') { start + 2 } else { start + 1 };
+    pattern.get(body) == Some(&b']')
+}
+
 /// Matches one byte against the class starting at `pattern[start] == b'['`;
 /// returns whether it matched and where the pattern continues.
 fn class(pattern: &[u8], start: usize, c: u8) -> Option<(bool, usize)> {

@@ -24,6 +24,7 @@ pub mod codec;
 mod config;
 mod conn;
 mod error;
+mod fence;
 mod flight;
 mod glob;
 /// HTTP: the management API, `/metrics`, and response caching for axum.

@@ -104,6 +104,15 @@ impl LocalTier {
         self.entries.remove(key).is_some_and(|e| e.expires_at > Instant::now())
     }
 
+    /// Removes `key` if it still holds `bytes`, bumping nothing: the entry that
+    /// replaces an unreadable one must not be refused.
+    pub(crate) fn drop_if_same(&self, key: &str, bytes: &[u8]) {
+        let _index = self.tags.lock().unwrap_or_else(|e| e.into_inner());
+        if self.entries.get(key).is_some_and(|e| &*e.bytes == bytes) {
+            self.entries.remove(key);
+        }
+    }
+
     pub(crate) fn remaining(&self, key: &str) -> Option<Duration> {
         let entry = self.entries.get(key)?;
         let left = entry.expires_at.checked_duration_since(Instant::now())?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::cache::Epoch;
+use crate::cache::FillFence;
 use crate::flight::{self, Outcome, Role};
 use crate::key::{escape_glob, push_part as push, UNCACHEABLE};
 use crate::{codec, Cache, CacheError};
@@ -289,6 +289,8 @@ where
     }
     let full = call.key.full.as_str();
     let started = std::time::Instant::now();
+    // Taken before the read: an invalidation after the read is newer than this.
+    let fence = cache.fill_fence();
     match cache.read(full).await {
         Ok(Some(raw)) => {
             if let Some(v) = cache.decode_or_drop::<Out::Value>(full, &raw) {
@@ -335,11 +337,10 @@ where
         }
     };
 
-    // No second read: the fill is checked against the newest epoch this process
-    // has seen, so the miss path is one GET and one write.
-    let epoch = cache.fill_epoch();
+    // No second read: the fill is checked against the fence taken before the
+    // read, so the miss path is one GET and one write.
     let out = body.await;
-    leader.publish(store(&call, full, &out, condition, Some(epoch)).await);
+    leader.publish(store(&call, full, &out, condition, Some(fence), false).await);
     out
 }
 
@@ -354,12 +355,11 @@ where
         return body.await;
     }
     let full = call.key.full.as_str();
-    let epoch = call.cache.epoch().await;
+    // Fenced like a fill, and fencing the key: fills that read before this one
+    // wrote can't put an older value back.
+    let fence = call.cache.fill_fence();
     let out = body.await;
-    match epoch {
-        Ok(epoch) => drop(store(&call, full, &out, condition, Some(epoch)).await),
-        Err(e) => call.cache.record_fault("refresh", full, &e),
-    }
+    drop(store(&call, full, &out, condition, Some(fence), true).await);
     out
 }
 
@@ -378,7 +378,8 @@ async fn store<M, Out, C>(
     full: &str,
     out: &Out,
     condition: C,
-    epoch: Option<Epoch>,
+    fence: Option<FillFence>,
+    bump: bool,
 ) -> Outcome
 where
     Out: Cacheable<M>,
@@ -402,7 +403,7 @@ where
     } else if condition(value) {
         let ttl = call.spec.ttl(cache);
         let tags = call.spec.tags(cache, call.tags.to_vec());
-        match cache.write(full, &bytes, ttl, &tags, epoch).await {
+        match cache.write(full, &bytes, ttl, &tags, fence, bump).await {
             Ok(true) => {}
             Ok(false) => {
                 cache.inner.counters.fills_refused.fetch_add(1, Ordering::Relaxed);

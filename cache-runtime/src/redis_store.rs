@@ -16,90 +16,22 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Script};
+use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue};
 
 use crate::conn::Connections;
 
 use crate::config::CacheConfig;
+use crate::fence::FenceScripts;
 use crate::misconfig::Misconfig;
 use crate::CacheError;
 
 /// Keys per SCAN page and per UNLINK batch.
 const BATCH: usize = 1000;
 
-// The invalidation epoch: a counter every invalidation bumps. A missing counter
-// (a fresh or restarted Redis) starts from the server's clock in microseconds, so
-// a restarted Redis never repeats an epoch a client saw before the restart. Under
-// OOM with `noeviction` Redis refuses the INCR, but it refuses every fill too, so
-// the invalidation goes ahead without it (-1: no epoch observed).
-const BUMP: &str = r"
-local function bump(k)
-  if redis.call('EXISTS', k) == 0 then
-    local t = redis.call('TIME')
-    redis.pcall('SET', k, string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2])))
-  end
-  local r = redis.pcall('INCR', k)
-  if type(r) == 'table' then return -1 end
-  return r
-end
-";
-
-// KEYS: entry, epoch, tag sets...; ARGV: bytes, ttl ms, expected epoch ('' = none).
-// Atomic, so a tagged write is wholly before or wholly after any tag invalidation,
-// and a fill computed before an invalidation can't land after it (epoch check).
-// Tag sets are sorted sets scored by member expiry: each write trims expired
-// members, and a set lives as long as its longest-lived member.
-// Returns {stored, current epoch}.
-const SET_SCRIPT: &str = r"
-local cur = redis.call('GET', KEYS[2]) or '0'
-if ARGV[3] ~= '' and cur ~= ARGV[3] then return {0, cur} end
-local ttl = tonumber(ARGV[2])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-if #KEYS > 2 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  for i = 3, #KEYS do
-    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-    redis.call('ZADD', KEYS[i], now + ttl, KEYS[1])
-    if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
-  end
-end
-return {1, cur}
-";
-
-// KEYS: epoch, tag sets... Deletes every member of every tag set and the sets.
-// Returns {deleted, epoch}.
-const INVALIDATE_TAGS_BODY: &str = r"
-local e = bump(KEYS[1])
-local n = 0
-for i = 2, #KEYS do
-  local members = redis.call('ZRANGE', KEYS[i], 0, -1)
-  for j = 1, #members, 500 do
-    n = n + redis.call('UNLINK', unpack(members, j, math.min(j + 499, #members)))
-  end
-  redis.call('UNLINK', KEYS[i])
-end
-return {n, e}
-";
-
-// KEYS: epoch, key. Returns {deleted, epoch}.
-const DELETE_BODY: &str = r"
-local e = bump(KEYS[1])
-return {redis.call('UNLINK', KEYS[2]), e}
-";
-
-// KEYS: epoch. Returns the epoch.
-const EPOCH_BODY: &str = r"
-return bump(KEYS[1])
-";
-
 pub(crate) struct RedisStore {
     conns: Arc<Connections>,
     op_timeout: Duration,
-    set_script: Script,
-    invalidate_script: Script,
-    delete_script: Script,
-    epoch_script: Script,
+    pub(crate) fences: FenceScripts,
 }
 
 /// What `INFO` says, for `stats()`.
@@ -130,10 +62,7 @@ impl RedisStore {
         Ok(RedisStore {
             conns: Connections::new(client, conn_config, config.connections, misconfig),
             op_timeout: config.operation_timeout(),
-            set_script: Script::new(SET_SCRIPT),
-            invalidate_script: Script::new(&format!("{BUMP}{INVALIDATE_TAGS_BODY}")),
-            delete_script: Script::new(&format!("{BUMP}{DELETE_BODY}")),
-            epoch_script: Script::new(&format!("{BUMP}{EPOCH_BODY}")),
+            fences: FenceScripts::new(),
         })
     }
 
@@ -182,53 +111,6 @@ impl RedisStore {
         }
     }
 
-    pub(crate) async fn epoch(&self, epoch_key: &str) -> Result<u64, CacheError> {
-        let v: Option<u64> = self.query(redis::cmd("GET").arg(epoch_key)).await?;
-        Ok(v.unwrap_or(0))
-    }
-
-    pub(crate) async fn set(
-        &self,
-        key: &str,
-        bytes: &[u8],
-        ttl: Duration,
-        epoch_key: &str,
-        tag_keys: &[String],
-        expected_epoch: Option<u64>,
-    ) -> Result<(bool, Option<u64>), CacheError> {
-        let ttl_ms = ttl.as_millis().max(1) as u64;
-        if tag_keys.is_empty() && expected_epoch.is_none() {
-            self.query::<()>(redis::cmd("SET").arg(key).arg(bytes).arg("PX").arg(ttl_ms)).await?;
-            return Ok((true, None));
-        }
-        let mut call = self.set_script.key(key);
-        call.key(epoch_key);
-        for tag in tag_keys {
-            call.key(tag);
-        }
-        call.arg(bytes).arg(ttl_ms).arg(expected_epoch.map(|e| e.to_string()).unwrap_or_default());
-        let (stored, epoch): (i64, String) =
-            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
-        Ok((stored == 1, epoch.parse().ok()))
-    }
-
-    /// Deletes `key` after bumping the epoch; whether it existed, and the new epoch.
-    pub(crate) async fn delete(&self, key: &str, epoch_key: &str) -> Result<(bool, Option<u64>), CacheError> {
-        let mut call = self.delete_script.key(epoch_key);
-        call.key(key);
-        let (n, epoch): (u64, i64) =
-            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
-        Ok((n > 0, u64::try_from(epoch).ok()))
-    }
-
-    /// Bumps the epoch before an invalidation deletes anything: a fill that read the
-    /// old epoch is refused, and one that landed earlier is deleted.
-    pub(crate) async fn bump_epoch(&self, epoch_key: &str) -> Result<Option<u64>, CacheError> {
-        let call = self.epoch_script.key(epoch_key);
-        let epoch: i64 = self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
-        Ok(u64::try_from(epoch).ok())
-    }
-
     pub(crate) async fn exists(&self, key: &str) -> Result<bool, CacheError> {
         let n: u64 = self.query(redis::cmd("EXISTS").arg(key)).await?;
         Ok(n > 0)
@@ -239,24 +121,9 @@ impl RedisStore {
         self.query(redis::cmd("PTTL").arg(key)).await
     }
 
-    pub(crate) async fn invalidate_tags(
-        &self,
-        epoch_key: &str,
-        tag_keys: &[String],
-    ) -> Result<(u64, Option<u64>), CacheError> {
-        let mut call = self.invalidate_script.key(epoch_key);
-        for tag in tag_keys {
-            call.key(tag);
-        }
-        let (n, epoch): (u64, i64) =
-            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
-        Ok((n, u64::try_from(epoch).ok()))
-    }
-
-    /// SCAN MATCH + UNLINK in batches. Callers bump the epoch first (see
-    /// `bump_epoch`): a fill that read the old epoch is refused, and one that landed
-    /// earlier is found by the scan (SCAN returns every key present for the whole
-    /// iteration).
+    /// SCAN MATCH + UNLINK in batches. Callers fence the pattern first: a fill
+    /// that read before it is refused, and one that landed earlier is found by the
+    /// scan (SCAN returns every key present for the whole iteration).
     pub(crate) async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
         let mut deleted = 0;
         let unlink =

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use cache_runtime::__private::{always, get_or_compute, Call, KeyBuilder, Plain, Spec, Tags};
-use cache_runtime::{BreakerState, Cache, CacheConfigBuilder, Mode};
+use cache_runtime::{BreakerState, Cache, CacheConfigBuilder, CacheError, Mode};
 use redis::AsyncCommands;
 use support::proxy::{Fault, Proxy};
 use support::{unique_prefix, Redis};
@@ -143,10 +143,11 @@ async fn invalidations_made_during_an_outage_reach_redis_before_it_serves_again(
     while cache.mode() == Mode::Redis {
         let _ = cache.get::<String>("plain:1").await;
     }
-    // Each kind of invalidation, while Redis can't hear it.
-    cache.delete("plain:1").await.unwrap();
-    cache.delete_pattern("queue:*").await.unwrap();
-    cache.invalidate_tags(["load"]).await.unwrap();
+    // Each kind of invalidation, while Redis can't hear it: queued, and said so.
+    let queued = |r: Result<u64, CacheError>| assert!(matches!(r, Err(CacheError::Deferred(_))), "{r:?}");
+    queued(cache.delete("plain:1").await.map(u64::from));
+    queued(cache.delete_pattern("queue:*").await);
+    queued(cache.invalidate_tags(["load"]).await);
     assert!(cache.stats().await.unwrap().pending_invalidations >= 3);
     // Served locally meanwhile; the local fill is never written back.
     assert_eq!(load(&cache, 9, &runs).await, "value 9");

@@ -192,6 +192,8 @@ impl From<CacheError> for ApiError {
         let status = match &e {
             CacheError::InvalidArgument(_) | CacheError::Config { .. } => StatusCode::BAD_REQUEST,
             CacheError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            // Queued, not applied: accepted for processing, and not done.
+            CacheError::Deferred(_) => StatusCode::ACCEPTED,
             e if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

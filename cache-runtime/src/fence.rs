@@ -1,0 +1,494 @@
+//! Per-key fences in Redis: a fill of key K lands only if nothing covering K
+//! (K itself, one of its tags, a pattern matching it, `clear`) was invalidated
+//! after the fill's read began.
+//!
+//! The race is the one of memcache's leases (Nishtala et al., NSDI '13, 3.2.1)
+//! and FusionCache's #613/#625: a caller misses, computes from the database,
+//! an update and its invalidation land meanwhile, and the caller's write then
+//! puts the old value back for a whole TTL. Leases close it with a token the
+//! miss creates; here the miss must stay a plain GET (the hit path is one GET),
+//! so the token is taken before the read instead, from what the process last
+//! saw of one hash per prefix, `{prefix}#fence`:
+//!
+//! - `id`: the incarnation, a random 64-bit nonce, and `seq`, a counter. Every
+//!   invalidation takes the next `seq` and records it on what it covers
+//!   (`k:<key>`, `t:<tag>`, a pattern list, or a new incarnation for `clear`).
+//! - A fill carries the `(id, seq)` the process had seen before its read. It is
+//!   refused if the hash's `id` differs, or if a fence on its key, its tags or a
+//!   matching pattern is newer than its `seq`. Other keys' fences don't matter,
+//!   so invalidating some keys never refuses the fills of others.
+//!
+//! Nothing that can disappear turns into a stale read. A restart, a FLUSHALL or
+//! the eviction of the hash takes every fence at once, and with them the `id`:
+//! the next incarnation has another nonce, so every fill in flight is refused,
+//! never matched against a counter that started again. When an invalidation
+//! can't record its fence (OOM under `noeviction` refuses the write), it deletes
+//! the hash instead, which DEL may do under OOM, with the same effect. Fences
+//! are needed only while a fill could be in flight: a fill older than [`WINDOW`]
+//! is refused by the client, and fences older than twice that are pruned.
+//!
+//! Tag indexes (`{prefix}#tag:<tag>`, sorted sets of entry keys) can be evicted
+//! on their own. A tagged fill also notes the tag in the hash (`r:<tag>`, until
+//! its entries expire), so a tag invalidation that finds the index gone while
+//! the note lives, or while entries of an earlier incarnation may remain
+//! (`orphans`), knows members may be unreachable and clears the whole prefix
+//! instead: a lost index costs misses, never a stale read. Big tags are drained
+//! in batches: the fence script renames the index to `…:dead` atomically, so
+//! fills after it start a fresh index, and the dead one is emptied 500 entries
+//! per script.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::Script;
+
+use crate::redis_store::RedisStore;
+use crate::CacheError;
+
+/// How long a fill may take from its read to its write before it is refused.
+pub(crate) const WINDOW: Duration = Duration::from_secs(120);
+
+/// Entries per script when a tag's index is drained.
+const DRAIN_BATCH: usize = 500;
+
+/// What a process last saw of the fence hash: the incarnation and its counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Fence {
+    pub(crate) id: u64,
+    pub(crate) seq: u64,
+}
+
+/// The newest fence a process has seen; fills started now are checked against it.
+#[derive(Default)]
+pub(crate) struct Observed(Mutex<Fence>);
+
+impl Observed {
+    pub(crate) fn get(&self) -> Fence {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a newer counter of the same incarnation, or another incarnation.
+    pub(crate) fn observe(&self, seen: Fence) {
+        if seen.id == 0 {
+            return;
+        }
+        let mut current = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if current.id != seen.id || current.seq < seen.seq {
+            *current = seen;
+        }
+    }
+}
+
+/// Shared by every fence script. `F` is the hash.
+const PRELUDE: &str = r"
+local F = KEYS[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- The incarnation, created when missing ('' when it can't be: OOM).
+local function incarnation(nonce)
+  local id = redis.call('HGET', F, 'id')
+  if id then return id, tonumber(redis.call('HGET', F, 'seq') or '0') end
+  local r = redis.pcall('HSET', F, 'id', nonce, 'seq', 0, 'orphans', 'new')
+  if type(r) == 'table' and r.err then return '', 0 end
+  return nonce, 0
+end
+-- Takes the next seq and stamps `fields` with it. What can't be recorded drops
+-- the incarnation instead (DEL works under OOM): every fill in flight is refused.
+local function fence(nonce, fields)
+  local id = incarnation(nonce)
+  if id ~= '' then
+    local seq = redis.pcall('HINCRBY', F, 'seq', 1)
+    if type(seq) ~= 'table' then
+      local stamp = seq .. '|' .. now_ms()
+      local ok = true
+      for _, f in ipairs(fields) do
+        local r = redis.pcall('HSET', F, f, stamp)
+        if type(r) == 'table' and r.err then ok = false break end
+      end
+      if ok then return id, seq end
+    end
+  end
+  redis.call('DEL', F)
+  return '', 0
+end
+local function newer(field, exp)
+  local v = redis.call('HGET', F, field)
+  return v ~= false and tonumber(string.match(v, '^%d+')) > exp
+end
+";
+
+// KEYS: fence, entry, tag indexes…; ARGV: nonce, bytes, ttl ms, expected id
+// ('' = unfenced), expected seq, bump ('1': fence the key after writing, so
+// fills that read before this write are refused), tag names… (one per index).
+// Returns {stored, id, seq}.
+const FILL: &str = r"
+local entry, ttl, exp_id, exp = KEYS[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local id, seq = incarnation(ARGV[1])
+if exp_id ~= '' then
+  if id ~= exp_id or newer('k:' .. entry, exp) then return {0, id, seq} end
+  for i = 7, #ARGV do
+    if newer('t:' .. ARGV[i], exp) then return {0, id, seq} end
+  end
+  local pn = redis.call('HGET', F, 'pn')
+  if pn then
+    for s in string.gmatch(pn, '(%d+):%d+') do
+      if tonumber(s) > exp then
+        local pat = redis.call('HGET', F, 'p:' .. s)
+        if pat and string.find(entry, pat) then return {0, id, seq} end
+      end
+    end
+  end
+end
+redis.call('SET', entry, ARGV[2], 'PX', ttl)
+if ARGV[6] == '1' then id, seq = fence(ARGV[1], {'k:' .. entry}) end
+if #KEYS > 2 then
+  local now = now_ms()
+  for i = 3, #KEYS do
+    local note = 'r:' .. ARGV[i + 4]
+    if redis.call('EXISTS', KEYS[i]) == 0 and tonumber(redis.call('HGET', F, note) or '0') > now then
+      -- The index was lost while entries it listed live: a new one would hide them.
+      redis.call('HSET', F, 'orphans', 'lost')
+    end
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+    redis.call('ZADD', KEYS[i], now + ttl, entry)
+    if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+    if tonumber(redis.call('HGET', F, note) or '0') < now + ttl then
+      redis.call('HSET', F, note, now + ttl)
+    end
+  end
+end
+return {1, id, seq}
+";
+
+// KEYS: fence, entry; ARGV: nonce. Returns {deleted, id, seq}.
+const INVALIDATE_KEY: &str = r"
+local id, seq = fence(ARGV[1], {'k:' .. KEYS[2]})
+return {redis.call('UNLINK', KEYS[2]), id, seq}
+";
+
+// KEYS: fence, tag indexes…; ARGV: nonce, tag names… (one per index).
+// Fences the tags, then moves each index to `<index>:dead` for draining. An index
+// whose dead set from an earlier call is still there stays put (`waiting`): the
+// caller drains and calls again. An index that is gone while its note lives, or
+// while entries of an earlier incarnation may remain, means entries it listed may
+// be unreachable (`lost`): `orphans` holds this call's token until a
+// whole-prefix clear settles it. Returns {id, seq, lost, waiting, token, dead sets…}.
+const FENCE_TAGS: &str = r"
+local now = now_ms()
+local orphans = redis.call('HGET', F, 'orphans')
+local fields, lost, gone = {}, 0, {}
+if orphans ~= '0' then lost = 1 end
+for i = 2, #KEYS do
+  fields[#fields + 1] = 't:' .. ARGV[i]
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    if tonumber(redis.call('HGET', F, 'r:' .. ARGV[i]) or '0') > now then lost = 1 end
+    gone[#gone + 1] = 'r:' .. ARGV[i]
+  end
+end
+local id, seq = fence(ARGV[1], fields)
+local token = ''
+if id ~= '' and lost == 1 then
+  token = tostring(seq)
+  redis.call('HSET', F, 'orphans', token)
+  for _, note in ipairs(gone) do redis.call('HDEL', F, note) end
+end
+local waiting, dead = 0, {}
+for i = 2, #KEYS do
+  local d = KEYS[i] .. ':dead'
+  if redis.call('EXISTS', d) == 1 then
+    dead[#dead + 1] = d
+    if redis.call('EXISTS', KEYS[i]) == 1 then waiting = 1 end
+  elseif redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('RENAME', KEYS[i], d)
+    dead[#dead + 1] = d
+    redis.pcall('HDEL', F, 'r:' .. ARGV[i])
+  end
+end
+return {id, seq, lost, waiting, token, dead}
+";
+
+// KEYS: a dead tag index; ARGV: batch. Deletes one batch of its entries.
+// Returns {entries deleted, members left}.
+const DRAIN: &str = r"
+local members = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #members == 0 then return {0, 0} end
+local n = redis.call('UNLINK', unpack(members))
+redis.call('ZREM', KEYS[1], unpack(members))
+return {n, redis.call('ZCARD', KEYS[1])}
+";
+
+// KEYS: fence; ARGV: nonce, Lua pattern. Returns {id, seq}.
+const FENCE_PATTERN: &str = r"
+local id, seq = fence(ARGV[1], {})
+if id ~= '' then
+  redis.call('HSET', F, 'p:' .. seq, ARGV[2])
+  redis.call('HSET', F, 'pn', (redis.call('HGET', F, 'pn') or '') .. seq .. ':' .. now_ms() .. ' ')
+end
+return {id, seq}
+";
+
+// KEYS: fence; ARGV: nonce. A new incarnation: every fill in flight is refused.
+// Returns {id, seq}.
+const FENCE_ALL: &str = r"
+redis.call('DEL', F)
+local id, seq = incarnation(ARGV[1])
+return {id, seq}
+";
+
+// KEYS: fence; ARGV: nonce. Returns {id, seq, orphans}, creating the hash if
+// it is gone.
+const OBSERVE: &str = r"
+local id, seq = incarnation(ARGV[1])
+return {id, seq, redis.call('HGET', F, 'orphans') or '0'}
+";
+
+// KEYS: fence; ARGV: id, token. After a whole-prefix clear started under this
+// token no entry it stood for is left: tag indexes that are gone no longer mean
+// lost entries. A newer token (another loss found meanwhile) is left alone.
+const SETTLE: &str = r"
+if redis.call('HGET', F, 'id') == ARGV[1] and redis.call('HGET', F, 'orphans') == ARGV[2] then
+  redis.call('HSET', F, 'orphans', 0)
+end
+return 0
+";
+
+// KEYS: fence; ARGV: cursor, horizon ms. Drops fences older than the horizon
+// and tag notes whose entries expired; 500 fields per call. Returns the cursor.
+const PRUNE: &str = r"
+local now = now_ms()
+local oldest = now - tonumber(ARGV[2])
+local page = redis.call('HSCAN', F, ARGV[1], 'COUNT', 500)
+local fields = page[2]
+for i = 1, #fields, 2 do
+  local f, v = fields[i], fields[i + 1]
+  local kind = string.sub(f, 1, 2)
+  if kind == 'k:' or kind == 't:' then
+    local t = tonumber(string.match(v, '|(%d+)$'))
+    if t and t < oldest then redis.call('HDEL', F, f) end
+  elseif kind == 'r:' and tonumber(v) < now then
+    redis.call('HDEL', F, f)
+  end
+end
+if page[1] == '0' then
+  local pn = redis.call('HGET', F, 'pn')
+  if pn then
+    local keep = ''
+    for s, t in string.gmatch(pn, '(%d+):(%d+)') do
+      if tonumber(t) < oldest then redis.call('HDEL', F, 'p:' .. s) else keep = keep .. s .. ':' .. t .. ' ' end
+    end
+    redis.call('HSET', F, 'pn', keep)
+  end
+end
+return page[1]
+";
+
+// KEYS: entry; ARGV: the bytes read. Removes an unreadable entry only if it is
+// still the one read, without fencing: its replacement must not be refused.
+const DROP_IF_SAME: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('UNLINK', KEYS[1]) end
+return 0
+";
+
+/// The fence scripts, compiled once per store.
+pub(crate) struct FenceScripts {
+    fill: Script,
+    invalidate_key: Script,
+    fence_tags: Script,
+    drain: Script,
+    fence_pattern: Script,
+    fence_all: Script,
+    observe: Script,
+    settle: Script,
+    prune: Script,
+    drop_if_same: Script,
+}
+
+impl FenceScripts {
+    pub(crate) fn new() -> Self {
+        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        FenceScripts {
+            fill: with_prelude(FILL),
+            invalidate_key: with_prelude(INVALIDATE_KEY),
+            fence_tags: with_prelude(FENCE_TAGS),
+            drain: Script::new(DRAIN),
+            fence_pattern: with_prelude(FENCE_PATTERN),
+            fence_all: with_prelude(FENCE_ALL),
+            observe: with_prelude(OBSERVE),
+            settle: with_prelude(SETTLE),
+            prune: with_prelude(PRUNE),
+            drop_if_same: Script::new(DROP_IF_SAME),
+        }
+    }
+}
+
+/// A tag invalidation's fence: what it saw, and what is left to delete.
+pub(crate) struct TagFence {
+    pub(crate) fence: Fence,
+    /// An index is gone while entries it listed may remain: clear the prefix.
+    pub(crate) lost: bool,
+    /// An index could not be set aside yet: drain `dead`, then fence again.
+    pub(crate) waiting: bool,
+    /// What [`settle`](RedisStore::settle) takes once the prefix was cleared.
+    pub(crate) token: String,
+    pub(crate) dead: Vec<String>,
+}
+
+/// A write: what is stored, under which fence, and what it invalidates.
+pub(crate) struct Fill<'a> {
+    pub(crate) entry: &'a str,
+    pub(crate) bytes: &'a [u8],
+    pub(crate) ttl: Duration,
+    /// `(tag, index key)` pairs.
+    pub(crate) tags: &'a [(String, String)],
+    /// The fence seen before the read; `None` writes whatever happened since.
+    pub(crate) expected: Option<Fence>,
+    /// Refuse the fills of this key that read before this write.
+    pub(crate) bump: bool,
+}
+
+fn parse_id(id: &str) -> u64 {
+    id.parse().unwrap_or(0)
+}
+
+/// A random non-zero incarnation id, offered each time one may be created.
+fn nonce() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh RandomState is randomly keyed per process and per call.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    h.write_u128(now.as_nanos() ^ u128::from(std::process::id()));
+    h.finish().max(1).to_string()
+}
+
+impl RedisStore {
+    /// Writes a fill or a `set`; whether it was stored, and the fence now.
+    pub(crate) async fn fill(&self, fence_key: &str, fill: Fill<'_>) -> Result<(bool, Fence), CacheError> {
+        let mut call = self.fences.fill.key(fence_key);
+        call.key(fill.entry);
+        for (_, index) in fill.tags {
+            call.key(index);
+        }
+        let expected = fill.expected.map(|f| f.id.to_string()).unwrap_or_default();
+        call.arg(nonce())
+            .arg(fill.bytes)
+            .arg(fill.ttl.as_millis().max(1) as u64)
+            .arg(expected)
+            .arg(fill.expected.map_or(0, |f| f.seq))
+            .arg(if fill.bump { "1" } else { "0" });
+        for (tag, _) in fill.tags {
+            call.arg(tag);
+        }
+        let (stored, id, seq): (i64, String, u64) =
+            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok((stored == 1, Fence { id: parse_id(&id), seq }))
+    }
+
+    /// Fences `entry` and deletes it; whether it existed.
+    pub(crate) async fn invalidate_key(
+        &self,
+        fence_key: &str,
+        entry: &str,
+    ) -> Result<(bool, Fence), CacheError> {
+        let mut call = self.fences.invalidate_key.key(fence_key);
+        call.key(entry).arg(nonce());
+        let (n, id, seq): (u64, String, u64) =
+            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok((n > 0, Fence { id: parse_id(&id), seq }))
+    }
+
+    /// Fences `tags` (`(tag, index key)` pairs) and sets their indexes aside.
+    pub(crate) async fn fence_tags(
+        &self,
+        fence_key: &str,
+        tags: &[(String, String)],
+    ) -> Result<TagFence, CacheError> {
+        let mut call = self.fences.fence_tags.key(fence_key);
+        for (_, index) in tags {
+            call.key(index);
+        }
+        call.arg(nonce());
+        for (tag, _) in tags {
+            call.arg(tag);
+        }
+        let (id, seq, lost, waiting, token, dead): (String, u64, i64, i64, String, Vec<String>) =
+            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        let fence = Fence { id: parse_id(&id), seq };
+        Ok(TagFence { fence, lost: lost == 1, waiting: waiting == 1, token, dead })
+    }
+
+    /// Deletes every entry a dead tag index lists, a batch per script.
+    pub(crate) async fn drain(&self, dead: &str) -> Result<u64, CacheError> {
+        let mut deleted = 0;
+        loop {
+            let mut call = self.fences.drain.key(dead);
+            call.arg(DRAIN_BATCH);
+            let (n, left): (u64, u64) =
+                self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+            deleted += n;
+            if left == 0 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Fences every key matching `lua_pattern` (see `glob::to_lua_pattern`).
+    pub(crate) async fn fence_pattern(
+        &self,
+        fence_key: &str,
+        lua_pattern: &[u8],
+    ) -> Result<Fence, CacheError> {
+        let mut call = self.fences.fence_pattern.key(fence_key);
+        call.arg(nonce()).arg(lua_pattern);
+        self.fence_reply(call).await
+    }
+
+    /// Starts a new incarnation: every fill in flight is refused.
+    pub(crate) async fn fence_all(&self, fence_key: &str) -> Result<Fence, CacheError> {
+        let mut call = self.fences.fence_all.key(fence_key);
+        call.arg(nonce());
+        self.fence_reply(call).await
+    }
+
+    /// The current fence, creating the hash if it is gone, and the token of an
+    /// unsettled loss (`None` when no entry can be orphaned).
+    pub(crate) async fn observe(&self, fence_key: &str) -> Result<(Fence, Option<String>), CacheError> {
+        let mut call = self.fences.observe.key(fence_key);
+        call.arg(nonce());
+        let (id, seq, orphans): (String, u64, String) =
+            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok((Fence { id: parse_id(&id), seq }, (orphans != "0").then_some(orphans)))
+    }
+
+    /// Records that the clear started under `token` (`"new"` for a new
+    /// incarnation) is done: no entry it stood for is left.
+    pub(crate) async fn settle(&self, fence_key: &str, id: u64, token: &str) -> Result<(), CacheError> {
+        let mut call = self.fences.settle.key(fence_key);
+        call.arg(id.to_string()).arg(token);
+        let _: i64 = self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok(())
+    }
+
+    /// Drops fences no fill can need any more; returns the next cursor (0: done).
+    pub(crate) async fn prune(&self, fence_key: &str, cursor: u64) -> Result<u64, CacheError> {
+        let mut call = self.fences.prune.key(fence_key);
+        call.arg(cursor).arg((WINDOW * 2).as_millis() as u64);
+        let next: String = self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok(next.parse().unwrap_or(0))
+    }
+
+    /// Deletes `entry` if it still holds `bytes`, fencing nothing.
+    pub(crate) async fn drop_if_same(&self, entry: &str, bytes: &[u8]) -> Result<bool, CacheError> {
+        let mut call = self.fences.drop_if_same.key(entry);
+        call.arg(bytes);
+        let n: u64 = self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok(n > 0)
+    }
+
+    async fn fence_reply(&self, call: redis::ScriptInvocation<'_>) -> Result<Fence, CacheError> {
+        let (id, seq): (String, u64) =
+            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok(Fence { id: parse_id(&id), seq })
+    }
+}

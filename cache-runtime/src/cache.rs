@@ -96,8 +96,8 @@ pub(crate) struct Inner {
 pub(crate) enum FillFence {
     /// Redis's fence as the process last saw it, and when it was taken.
     Redis(Fence, Instant),
-    /// The local tier's invalidation counter.
-    Local(u64),
+    /// The local tier's invalidation counter, and when it was taken.
+    Local(u64, Instant),
 }
 
 /// Bytes read from a tier.
@@ -690,7 +690,7 @@ impl Cache {
     pub(crate) fn fill_fence(&self) -> FillFence {
         match (&self.inner.redis, self.inner.breaker.state()) {
             (Some(_), BreakerState::Closed) => FillFence::Redis(self.inner.observed.get(), Instant::now()),
-            _ => FillFence::Local(self.inner.local.epoch()),
+            _ => FillFence::Local(self.inner.local.epoch(), Instant::now()),
         }
     }
 
@@ -720,7 +720,7 @@ impl Cache {
     ) -> Result<bool, CacheError> {
         self.timed(Op::Set, async {
             match self.redis().await {
-                Some(_) if matches!(expected, Some(FillFence::Local(_))) => Ok(false),
+                Some(_) if matches!(expected, Some(FillFence::Local(..))) => Ok(false),
                 Some((redis, permit)) => {
                     let expected = match expected {
                         Some(FillFence::Redis(_, taken)) if taken.elapsed() > WINDOW => return Ok(false),
@@ -738,10 +738,11 @@ impl Cache {
                 None if matches!(expected, Some(FillFence::Redis(..))) => Ok(false),
                 None => {
                     let expected = match expected {
-                        Some(FillFence::Local(epoch)) => Some(epoch),
+                        Some(FillFence::Local(_, taken)) if taken.elapsed() > WINDOW => return Ok(false),
+                        Some(FillFence::Local(epoch, _)) => Some(epoch),
                         _ => None,
                     };
-                    Ok(self.inner.local.set(full, bytes.to_vec(), ttl, tags, expected))
+                    Ok(self.inner.local.set(full, bytes.to_vec(), ttl, tags, expected, bump))
                 }
             }
         })

@@ -1,5 +1,10 @@
 //! The in-process tier: a bounded moka cache with the Redis tier's semantics
-//! (per-entry TTL, tags, glob deletion, an invalidation epoch).
+//! (per-entry TTL, tags, glob deletion, per-key fences).
+//!
+//! Fences work as in Redis (see `fence.rs`), in memory: every invalidation takes
+//! the next value of a counter and stamps what it covers (a key, a tag, a
+//! pattern, or everything); a fill carries the counter as it was before its read
+//! and is refused only if a stamp covering its key is newer.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +14,7 @@ use std::time::{Duration, Instant};
 use moka::sync::Cache as Moka;
 use moka::Expiry;
 
+use crate::fence::WINDOW;
 use crate::glob;
 
 #[derive(Clone)]
@@ -41,12 +47,54 @@ struct TagSet {
     trim_at: usize,
 }
 
+/// When something was last invalidated.
+#[derive(Clone, Copy)]
+struct Stamp {
+    seq: u64,
+    at: Instant,
+}
+
+/// Tags and fences, behind one lock.
+#[derive(Default)]
+struct Index {
+    tags: HashMap<String, TagSet>,
+    keys: HashMap<Arc<str>, Stamp>,
+    tag_fences: HashMap<String, Stamp>,
+    patterns: Vec<(String, Stamp)>,
+    all: u64,
+    prune_at: usize,
+}
+
+impl Index {
+    /// Whether something covering `key` or one of `tags` was invalidated after `seq`.
+    fn fenced(&self, key: &str, tags: &[String], seq: u64) -> bool {
+        self.all > seq
+            || self.keys.get(key).is_some_and(|s| s.seq > seq)
+            || tags.iter().any(|t| self.tag_fences.get(t).is_some_and(|s| s.seq > seq))
+            || self.patterns.iter().any(|(p, s)| s.seq > seq && glob::matches(p.as_bytes(), key.as_bytes()))
+    }
+
+    /// Drops stamps no fill can need any more, amortised: when they have doubled.
+    fn prune(&mut self) {
+        let len = self.keys.len() + self.tag_fences.len() + self.patterns.len();
+        if len < self.prune_at.max(1024) {
+            return;
+        }
+        let live = |s: &Stamp| s.at.elapsed() < WINDOW * 2;
+        self.keys.retain(|_, s| live(s));
+        self.tag_fences.retain(|_, s| live(s));
+        self.patterns.retain(|(_, s)| live(s));
+        self.prune_at = (self.keys.len() + self.tag_fences.len() + self.patterns.len()) * 2;
+    }
+}
+
 /// Keys are full keys (prefix included), as in Redis.
 pub(crate) struct LocalTier {
     entries: Moka<Arc<str>, Entry>,
-    // One lock orders tagged writes against tag invalidation: a tagged `set` is
-    // either wholly before an invalidation (and removed by it) or wholly after.
-    tags: Mutex<HashMap<String, TagSet>>,
+    // One lock orders writes against invalidations: a tagged `set` is either
+    // wholly before an invalidation (and removed by it) or wholly after, and a
+    // fill's fence check and insert are one step.
+    index: Mutex<Index>,
     epoch: AtomicU64,
 }
 
@@ -54,7 +102,7 @@ impl LocalTier {
     pub(crate) fn new(max_entries: u64) -> Self {
         LocalTier {
             entries: Moka::builder().max_capacity(max_entries).expire_after(PerEntryTtl).build(),
-            tags: Mutex::new(HashMap::new()),
+            index: Mutex::new(Index::default()),
             epoch: AtomicU64::new(0),
         }
     }
@@ -69,7 +117,8 @@ impl LocalTier {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// Stores unless `expected_epoch` is given and an invalidation happened since.
+    /// Stores unless `expected_epoch` is given and something covering `key` or
+    /// one of `tags` was invalidated since.
     pub(crate) fn set(
         &self,
         key: &str,
@@ -77,18 +126,25 @@ impl LocalTier {
         ttl: Duration,
         tags: &[String],
         expected_epoch: Option<u64>,
+        bump: bool,
     ) -> bool {
         let entry = Entry { bytes: bytes.into(), expires_at: Instant::now() + ttl };
         let key: Arc<str> = Arc::from(key);
-        // Invalidations bump the epoch while holding the tag lock, so checking it
-        // under the same lock makes check-and-insert atomic against them.
-        let mut index = self.tags.lock().unwrap_or_else(|e| e.into_inner());
-        if expected_epoch.is_some_and(|e| e != self.epoch()) {
+        let (mut index, stamp) = if bump {
+            let (index, stamp) = self.fence();
+            (index, Some(stamp))
+        } else {
+            (self.index.lock().unwrap_or_else(|e| e.into_inner()), None)
+        };
+        if expected_epoch.is_some_and(|e| index.fenced(&key, tags, e)) {
             return false;
+        }
+        if let Some(stamp) = stamp {
+            index.keys.insert(key.clone(), stamp);
         }
         self.entries.insert(key.clone(), entry);
         for tag in tags {
-            let set = index.entry(tag.clone()).or_default();
+            let set = index.tags.entry(tag.clone()).or_default();
             set.members.insert(key.clone());
             if set.members.len() > set.trim_at.max(64) {
                 // Amortised trim of members whose entries expired or were evicted.
@@ -100,14 +156,15 @@ impl LocalTier {
     }
 
     pub(crate) fn delete(&self, key: &str) -> bool {
-        let _index = self.lock_and_bump();
+        let (mut index, stamp) = self.fence();
+        index.keys.insert(Arc::from(key), stamp);
         self.entries.remove(key).is_some_and(|e| e.expires_at > Instant::now())
     }
 
     /// Removes `key` if it still holds `bytes`, bumping nothing: the entry that
     /// replaces an unreadable one must not be refused.
     pub(crate) fn drop_if_same(&self, key: &str, bytes: &[u8]) {
-        let _index = self.tags.lock().unwrap_or_else(|e| e.into_inner());
+        let _index = self.index.lock().unwrap_or_else(|e| e.into_inner());
         if self.entries.get(key).is_some_and(|e| &*e.bytes == bytes) {
             self.entries.remove(key);
         }
@@ -120,10 +177,11 @@ impl LocalTier {
     }
 
     pub(crate) fn invalidate_tags(&self, tags: &[String]) -> u64 {
-        let mut index = self.lock_and_bump();
+        let (mut index, stamp) = self.fence();
         let mut deleted = 0;
         for tag in tags {
-            if let Some(set) = index.remove(tag) {
+            index.tag_fences.insert(tag.clone(), stamp);
+            if let Some(set) = index.tags.remove(tag) {
                 for key in set.members {
                     deleted += u64::from(self.remove_live(&key));
                 }
@@ -134,7 +192,8 @@ impl LocalTier {
 
     /// Deletes the keys matching the full-key glob `pattern`.
     pub(crate) fn delete_pattern(&self, pattern: &str) -> u64 {
-        let _index = self.lock_and_bump();
+        let (mut index, stamp) = self.fence();
+        index.patterns.push((pattern.to_owned(), stamp));
         let doomed: Vec<Arc<str>> = self
             .entries
             .iter()
@@ -171,24 +230,28 @@ impl LocalTier {
         self.entries.iter().map(|(k, e)| (k.len() + e.bytes.len()) as u64).sum()
     }
 
-    /// Forgets every entry.
+    /// Forgets every entry; every fill in flight is refused.
     pub(crate) fn clear(&self) {
-        let mut index = self.lock_and_bump();
-        index.clear();
+        self.drop_tag_index();
         self.entries.invalidate_all();
     }
 
+    /// Forgets the tag index; every fill in flight is refused.
     pub(crate) fn drop_tag_index(&self) {
-        self.lock_and_bump().clear();
+        let (mut index, stamp) = self.fence();
+        index.tags.clear();
+        index.all = stamp.seq;
     }
 
     fn remove_live(&self, key: &str) -> bool {
         self.entries.remove(key).is_some_and(|e| e.expires_at > Instant::now())
     }
 
-    fn lock_and_bump(&self) -> std::sync::MutexGuard<'_, HashMap<String, TagSet>> {
-        let guard = self.tags.lock().unwrap_or_else(|e| e.into_inner());
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        guard
+    /// Locks the index and takes the next stamp; fills that read before it see it newer.
+    fn fence(&self) -> (std::sync::MutexGuard<'_, Index>, Stamp) {
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        index.prune();
+        let seq = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        (index, Stamp { seq, at: Instant::now() })
     }
 }

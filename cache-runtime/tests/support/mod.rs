@@ -22,6 +22,8 @@ pub struct Redis {
     child: Option<Child>,
     /// `requirepass`: the URL carries it, and so does the readiness check.
     password: Option<String>,
+    /// More `redis-server` arguments (`--maxmemory 2mb` …).
+    args: Vec<String>,
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -35,7 +37,9 @@ impl Redis {
     /// The server in `REDIS_URL`, or a fresh one of our own.
     pub fn start() -> Redis {
         match std::env::var("REDIS_URL") {
-            Ok(url) if !url.is_empty() => Redis { url, port: 0, dir: None, child: None, password: None },
+            Ok(url) if !url.is_empty() => {
+                Redis { url, port: 0, dir: None, child: None, password: None, args: Vec::new() }
+            }
             _ => Redis::spawn(),
         }
     }
@@ -47,6 +51,15 @@ impl Redis {
 
     /// A fresh server of our own that requires `password` (`requirepass`).
     pub fn spawn_with_password(password: Option<&str>) -> Redis {
+        Redis::spawn_with(password, &[])
+    }
+
+    /// A fresh server of our own with more `redis-server` arguments.
+    pub fn spawn_with_args(args: &[&str]) -> Redis {
+        Redis::spawn_with(None, args)
+    }
+
+    fn spawn_with(password: Option<&str>, args: &[&str]) -> Redis {
         let mut last = String::new();
         // Another process may take the free port before redis-server binds it.
         for _ in 0..5 {
@@ -60,6 +73,7 @@ impl Redis {
                 dir: Some(dir),
                 child: None,
                 password: password.map(str::to_owned),
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
             };
             match redis.boot() {
                 Ok(()) => return redis,
@@ -76,6 +90,7 @@ impl Redis {
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
         }
+        command.args(&self.args);
         let child = command
             .args([
                 "--port",

@@ -7,6 +7,11 @@
 //!
 //! Starts its own `redis-server` on a free loopback port unless `REDIS_URL` is set.
 //! Prints a table and one JSON line per row.
+//!
+//! `--scenarios invalidation_load` runs the fence figure instead: readers at
+//! concurrency 64 over 1,000 keys with 5 ms bodies and a 1 s TTL, while another
+//! instance invalidates keys the readers never read at 0, 10, 100 and 1,000 per
+//! second; per rate it prints the hit rate, body runs and refused fills.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -66,6 +71,26 @@ async fn mix_mission(id: u64) -> Mission {
     BODY_RUNS.fetch_add(1, Ordering::Relaxed);
     mission(id)
 }
+
+/// Every call a fresh key: read, body, fenced fill (untagged, like its raw baseline).
+#[cached(cache = REDIS.get().unwrap(), prefix = "lg_miss")]
+async fn miss_mission(id: u64) -> Mission {
+    BODY_RUNS.fetch_add(1, Ordering::Relaxed);
+    mission(id)
+}
+
+/// The readers of the invalidation-load figure: short-lived entries, so fills
+/// keep happening while another instance invalidates other keys.
+#[cached(cache = REDIS.get().unwrap(), prefix = "lg_reader", ttl = 1)]
+async fn reader_mission(id: u64) -> Mission {
+    BODY_RUNS.fetch_add(1, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    mission(id)
+}
+
+/// Fresh ids for the miss scenarios, never repeated (started from the clock, so
+/// not across runs against a shared Redis either).
+static FRESH: AtomicU64 = AtomicU64::new(0);
 
 #[cached(cache = REDIS.get().unwrap(), prefix = "lg_stampede")]
 async fn slow_mission(id: u64) -> Mission {
@@ -167,6 +192,27 @@ async fn run_scenario(
             })
             .await
         }
+        "raw_get_set" => {
+            let raw = raw.clone();
+            drive(concurrency, ops, move |_| {
+                let mut conn = raw.clone();
+                async move {
+                    let key = format!("lgrawmiss:{}", FRESH.fetch_add(1, Ordering::Relaxed));
+                    let got: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+                    assert!(got.is_none());
+                    let json = serde_json::to_vec(&mission(7)).unwrap();
+                    let _: () =
+                        redis::cmd("SET").arg(&key).arg(json).arg("PX").arg(300_000).query_async(&mut conn).await.unwrap();
+                }
+            })
+            .await
+        }
+        "cached_miss" => {
+            drive(concurrency, ops, |_| async move {
+                std::hint::black_box(miss_mission(FRESH.fetch_add(1, Ordering::Relaxed)).await);
+            })
+            .await
+        }
         "moka_get" => {
             let moka: moka::sync::Cache<u64, Arc<Mission>> = moka::sync::Cache::new(10_000);
             for id in 0..KEYSPACE {
@@ -220,6 +266,101 @@ async fn run_scenario(
     }
 }
 
+/// One run of the invalidation-load figure: (calls, hit rate, body runs, refused fills, invalidations).
+async fn invalidation_run(reader: &Cache, writer: &Cache, rate: u64, run: Duration) -> (u64, f64, u64, u64, u64) {
+    let before = reader.stats().await.unwrap();
+    let runs_before = BODY_RUNS.load(Ordering::Relaxed);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let invalidator = {
+        let (writer, stop) = (writer.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut done = 0u64;
+            if rate == 0 {
+                return done;
+            }
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                // Keys of another function: the readers never read them.
+                let _ = writer.delete(&format!("lg_other:v1:{}", done % KEYSPACE)).await;
+                done += 1;
+                let due = started + Duration::from_secs_f64(done as f64 / rate as f64);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            done
+        })
+    };
+    let calls = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..64u64)
+        .map(|t| {
+            let (stop, calls) = (stop.clone(), calls.clone());
+            tokio::spawn(async move {
+                let mut i = t;
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::black_box(reader_mission(i.wrapping_mul(2654435761) % KEYSPACE).await);
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    i += 64;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(run).await;
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    let invalidations = invalidator.await.unwrap();
+    let after = reader.stats().await.unwrap();
+    let (hits, misses) = (after.hits - before.hits, after.misses - before.misses);
+    (
+        calls.load(Ordering::Relaxed),
+        hits as f64 / (hits + misses).max(1) as f64,
+        BODY_RUNS.load(Ordering::Relaxed) - runs_before,
+        after.fills_refused - before.fills_refused,
+        invalidations,
+    )
+}
+
+/// Hit rate of readers while another instance invalidates keys they never read,
+/// the rates interleaved in rounds so machine noise hits them all alike.
+async fn invalidation_load(reader: &Cache, writer: &Cache) {
+    const RUN: Duration = Duration::from_secs(3);
+    const ROUNDS: usize = 3;
+    const RATES: [u64; 4] = [0, 10, 100, 1_000];
+    println!(
+        "invalidation load: 64 readers over {KEYSPACE} keys, 5 ms bodies, TTL 1 s; rates interleaved, {ROUNDS} rounds of {RUN:?}"
+    );
+    let mut results: Vec<Vec<(u64, f64, u64, u64, u64)>> = vec![Vec::new(); RATES.len()];
+    for _ in 0..ROUNDS {
+        for (i, &rate) in RATES.iter().enumerate() {
+            results[i].push(invalidation_run(reader, writer, rate, RUN).await);
+        }
+    }
+    println!(
+        "{:>15} {:>10} {:>9} {:>10} {:>13} {:>14} {:>10}",
+        "invalidations/s", "calls", "hit rate", "body runs", "fills refused", "invalidations", "vs 0/s"
+    );
+    let base = median(results[0].iter().map(|r| r.1).collect());
+    for (i, &rate) in RATES.iter().enumerate() {
+        let r = &results[i];
+        let hit_rate = median(r.iter().map(|x| x.1).collect());
+        let sum = |f: fn(&(u64, f64, u64, u64, u64)) -> u64| r.iter().map(f).sum::<u64>();
+        let (calls, runs, refused, invalidations) = (sum(|x| x.0), sum(|x| x.2), sum(|x| x.3), sum(|x| x.4));
+        println!(
+            "{rate:>15} {calls:>10} {:>8.2}% {runs:>10} {refused:>13} {invalidations:>14} {:>9.1}%",
+            hit_rate * 100.0,
+            hit_rate / base * 100.0
+        );
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "figure": "invalidation_load", "invalidations_per_sec": rate, "invalidations": invalidations,
+                "calls": calls, "hit_rate_median": hit_rate, "hit_rate_vs_0": hit_rate / base,
+                "body_runs": runs, "fills_refused": refused, "rounds": ROUNDS,
+            })
+        );
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -228,6 +369,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn baseline_of(scenario: &str) -> Option<&'static str> {
     match scenario {
         "cached_redis_hit" | "mix_90_10" => Some("raw_get"),
+        "cached_miss" => Some("raw_get_set"),
         "cached_local_hit" => Some("moka_get"),
         _ => None,
     }
@@ -235,6 +377,8 @@ fn baseline_of(scenario: &str) -> Option<&'static str> {
 
 fn main() {
     let args = parse_args();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    FRESH.store(now.as_micros() as u64 * 1_000, Ordering::Relaxed);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         let server = support::Redis::start();
@@ -255,6 +399,11 @@ fn main() {
                 redis::cmd("SET").arg(format!("lgraw:{id}")).arg(json).query_async(&mut conn).await.unwrap();
             redis_mission(id).await;
             local_mission(id).await;
+        }
+        if args.scenarios.iter().any(|s| s == "invalidation_load") {
+            let writer = Cache::new(config("loadgen")).await.unwrap();
+            invalidation_load(&redis_cache, &writer).await;
+            return;
         }
         println!(
             "loadgen: {} ops per scenario per round, {} rounds, value {} bytes as JSON, redis {}",

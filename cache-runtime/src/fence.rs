@@ -113,10 +113,6 @@ local function fence(nonce, fields)
   redis.call('DEL', F)
   return '', 0
 end
-local function newer(field, exp)
-  local v = redis.call('HGET', F, field)
-  return v ~= false and tonumber(string.match(v, '^%d+')) > exp
-end
 ";
 
 // KEYS: fence, entry, tag indexes…; ARGV: nonce, bytes, ttl ms, expected id
@@ -125,21 +121,31 @@ end
 // Returns {stored, id, seq}.
 const FILL: &str = r"
 local entry, ttl, exp_id, exp = KEYS[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local id, seq = incarnation(ARGV[1])
+local id, seq
 if exp_id ~= '' then
-  if id ~= exp_id or newer('k:' .. entry, exp) then return {0, id, seq} end
-  for i = 7, #ARGV do
-    if newer('t:' .. ARGV[i], exp) then return {0, id, seq} end
+  -- One read for every field the check needs: the miss path's server time.
+  local fields = {'id', 'seq', 'k:' .. entry, 'pn'}
+  for i = 7, #ARGV do fields[#fields + 1] = 't:' .. ARGV[i] end
+  local v = redis.call('HMGET', F, unpack(fields))
+  if not v[1] then
+    id, seq = incarnation(ARGV[1])
+    return {0, id, seq}
   end
-  local pn = redis.call('HGET', F, 'pn')
-  if pn then
-    for s in string.gmatch(pn, '(%d+):%d+') do
+  id, seq = v[1], tonumber(v[2])
+  if id ~= exp_id then return {0, id, seq} end
+  for i = 3, #fields do
+    if i ~= 4 and v[i] and tonumber(string.match(v[i], '^%d+')) > exp then return {0, id, seq} end
+  end
+  if v[4] then
+    for s in string.gmatch(v[4], '(%d+):%d+') do
       if tonumber(s) > exp then
         local pat = redis.call('HGET', F, 'p:' .. s)
         if pat and string.find(entry, pat) then return {0, id, seq} end
       end
     end
   end
+else
+  id, seq = incarnation(ARGV[1])
 end
 redis.call('SET', entry, ARGV[2], 'PX', ttl)
 if ARGV[6] == '1' then id, seq = fence(ARGV[1], {'k:' .. entry}) end
@@ -147,16 +153,15 @@ if #KEYS > 2 then
   local now = now_ms()
   for i = 3, #KEYS do
     local note = 'r:' .. ARGV[i + 4]
-    if redis.call('EXISTS', KEYS[i]) == 0 and tonumber(redis.call('HGET', F, note) or '0') > now then
+    local noted = tonumber(redis.call('HGET', F, note) or '0')
+    if noted > now and redis.call('EXISTS', KEYS[i]) == 0 then
       -- The index was lost while entries it listed live: a new one would hide them.
       redis.call('HSET', F, 'orphans', 'lost')
     end
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
     redis.call('ZADD', KEYS[i], now + ttl, entry)
     if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
-    if tonumber(redis.call('HGET', F, note) or '0') < now + ttl then
-      redis.call('HSET', F, note, now + ttl)
-    end
+    if noted < now + ttl then redis.call('HSET', F, note, now + ttl) end
   end
 end
 return {1, id, seq}

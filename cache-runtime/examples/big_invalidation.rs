@@ -69,7 +69,12 @@ async fn reset_slowlog(raw: &mut redis::aio::MultiplexedConnection) {
 async fn main() {
     let tagged = arg("--tagged", 400_000);
     let keys = arg("--keys", 1_000_000);
-    let server = support::Redis::spawn_with_args(&["--slowlog-log-slower-than", "1000", "--slowlog-max-len", "100000"]);
+    let server = support::Redis::spawn_with_args(&[
+        "--slowlog-log-slower-than",
+        "1000",
+        "--slowlog-max-len",
+        "100000",
+    ]);
     let config = CacheConfig::builder().redis_url(server.url()).key_prefix("big").build().unwrap();
     let cache = Cache::new(config).await.unwrap();
     let mut raw = server.raw().await;

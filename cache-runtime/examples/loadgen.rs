@@ -198,11 +198,18 @@ async fn run_scenario(
                 let mut conn = raw.clone();
                 async move {
                     let key = format!("lgrawmiss:{}", FRESH.fetch_add(1, Ordering::Relaxed));
-                    let got: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+                    let got: Option<Vec<u8>> =
+                        redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
                     assert!(got.is_none());
                     let json = serde_json::to_vec(&mission(7)).unwrap();
-                    let _: () =
-                        redis::cmd("SET").arg(&key).arg(json).arg("PX").arg(300_000).query_async(&mut conn).await.unwrap();
+                    let _: () = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(json)
+                        .arg("PX")
+                        .arg(300_000)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
                 }
             })
             .await
@@ -267,7 +274,12 @@ async fn run_scenario(
 }
 
 /// One run of the invalidation-load figure: (calls, hit rate, body runs, refused fills, invalidations).
-async fn invalidation_run(reader: &Cache, writer: &Cache, rate: u64, run: Duration) -> (u64, f64, u64, u64, u64) {
+async fn invalidation_run(
+    reader: &Cache,
+    writer: &Cache,
+    rate: u64,
+    run: Duration,
+) -> (u64, f64, u64, u64, u64) {
     let before = reader.stats().await.unwrap();
     let runs_before = BODY_RUNS.load(Ordering::Relaxed);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -311,13 +323,13 @@ async fn invalidation_run(reader: &Cache, writer: &Cache, rate: u64, run: Durati
     let invalidations = invalidator.await.unwrap();
     let after = reader.stats().await.unwrap();
     let (hits, misses) = (after.hits - before.hits, after.misses - before.misses);
-    (
-        calls.load(Ordering::Relaxed),
-        hits as f64 / (hits + misses).max(1) as f64,
-        BODY_RUNS.load(Ordering::Relaxed) - runs_before,
-        after.fills_refused - before.fills_refused,
+    InvalidationRun {
+        calls: calls.load(Ordering::Relaxed),
+        hit_rate: hits as f64 / (hits + misses).max(1) as f64,
+        body_runs: BODY_RUNS.load(Ordering::Relaxed) - runs_before,
+        fills_refused: after.fills_refused - before.fills_refused,
         invalidations,
-    )
+    }
 }
 
 /// Hit rate of readers while another instance invalidates keys they never read,
@@ -329,7 +341,7 @@ async fn invalidation_load(reader: &Cache, writer: &Cache) {
     println!(
         "invalidation load: 64 readers over {KEYSPACE} keys, 5 ms bodies, TTL 1 s; rates interleaved, {ROUNDS} rounds of {RUN:?}"
     );
-    let mut results: Vec<Vec<(u64, f64, u64, u64, u64)>> = vec![Vec::new(); RATES.len()];
+    let mut results: Vec<Vec<InvalidationRun>> = vec![Vec::new(); RATES.len()];
     for _ in 0..ROUNDS {
         for (i, &rate) in RATES.iter().enumerate() {
             results[i].push(invalidation_run(reader, writer, rate, RUN).await);
@@ -339,12 +351,13 @@ async fn invalidation_load(reader: &Cache, writer: &Cache) {
         "{:>15} {:>10} {:>9} {:>10} {:>13} {:>14} {:>10}",
         "invalidations/s", "calls", "hit rate", "body runs", "fills refused", "invalidations", "vs 0/s"
     );
-    let base = median(results[0].iter().map(|r| r.1).collect());
+    let base = median(results[0].iter().map(|r| r.hit_rate).collect());
     for (i, &rate) in RATES.iter().enumerate() {
         let r = &results[i];
-        let hit_rate = median(r.iter().map(|x| x.1).collect());
-        let sum = |f: fn(&(u64, f64, u64, u64, u64)) -> u64| r.iter().map(f).sum::<u64>();
-        let (calls, runs, refused, invalidations) = (sum(|x| x.0), sum(|x| x.2), sum(|x| x.3), sum(|x| x.4));
+        let hit_rate = median(r.iter().map(|x| x.hit_rate).collect());
+        let sum = |f: fn(&InvalidationRun) -> u64| r.iter().map(f).sum::<u64>();
+        let (calls, runs, refused, invalidations) =
+            (sum(|x| x.calls), sum(|x| x.body_runs), sum(|x| x.fills_refused), sum(|x| x.invalidations));
         println!(
             "{rate:>15} {calls:>10} {:>8.2}% {runs:>10} {refused:>13} {invalidations:>14} {:>9.1}%",
             hit_rate * 100.0,

@@ -11,8 +11,8 @@
 
 use redis::Script;
 
-use crate::key::escape_glob;
 use crate::redis_store::RedisStore;
+use crate::schema::Schema;
 use crate::CacheError;
 
 /// Every command the cache's Lua scripts call, on the key kinds they call it on.
@@ -54,16 +54,17 @@ return found
 ";
 
 impl RedisStore {
-    /// Runs every command the cache uses against probe keys under `prefix`.
+    /// Runs every command the cache uses against probe keys of `schema`.
     /// `Err` is an [`Auth`](CacheError::Auth) or
     /// [`Permission`](CacheError::Permission) error naming what was refused, or
     /// the error that kept the probe from reaching Redis.
-    pub(crate) async fn check_access(&self, prefix: &str) -> Result<(), CacheError> {
-        let entry = format!("{prefix}:#probe");
-        let internal = format!("{prefix}#probe");
-        let tags = format!("{prefix}#probe:z");
-        let fence = format!("{prefix}#probe:h");
-        let scan = format!("{}:*", escape_glob(prefix));
+    pub(crate) async fn check_access(&self, schema: &Schema) -> Result<(), CacheError> {
+        let prefix = schema.prefix();
+        let entry = schema.entry("#probe");
+        let internal = schema.internal("probe");
+        let tags = schema.internal("probe:z");
+        let fence = schema.internal("probe:h");
+        let scan = schema.all_entries();
         let steps = [
             redis::cmd("PING"),
             redis::cmd("GET").arg(&entry).clone(),

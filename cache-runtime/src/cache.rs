@@ -15,12 +15,13 @@ use crate::config::CacheConfig;
 use crate::fence::{Fence, Fill, Observed, WINDOW};
 use crate::flight::SingleFlight;
 use crate::glob::to_lua_pattern;
-use crate::key::{display_key, escape_glob};
+use crate::key::display_key;
 use crate::local::LocalTier;
 use crate::metrics::{Metrics, Op};
 use crate::misconfig::Misconfig;
 use crate::pending::{Pending, PendingLog};
 use crate::redis_store::RedisStore;
+use crate::schema::Schema;
 use crate::stats::{CacheStats, Counters, Health};
 use crate::{CacheError, IntoTtl};
 
@@ -87,6 +88,7 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     pub(crate) metrics: Metrics,
     pub(crate) flights: SingleFlight,
+    pub(crate) schema: Schema,
     fence_key: String,
 }
 
@@ -162,7 +164,7 @@ impl Cache {
         let prefix = &cache.inner.config.key_prefix;
         let reachable = tokio::time::timeout(connect, async {
             redis.connect().await?;
-            redis.check_access(prefix).await
+            redis.check_access(&cache.inner.schema).await
         })
         .await
         .unwrap_or(Err(CacheError::Timeout(connect)));
@@ -203,7 +205,8 @@ impl Cache {
         misconfig: Arc<Misconfig>,
         redis: Option<RedisStore>,
     ) -> Cache {
-        let fence_key = format!("{}#fence", config.key_prefix);
+        let schema = Schema::new(&config.key_prefix);
+        let fence_key = schema.fence();
         Cache {
             inner: Arc::new(Inner {
                 local: LocalTier::new(config.local_max_entries),
@@ -221,6 +224,7 @@ impl Cache {
                 pruned_at: std::sync::Mutex::new(None),
                 redis,
                 fence_key,
+                schema,
                 config,
             }),
         }
@@ -300,7 +304,7 @@ impl Cache {
                 "empty pattern (use clear() to delete everything)".into(),
             ));
         }
-        let full = format!("{}:{pattern}", escape_glob(&self.inner.config.key_prefix));
+        let full = self.inner.schema.entries_matching(pattern);
         self.invalidate(Op::DeletePattern, Pending::Pattern(full)).await
     }
 
@@ -323,7 +327,7 @@ impl Cache {
     /// Counts, sizes and server facts. Counting keys scans the prefix: not for hot
     /// paths. A Redis fault degrades the answer (`connected: false`) instead of failing it.
     pub async fn stats(&self) -> Result<CacheStats, CacheError> {
-        let pattern = format!("{}:*", escape_glob(&self.inner.config.key_prefix));
+        let pattern = self.inner.schema.all_entries();
         let local = &self.inner.local;
         let mut stats =
             self.inner.counters.snapshot(&self.inner.metrics, self.mode(), local.len(), local.size_bytes());
@@ -436,9 +440,8 @@ impl Cache {
         cursor: u64,
         count: usize,
     ) -> Result<(Vec<String>, u64), CacheError> {
-        let prefix = escape_glob(&self.inner.config.key_prefix);
-        let full = format!("{prefix}:{pattern}");
-        let strip = self.inner.config.key_prefix.len() + 1;
+        let full = self.inner.schema.entries_matching(pattern);
+        let strip = self.inner.schema.prefix_len();
         match self.redis().await {
             Some((redis, permit)) => {
                 let (next, keys) = self.settle(permit, redis.scan_page(&full, cursor, count).await)?;
@@ -473,16 +476,11 @@ impl Cache {
     }
 
     pub(crate) fn full_key(&self, key: &str) -> String {
-        let prefix = &self.inner.config.key_prefix;
-        let mut full = String::with_capacity(prefix.len() + 1 + key.len());
-        full.push_str(prefix);
-        full.push(':');
-        full.push_str(key);
-        full
+        self.inner.schema.entry(key)
     }
 
     fn tag_key(&self, tag: &str) -> String {
-        format!("{}#tag:{tag}", self.inner.config.key_prefix)
+        self.inner.schema.tag_index(tag)
     }
 
     /// Redis and the breaker's permit, or `None` when calls must use the local tier:
@@ -574,8 +572,7 @@ impl Cache {
             Pending::Tags(tags) => local.invalidate_tags(tags),
             Pending::Pattern(full) => local.delete_pattern(full),
             Pending::Everything => {
-                let deleted =
-                    local.delete_pattern(&format!("{}:*", escape_glob(&self.inner.config.key_prefix)));
+                let deleted = local.delete_pattern(&self.inner.schema.all_entries());
                 local.drop_tag_index();
                 deleted
             }
@@ -586,7 +583,7 @@ impl Cache {
     async fn apply_redis(&self, redis: &RedisStore, what: &Pending) -> Result<u64, CacheError> {
         let fence_key = &self.inner.fence_key;
         let observed = &self.inner.observed;
-        let entries = format!("{}:*", escape_glob(&self.inner.config.key_prefix));
+        let entries = self.inner.schema.all_entries();
         match what {
             Pending::Key(full) => {
                 let (existed, fence) = redis.invalidate_key(fence_key, full).await?;
@@ -629,7 +626,7 @@ impl Cache {
                 let fence = redis.fence_all(fence_key).await?;
                 observed.observe(fence);
                 let deleted = redis.delete_pattern(&entries).await?;
-                let indexes = format!("{}#tag:*", escape_glob(&self.inner.config.key_prefix));
+                let indexes = self.inner.schema.all_tag_indexes();
                 redis.delete_pattern(&indexes).await?;
                 redis.settle(fence_key, fence.id, "new").await?;
                 Ok(deleted)
@@ -646,7 +643,7 @@ impl Cache {
             let (fence, orphans) = redis.observe(fence_key).await?;
             self.inner.observed.observe(fence);
             if let Some(token) = orphans {
-                let entries = format!("{}:*", escape_glob(&self.inner.config.key_prefix));
+                let entries = self.inner.schema.all_entries();
                 let deleted = redis.delete_pattern(&entries).await?;
                 redis.settle(fence_key, fence.id, &token).await?;
                 if deleted > 0 {
@@ -836,7 +833,7 @@ async fn health_loop(inner: std::sync::Weak<Inner>) {
         // A refused password or command clears only when the whole check passes
         // again; a failed check adds nothing the refused calls did not report.
         if let (Some(redis), Some(_)) = (&cache.inner.redis, cache.inner.misconfig.current()) {
-            if redis.check_access(&cache.inner.config.key_prefix).await.is_ok() {
+            if redis.check_access(&cache.inner.schema).await.is_ok() {
                 cache.inner.misconfig.resolve();
             }
         }

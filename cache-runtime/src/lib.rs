@@ -23,6 +23,7 @@ mod cache;
 pub mod codec;
 mod config;
 mod conn;
+mod engine;
 mod error;
 mod fence;
 mod flight;
@@ -36,6 +37,8 @@ mod metrics;
 mod misconfig;
 mod pending;
 mod redis_store;
+mod schema;
+mod spec;
 mod stats;
 
 #[doc(hidden)]

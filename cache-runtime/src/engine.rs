@@ -1,0 +1,239 @@
+//! The cache-aside engine: a hit returns the stored value; a miss runs the
+//! body once per key in this process (single flight, `flight.rs`) and stores
+//! what it returns under the fence taken before the read (`fence.rs`); any
+//! cache fault falls back to the body's own result.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::cache::FillFence;
+use crate::flight::{self, Outcome, Role};
+use crate::key::{escape_glob, UNCACHEABLE};
+use crate::schema::Key;
+use crate::spec::Spec;
+use crate::{codec, Cache, CacheError};
+
+/// A call's tags: literal ones cost no allocation on a hit.
+pub enum Tags {
+    /// Tags written as literals.
+    Static(&'static [&'static str]),
+    /// Tags that interpolate arguments.
+    Owned(Vec<String>),
+}
+
+impl Tags {
+    fn to_vec(&self) -> Vec<String> {
+        match self {
+            Tags::Static(tags) => tags.iter().map(|t| (*t).to_owned()).collect(),
+            Tags::Owned(tags) => tags.clone(),
+        }
+    }
+}
+
+/// Selects caching of the whole return value.
+pub struct Plain;
+/// Selects caching of `Ok` values only.
+pub struct OkOnly;
+/// Selects caching of `Some` values only.
+pub struct SomeOnly;
+
+/// How a return type is split into what is stored and rebuilt from it.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` can't be cached: the stored value must be `Serialize + DeserializeOwned + Send + Sync + 'static`",
+    label = "the return type of a #[cached] function"
+)]
+pub trait Cacheable<M>: Sized {
+    /// What is stored.
+    type Value: Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// The part to store, if any.
+    fn stored(&self) -> Option<&Self::Value>;
+    /// Rebuilds the return value from a stored one.
+    fn from_cached(v: Self::Value) -> Self;
+}
+
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cacheable<Plain> for T {
+    type Value = T;
+    fn stored(&self) -> Option<&T> {
+        Some(self)
+    }
+    fn from_cached(v: T) -> T {
+        v
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static, E> Cacheable<OkOnly> for Result<T, E> {
+    type Value = T;
+    fn stored(&self) -> Option<&T> {
+        self.as_ref().ok()
+    }
+    fn from_cached(v: T) -> Self {
+        Ok(v)
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cacheable<SomeOnly> for Option<T> {
+    type Value = T;
+    fn stored(&self) -> Option<&T> {
+        self.as_ref()
+    }
+    fn from_cached(v: T) -> Self {
+        Some(v)
+    }
+}
+
+/// One call: which cache, the function's spec, the finished key, and the call's tags.
+pub struct Call<'a> {
+    /// The cache to use.
+    pub cache: &'a Cache,
+    /// The function's spec.
+    pub spec: &'a Spec,
+    /// The key.
+    pub key: Key,
+    /// Tags of this call.
+    pub tags: Tags,
+}
+
+/// Cache-aside: a hit returns the stored value; a miss runs `body` once per key in
+/// this process (other callers wait for it) and stores what `condition` accepts.
+/// Any cache fault falls back to `body`'s own result.
+pub async fn get_or_compute<M, Out, C, Fut>(call: Call<'_>, condition: C, body: Fut) -> Out
+where
+    Out: Cacheable<M>,
+    C: FnOnce(&Out::Value) -> bool,
+    Fut: Future<Output = Out>,
+{
+    let cache = call.cache;
+    if call.key.full.contains(UNCACHEABLE) {
+        return body.await;
+    }
+    let full = call.key.full.as_str();
+    let started = std::time::Instant::now();
+    // Taken before the read: an invalidation after the read is newer than this.
+    let fence = cache.fill_fence();
+    match cache.read(full).await {
+        Ok(Some(raw)) => {
+            if let Some(v) = cache.decode_or_drop::<Out::Value>(full, &raw) {
+                cache.record_lookup(true);
+                return Out::from_cached(v);
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            cache.record_fault("get", full, &e);
+            return body.await;
+        }
+    }
+    cache.record_lookup(false);
+
+    let mut started = started;
+    let mut reread = false;
+    let leader = loop {
+        let outcome = match cache.inner.flights.join(full, started, reread) {
+            Role::Leader(leader) => break leader,
+            Role::Finished(outcome) => Some(outcome),
+            Role::Follower(slot) => flight::follow(slot).await,
+            Role::Reread => {
+                // Rare: another caller's fill began after this one started.
+                started = std::time::Instant::now();
+                reread = true;
+                if let Ok(Some(raw)) = cache.read(full).await {
+                    if let Some(v) = cache.decode_or_drop::<Out::Value>(full, &raw) {
+                        return Out::from_cached(v);
+                    }
+                }
+                continue;
+            }
+        };
+        match outcome {
+            Some(Outcome::Value(bytes, at)) if started < at => match codec::decode::<Out::Value>(&bytes) {
+                Ok(v) => return Out::from_cached(v),
+                Err(_) => return body.await,
+            },
+            Some(Outcome::Uncacheable) => return body.await,
+            // Written after this call began, refused as stale, or abandoned by a
+            // cancelled or panicking leader: start over.
+            Some(Outcome::Value(..)) | Some(Outcome::Stale) | None => continue,
+        }
+    };
+
+    // No second read: the fill is checked against the fence taken before the
+    // read, so the miss path is one GET and one write.
+    let out = body.await;
+    leader.publish(store(&call, full, &out, condition, Some(fence), false).await);
+    out
+}
+
+/// Write-through: runs `body` and stores what `condition` accepts.
+pub async fn refresh<M, Out, C, Fut>(call: Call<'_>, condition: C, body: Fut) -> Out
+where
+    Out: Cacheable<M>,
+    C: FnOnce(&Out::Value) -> bool,
+    Fut: Future<Output = Out>,
+{
+    if call.key.full.contains(UNCACHEABLE) {
+        return body.await;
+    }
+    let full = call.key.full.as_str();
+    // Fenced like a fill, and fencing the key: fills that read before this one
+    // wrote can't put an older value back.
+    let fence = call.cache.fill_fence();
+    let out = body.await;
+    drop(store(&call, full, &out, condition, Some(fence), true).await);
+    out
+}
+
+/// Removes one cached result.
+pub async fn invalidate(cache: &Cache, key: &Key) -> Result<bool, CacheError> {
+    cache.delete(key.relative()).await
+}
+
+/// Removes every cached result of the function `spec` describes.
+pub async fn invalidate_all(cache: &Cache, spec: &Spec) -> Result<u64, CacheError> {
+    cache.delete_pattern(&format!("{}:*", escape_glob(spec.prefix(cache)))).await
+}
+
+async fn store<M, Out, C>(
+    call: &Call<'_>,
+    full: &str,
+    out: &Out,
+    condition: C,
+    fence: Option<FillFence>,
+    bump: bool,
+) -> Outcome
+where
+    Out: Cacheable<M>,
+    C: FnOnce(&Out::Value) -> bool,
+{
+    let cache = call.cache;
+    let Some(value) = out.stored() else {
+        return Outcome::Uncacheable;
+    };
+    let bytes = match codec::encode(cache.config().serialization, value) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            cache.record_fault("encode", full, &e);
+            return Outcome::Uncacheable;
+        }
+    };
+    // Followers that started before this instant may share the value (flight.rs).
+    let writing = std::time::Instant::now();
+    if cache.check_size(bytes.len()).is_err() {
+        tracing::debug!(key = full, size = bytes.len(), "result too large to cache");
+    } else if condition(value) {
+        let ttl = call.spec.ttl(cache);
+        let tags = call.spec.tags(cache, call.tags.to_vec());
+        match cache.write(full, &bytes, ttl, &tags, fence, bump).await {
+            Ok(true) => {}
+            Ok(false) => {
+                cache.inner.counters.fills_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(key = full, "fill refused: invalidated while computing");
+                return Outcome::Stale;
+            }
+            Err(e) => cache.record_fault("set", full, &e),
+        }
+    }
+    Outcome::Value(bytes.into(), writing)
+}

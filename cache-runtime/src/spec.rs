@@ -1,0 +1,78 @@
+//! What the macro knows of one cached function: its name, key prefix, TTL,
+//! profile and version, and how the cache's configuration resolves them.
+
+use std::time::Duration;
+
+use crate::{Cache, IntoTtl};
+
+/// A `ttl = ...` option.
+#[derive(Debug, Clone, Copy)]
+pub enum TtlSpec {
+    /// A fixed duration.
+    Fixed(Duration),
+    /// A TTL looked up by name in the configuration (`quantum_state_ttl: 300`).
+    Named(&'static str),
+}
+
+/// Converts a `ttl = ...` expression.
+pub fn ttl(v: impl IntoTtl) -> TtlSpec {
+    TtlSpec::Fixed(v.into_ttl())
+}
+
+/// Static description of one cached function.
+#[derive(Debug)]
+pub struct Spec {
+    /// The function's name.
+    pub name: &'static str,
+    /// The `prefix` option.
+    pub prefix: Option<&'static str>,
+    /// The `ttl` option.
+    pub ttl: Option<TtlSpec>,
+    /// The `profile` option.
+    pub profile: Option<&'static str>,
+    /// The `version` option.
+    pub version: u32,
+}
+
+impl Spec {
+    pub(crate) fn prefix<'a>(&'a self, cache: &'a Cache) -> &'a str {
+        if let Some(prefix) = self.prefix {
+            return prefix;
+        }
+        if let Some(name) = self.profile {
+            let config = cache.config();
+            if let Some(profile) = config.profiles.get(name) {
+                return profile.prefix.as_deref().unwrap_or(self.name);
+            }
+            if config.named_ttls.contains_key(name) {
+                return name;
+            }
+        }
+        self.name
+    }
+
+    pub(crate) fn ttl(&self, cache: &Cache) -> Duration {
+        let config = cache.config();
+        let named = |name: &str| {
+            config.named_ttl(name).unwrap_or_else(|| {
+                tracing::warn!(function = self.name, ttl = name, "no such named TTL: using the default TTL");
+                config.default_ttl
+            })
+        };
+        match self.ttl {
+            Some(TtlSpec::Fixed(d)) => d,
+            Some(TtlSpec::Named(name)) => named(name),
+            None => match self.profile {
+                Some(p) => config.profiles.get(p).and_then(|p| p.ttl).unwrap_or_else(|| named(p)),
+                None => config.default_ttl,
+            },
+        }
+    }
+
+    pub(crate) fn tags(&self, cache: &Cache, mut tags: Vec<String>) -> Vec<String> {
+        if let Some(profile) = self.profile.and_then(|p| cache.config().profiles.get(p)) {
+            tags.extend(profile.tags.iter().cloned());
+        }
+        tags
+    }
+}

@@ -273,13 +273,17 @@ async fn run_scenario(
     }
 }
 
-/// One run of the invalidation-load figure: (calls, hit rate, body runs, refused fills, invalidations).
-async fn invalidation_run(
-    reader: &Cache,
-    writer: &Cache,
-    rate: u64,
-    run: Duration,
-) -> (u64, f64, u64, u64, u64) {
+/// One run of the invalidation-load figure.
+#[derive(Clone, Copy)]
+struct InvalidationRun {
+    calls: u64,
+    hit_rate: f64,
+    body_runs: u64,
+    fills_refused: u64,
+    invalidations: u64,
+}
+
+async fn invalidation_run(reader: &Cache, writer: &Cache, rate: u64, run: Duration) -> InvalidationRun {
     let before = reader.stats().await.unwrap();
     let runs_before = BODY_RUNS.load(Ordering::Relaxed);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

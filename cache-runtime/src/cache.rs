@@ -9,20 +9,21 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::breaker::{Breaker, BreakerState, Permit};
+use crate::breaker::{Breaker, BreakerState};
 use crate::codec;
 use crate::config::CacheConfig;
-use crate::fence::{Fence, Fill, Observed, WINDOW};
+use crate::failover::Failover;
 use crate::flight::SingleFlight;
-use crate::glob::to_lua_pattern;
 use crate::key::display_key;
 use crate::local::LocalTier;
 use crate::metrics::{Metrics, Op};
 use crate::misconfig::Misconfig;
-use crate::pending::{Pending, PendingLog};
+use crate::pending::Pending;
 use crate::redis_store::RedisStore;
+use crate::redis_tier::RedisTier;
 use crate::schema::Schema;
 use crate::stats::{CacheStats, Counters, Health};
+use crate::store::{FillFence, Raw, Store, Write};
 use crate::{CacheError, IntoTtl};
 
 /// Which store serves the cache.
@@ -75,48 +76,12 @@ pub struct Cache {
 
 pub(crate) struct Inner {
     pub(crate) config: CacheConfig,
-    pub(crate) redis: Option<RedisStore>,
-    pub(crate) breaker: Breaker,
-    pub(crate) pending: PendingLog,
-    /// A credentials or permission problem Redis reported, until a check passes.
-    pub(crate) misconfig: Arc<Misconfig>,
-    /// The newest fence this process has seen of Redis (see `fence.rs`).
-    observed: Observed,
-    /// When the fence hash was last pruned.
-    pruned_at: std::sync::Mutex<Option<Instant>>,
-    pub(crate) local: LocalTier,
+    pub(crate) schema: Schema,
+    /// The tiers: Redis (when configured) with the local tier behind it.
+    pub(crate) tiers: Arc<Failover>,
     pub(crate) counters: Counters,
     pub(crate) metrics: Metrics,
     pub(crate) flights: SingleFlight,
-    pub(crate) schema: Schema,
-    fence_key: String,
-}
-
-/// What a fill is checked against, taken before its read: a fill is stored only
-/// in the tier it read, and only if nothing covering its key was invalidated since.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FillFence {
-    /// Redis's fence as the process last saw it, and when it was taken.
-    Redis(Fence, Instant),
-    /// The local tier's invalidation counter, and when it was taken.
-    Local(u64, Instant),
-}
-
-/// Bytes read from a tier.
-pub(crate) enum Raw {
-    Owned(Vec<u8>),
-    Shared(Arc<[u8]>),
-}
-
-impl std::ops::Deref for Raw {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            Raw::Owned(v) => v,
-            Raw::Shared(a) => a,
-        }
-    }
 }
 
 impl AsRef<Cache> for Cache {
@@ -158,38 +123,14 @@ impl Cache {
             CacheError::Redis(e) => CacheError::config("REDIS_URL", &target, e.to_string()),
             other => other,
         })?;
-        let cache = Cache::assemble(config, metrics, misconfig, Some(store));
-        let connect = cache.inner.config.socket_connect_timeout.max(cache.inner.config.operation_timeout());
-        let Some(redis) = &cache.inner.redis else { unreachable!("assembled with a store") };
-        let prefix = &cache.inner.config.key_prefix;
-        let reachable = tokio::time::timeout(connect, async {
-            redis.connect().await?;
-            redis.check_access(&cache.inner.schema).await
-        })
-        .await
-        .unwrap_or(Err(CacheError::Timeout(connect)));
-        match reachable {
-            Ok(()) => {
-                // Fills are checked against the newest fence seen: start from the current one,
-                // and clear what an earlier incarnation of the fence may have left unindexed.
-                cache.observe_fence(redis).await;
-                tracing::info!(redis = %target, prefix = %prefix, "cache runs in redis mode")
-            }
-            Err(e) if e.is_misconfiguration() => return Err(e),
-            Err(e) => cache.start_degraded(&target, &e),
+        let connect = config.socket_connect_timeout.max(config.operation_timeout());
+        let redis = RedisTier::new(store, Schema::new(&config.key_prefix), connect);
+        let cache = Cache::assemble(config, metrics, misconfig, Some(Box::new(redis)));
+        if cache.inner.tiers.start().await? == Mode::Redis {
+            tracing::info!(redis = %target, prefix = %cache.inner.config.key_prefix, "cache runs in redis mode");
         }
-        tokio::spawn(health_loop(Arc::downgrade(&cache.inner)));
-        tokio::spawn(replay_loop(Arc::downgrade(&cache.inner)));
+        Failover::spawn_loops(&cache.inner.tiers, cache.inner.config.health_check_interval);
         Ok(cache)
-    }
-
-    fn start_degraded(&self, target: &crate::RedisTarget, error: &CacheError) {
-        tracing::warn!(redis = %target, error = %error, "Redis unreachable at start: cache runs in local mode until it answers");
-        self.inner.breaker.trip();
-        if let Some(redis) = &self.inner.redis {
-            redis.revive();
-        }
-        self.inner.metrics.breaker_state.set(self.inner.breaker.state().as_gauge());
     }
 
     /// A cache in local mode, whatever `config` says about Redis.
@@ -203,27 +144,22 @@ impl Cache {
         config: CacheConfig,
         metrics: Metrics,
         misconfig: Arc<Misconfig>,
-        redis: Option<RedisStore>,
+        shared: Option<Box<dyn Store>>,
     ) -> Cache {
         let schema = Schema::new(&config.key_prefix);
-        let fence_key = schema.fence();
+        let breaker = Breaker::new(
+            config.circuit_breaker_enabled,
+            config.circuit_breaker_threshold,
+            config.circuit_breaker_timeout,
+        );
+        let local = LocalTier::new(config.local_max_entries, schema.clone());
+        let tiers = Failover::new(shared, local, breaker, misconfig, metrics.breaker_state.clone());
         Cache {
             inner: Arc::new(Inner {
-                local: LocalTier::new(config.local_max_entries),
+                tiers: Arc::new(tiers),
                 counters: Counters::default(),
                 metrics,
                 flights: SingleFlight::default(),
-                breaker: Breaker::new(
-                    config.circuit_breaker_enabled,
-                    config.circuit_breaker_threshold,
-                    config.circuit_breaker_timeout,
-                ),
-                pending: PendingLog::new(),
-                misconfig,
-                observed: Observed::default(),
-                pruned_at: std::sync::Mutex::new(None),
-                redis,
-                fence_key,
                 schema,
                 config,
             }),
@@ -237,15 +173,12 @@ impl Cache {
 
     /// Which store serves the cache now: `redis` only while the breaker is closed.
     pub fn mode(&self) -> Mode {
-        match (&self.inner.redis, self.inner.breaker.state()) {
-            (Some(_), BreakerState::Closed) => Mode::Redis,
-            _ => Mode::Local,
-        }
+        self.inner.tiers.mode()
     }
 
     /// The circuit breaker's state (always closed in local-only mode).
     pub fn breaker_state(&self) -> BreakerState {
-        self.inner.breaker.state()
+        self.inner.tiers.breaker().state()
     }
 
     /// Reads `key`; `None` when it is missing, expired or unreadable (an unreadable
@@ -276,24 +209,12 @@ impl Cache {
 
     /// Whether `key` holds a live entry.
     pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
-        let full = self.full_key(key);
-        match self.redis().await {
-            Some((redis, permit)) => self.settle(permit, redis.exists(&full).await),
-            None => Ok(self.inner.local.remaining(&full).is_some()),
-        }
+        self.inner.tiers.exists(&self.full_key(key)).await
     }
 
     /// How long `key` has left.
     pub async fn ttl(&self, key: &str) -> Result<KeyTtl, CacheError> {
-        let full = self.full_key(key);
-        match self.redis().await {
-            Some((redis, permit)) => Ok(match self.settle(permit, redis.pttl(&full).await)? {
-                -2 => KeyTtl::Missing,
-                ms if ms < 0 => KeyTtl::Persistent,
-                ms => KeyTtl::Expires(Duration::from_millis(ms as u64)),
-            }),
-            None => Ok(self.inner.local.remaining(&full).map_or(KeyTtl::Missing, KeyTtl::Expires)),
-        }
+        self.inner.tiers.ttl(&self.full_key(key)).await
     }
 
     /// Deletes every key matching the Redis glob `pattern` (relative to the prefix);
@@ -328,21 +249,19 @@ impl Cache {
     /// paths. A Redis fault degrades the answer (`connected: false`) instead of failing it.
     pub async fn stats(&self) -> Result<CacheStats, CacheError> {
         let pattern = self.inner.schema.all_entries();
-        let local = &self.inner.local;
+        let tiers = &self.inner.tiers;
+        let local = &tiers.local;
         let mut stats =
             self.inner.counters.snapshot(&self.inner.metrics, self.mode(), local.len(), local.size_bytes());
-        stats.breaker = self.inner.breaker.state();
-        stats.breaker_opened = self.inner.breaker.opened_total();
-        stats.pending_invalidations = self.inner.pending.len() as u64;
-        let from_redis = match self.redis().await {
-            Some((redis, permit)) => {
-                let result = async { Ok((redis.count(&pattern).await?, redis.info().await?)) }.await;
-                self.settle(permit, result).ok()
+        stats.breaker = tiers.breaker().state();
+        stats.breaker_opened = tiers.breaker().opened_total();
+        stats.pending_invalidations = tiers.pending_len() as u64;
+        match tiers.shared_stats(&pattern).await {
+            Some((keys, None)) => {
+                stats.total_keys = keys;
+                stats.connected = true;
             }
-            None => None,
-        };
-        match from_redis {
-            Some((keys, info)) => {
+            Some((keys, Some(info))) => {
                 stats.total_keys = keys;
                 stats.connected = true;
                 stats.redis_version = Some(info.version);
@@ -362,15 +281,7 @@ impl Cache {
     /// failure is the answer. A credentials or permission problem Redis reported
     /// makes it `unhealthy` with the cause until a check of the cache's access passes.
     pub async fn health(&self) -> Health {
-        let started = Instant::now();
-        let result = match (&self.inner.redis, self.redis().await) {
-            (None, _) => Ok(()),
-            (Some(_), Some((redis, permit))) => self.settle(permit, redis.ping().await),
-            (Some(_), None) => Err(CacheError::Unavailable("the circuit breaker is open".into())),
-        };
-        let took = started.elapsed();
-        let misconfigured = self.inner.misconfig.current();
-        Health::new(self.mode(), self.inner.breaker.state(), took, result.err(), misconfigured)
+        self.inner.tiers.health().await
     }
 
     /// Pre-loads `entries` (key, value) with `ttl` (the default when `None`) and
@@ -411,7 +322,8 @@ impl Cache {
                 let (cache, tags) = (self.clone(), tags.clone());
                 tasks.spawn(async move {
                     for (full, bytes) in &batch {
-                        cache.write(full, bytes, ttl, &tags, None, true).await?;
+                        let write = Write { full, bytes, ttl, tags: &tags, expected: None, bump: true };
+                        cache.inner.tiers.write(write).await?;
                     }
                     Ok::<u64, CacheError>(batch.len() as u64)
                 });
@@ -442,20 +354,8 @@ impl Cache {
     ) -> Result<(Vec<String>, u64), CacheError> {
         let full = self.inner.schema.entries_matching(pattern);
         let strip = self.inner.schema.prefix_len();
-        match self.redis().await {
-            Some((redis, permit)) => {
-                let (next, keys) = self.settle(permit, redis.scan_page(&full, cursor, count).await)?;
-                Ok((keys.iter().map(|k| display_key(&k[strip.min(k.len())..])).collect(), next))
-            }
-            None => {
-                let mut keys = self.inner.local.keys(&full);
-                keys.sort_unstable();
-                let start = (cursor as usize).min(keys.len());
-                let end = start.saturating_add(count).min(keys.len());
-                let next = if end < keys.len() { end as u64 } else { 0 };
-                Ok((keys[start..end].iter().map(|k| display_key(&k.as_bytes()[strip..])).collect(), next))
-            }
-        }
+        let (keys, next) = self.inner.tiers.scan_page(&full, cursor, count).await?;
+        Ok((keys.iter().map(|k| display_key(&k[strip.min(k.len())..])).collect(), next))
     }
 
     /// This cache's Prometheus metrics.
@@ -479,233 +379,25 @@ impl Cache {
         self.inner.schema.entry(key)
     }
 
-    fn tag_key(&self, tag: &str) -> String {
-        self.inner.schema.tag_index(tag)
-    }
-
-    /// Redis and the breaker's permit, or `None` when calls must use the local tier:
-    /// no Redis configured, the breaker open, or invalidations pending that could
-    /// not be replayed (Redis serves nothing while one is outstanding).
-    #[inline]
-    async fn redis(&self) -> Option<(&RedisStore, Permit<'_>)> {
-        let redis = self.inner.redis.as_ref()?;
-        let permit = self.inner.breaker.permit()?;
-        if self.inner.pending.is_dirty() {
-            if let Err(e) = self.replay(redis).await {
-                let _ = self.settle(permit, Err::<(), _>(e));
-                return None;
-            }
-        }
-        Some((redis, permit))
-    }
-
-    /// Reports a Redis call's outcome to the breaker and passes it on.
-    fn settle<T>(&self, permit: Permit<'_>, result: Result<T, CacheError>) -> Result<T, CacheError> {
-        if let Err(e) = &result {
-            self.inner.misconfig.report(e);
-        }
-        let healthy = result.as_ref().map_or_else(|e| !e.is_unavailable(), |_| true);
-        let probe = permit.is_probe();
-        permit.report(healthy);
-        if probe || !healthy {
-            self.inner.metrics.breaker_state.set(self.inner.breaker.state().as_gauge());
-        }
-        if probe && healthy {
-            // Whatever the local tier learned during the outage is not Redis's truth.
-            self.inner.local.clear();
-        }
-        result
-    }
-
-    async fn replay(&self, redis: &RedisStore) -> Result<(), CacheError> {
-        let _one_at_a_time = self.inner.pending.replaying.lock().await;
-        loop {
-            let batch = self.inner.pending.take();
-            if batch.is_empty() {
-                return Ok(());
-            }
-            for (i, entry) in batch.iter().enumerate() {
-                if let Err(e) = self.apply_redis(redis, entry).await {
-                    self.inner.pending.restore(batch[i..].to_vec());
-                    return Err(e);
-                }
-            }
-            tracing::info!(
-                replayed = batch.len(),
-                "invalidations made during the outage replayed into Redis"
-            );
-        }
-    }
-
-    /// Runs an invalidation on both tiers. `Ok` means Redis applied it. When Redis
-    /// can't take it now, it is applied to the local tier, queued, and replayed as
-    /// soon as Redis answers (before Redis serves this process anything again), and
-    /// the call returns [`CacheError::Deferred`].
+    /// Runs an invalidation on both tiers, timed. `Ok` means Redis applied it;
+    /// [`CacheError::Deferred`] that it is queued (see `failover.rs`).
     async fn invalidate(&self, op: Op, what: Pending) -> Result<u64, CacheError> {
-        self.timed(op, async {
-            let local = self.apply_local(&what);
-            if self.inner.redis.is_none() {
-                return Ok(local);
-            }
-            let cause = match self.redis().await {
-                Some((redis, permit)) => {
-                    let result = self.apply_redis(redis, &what).await;
-                    match self.settle(permit, result) {
-                        // Only an unreachable Redis defers the invalidation; an error Redis
-                        // answered with would fail the replay forever, so it goes to the caller.
-                        Err(e) if e.is_unavailable() => e.to_string(),
-                        other => return other,
-                    }
-                }
-                None => "the circuit breaker is open".to_owned(),
-            };
-            self.inner.pending.push(what);
-            Err(CacheError::Deferred(cause))
-        })
-        .await
+        self.timed(op, self.inner.tiers.invalidate(what)).await
     }
 
-    fn apply_local(&self, what: &Pending) -> u64 {
-        let local = &self.inner.local;
-        match what {
-            Pending::Key(full) => u64::from(local.delete(full)),
-            Pending::Tags(tags) => local.invalidate_tags(tags),
-            Pending::Pattern(full) => local.delete_pattern(full),
-            Pending::Everything => {
-                let deleted = local.delete_pattern(&self.inner.schema.all_entries());
-                local.drop_tag_index();
-                deleted
-            }
-        }
-    }
-
-    /// Fences what `what` covers, then deletes it (see `fence.rs`).
-    async fn apply_redis(&self, redis: &RedisStore, what: &Pending) -> Result<u64, CacheError> {
-        let fence_key = &self.inner.fence_key;
-        let observed = &self.inner.observed;
-        let entries = self.inner.schema.all_entries();
-        match what {
-            Pending::Key(full) => {
-                let (existed, fence) = redis.invalidate_key(fence_key, full).await?;
-                observed.observe(fence);
-                Ok(u64::from(existed))
-            }
-            Pending::Tags(tags) => {
-                let tags: Vec<(String, String)> = tags.iter().map(|t| (t.clone(), self.tag_key(t))).collect();
-                let mut deleted = 0;
-                let mut lost = None;
-                loop {
-                    let fenced = redis.fence_tags(fence_key, &tags).await?;
-                    observed.observe(fenced.fence);
-                    if fenced.lost {
-                        lost = Some((fenced.fence.id, fenced.token));
-                    }
-                    for dead in &fenced.dead {
-                        deleted += redis.drain(dead).await?;
-                    }
-                    if !fenced.waiting {
-                        break;
-                    }
-                }
-                if let Some((id, token)) = lost {
-                    // An index is gone while entries it listed may live: only a
-                    // clear of every entry is sure to reach them.
-                    tracing::warn!(
-                        "a tag index was lost (evicted or flushed): clearing every entry under the prefix"
-                    );
-                    deleted += redis.delete_pattern(&entries).await?;
-                    redis.settle(fence_key, id, &token).await?;
-                }
-                Ok(deleted)
-            }
-            Pending::Pattern(full) => {
-                observed.observe(redis.fence_pattern(fence_key, &to_lua_pattern(full.as_bytes())).await?);
-                redis.delete_pattern(full).await
-            }
-            Pending::Everything => {
-                let fence = redis.fence_all(fence_key).await?;
-                observed.observe(fence);
-                let deleted = redis.delete_pattern(&entries).await?;
-                let indexes = self.inner.schema.all_tag_indexes();
-                redis.delete_pattern(&indexes).await?;
-                redis.settle(fence_key, fence.id, "new").await?;
-                Ok(deleted)
-            }
-        }
-    }
-
-    /// Learns the current fence; when entries of an earlier incarnation of it may
-    /// remain unindexed (Redis restarted, was flushed, or evicted the fence), clears
-    /// the prefix so that tag invalidations can find every entry again.
-    async fn observe_fence(&self, redis: &RedisStore) {
-        let fence_key = &self.inner.fence_key;
-        let result = async {
-            let (fence, orphans) = redis.observe(fence_key).await?;
-            self.inner.observed.observe(fence);
-            if let Some(token) = orphans {
-                let entries = self.inner.schema.all_entries();
-                let deleted = redis.delete_pattern(&entries).await?;
-                redis.settle(fence_key, fence.id, &token).await?;
-                if deleted > 0 {
-                    tracing::info!(deleted, "entries of an earlier fence incarnation cleared");
-                }
-            }
-            Ok::<_, CacheError>(())
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "could not observe the fence");
-        }
-    }
-
-    /// Drops fences no fill can need any more, at most once per a quarter of the
-    /// fence window.
-    async fn prune_fences(&self, redis: &RedisStore) {
-        {
-            let mut at = self.inner.pruned_at.lock().unwrap_or_else(|e| e.into_inner());
-            if at.is_some_and(|at| at.elapsed() < WINDOW / 4) {
-                return;
-            }
-            *at = Some(Instant::now());
-        }
-        let mut cursor = 0;
-        loop {
-            match redis.prune(&self.inner.fence_key, cursor).await {
-                Ok(0) => return,
-                Ok(next) => cursor = next,
-                Err(e) => {
-                    tracing::debug!(error = %e, "fence pruning interrupted");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// What a fill starting now is checked against: no round trip. Taken before
-    /// the fill's read, so any invalidation after that read is newer.
+    /// What a fill whose read starts now is checked against: no round trip.
     #[inline]
     pub(crate) fn fill_fence(&self) -> FillFence {
-        match (&self.inner.redis, self.inner.breaker.state()) {
-            (Some(_), BreakerState::Closed) => FillFence::Redis(self.inner.observed.get(), Instant::now()),
-            _ => FillFence::Local(self.inner.local.epoch(), Instant::now()),
-        }
+        self.inner.tiers.fence()
     }
 
     pub(crate) async fn read(&self, full: &str) -> Result<Option<Raw>, CacheError> {
-        self.timed(Op::Get, async {
-            match self.redis().await {
-                Some((redis, permit)) => Ok(self.settle(permit, redis.get(full).await)?.map(Raw::Owned)),
-                None => Ok(self.inner.local.get(full).map(Raw::Shared)),
-            }
-        })
-        .await
+        self.timed(Op::Get, self.inner.tiers.read(full)).await
     }
 
-    /// Stores encoded bytes. With `expected` (a fill), only in the tier it was
-    /// read from and only if nothing covering `full` was invalidated since, so
-    /// fills made from the local tier during an outage never reach Redis. Without
-    /// it (`set`, warm-up), the write wins, and with `bump` it refuses the fills
-    /// of `full` that read before it.
+    /// Stores encoded bytes: a fill with `expected` (refused if anything covering
+    /// `full` was invalidated since), a `set` without; `bump` refuses the fills of
+    /// `full` that read before this write.
     pub(crate) async fn write(
         &self,
         full: &str,
@@ -715,35 +407,8 @@ impl Cache {
         expected: Option<FillFence>,
         bump: bool,
     ) -> Result<bool, CacheError> {
-        self.timed(Op::Set, async {
-            match self.redis().await {
-                Some(_) if matches!(expected, Some(FillFence::Local(..))) => Ok(false),
-                Some((redis, permit)) => {
-                    let expected = match expected {
-                        Some(FillFence::Redis(_, taken)) if taken.elapsed() > WINDOW => return Ok(false),
-                        Some(FillFence::Redis(fence, _)) => Some(fence),
-                        _ => None,
-                    };
-                    let tags: Vec<(String, String)> =
-                        tags.iter().map(|t| (t.clone(), self.tag_key(t))).collect();
-                    let fill = Fill { entry: full, bytes, ttl, tags: &tags, expected, bump };
-                    let (stored, fence) =
-                        self.settle(permit, redis.fill(&self.inner.fence_key, fill).await)?;
-                    self.inner.observed.observe(fence);
-                    Ok(stored)
-                }
-                None if matches!(expected, Some(FillFence::Redis(..))) => Ok(false),
-                None => {
-                    let expected = match expected {
-                        Some(FillFence::Local(_, taken)) if taken.elapsed() > WINDOW => return Ok(false),
-                        Some(FillFence::Local(epoch, _)) => Some(epoch),
-                        _ => None,
-                    };
-                    Ok(self.inner.local.set(full, bytes.to_vec(), ttl, tags, expected, bump))
-                }
-            }
-        })
-        .await
+        let write = Write { full, bytes, ttl, tags, expected, bump };
+        self.timed(Op::Set, self.inner.tiers.write(write)).await
     }
 
     /// Decodes, or removes the unreadable entry and reports a miss. The removal
@@ -758,14 +423,7 @@ impl Cache {
                 let (full, raw) = (full.to_owned(), raw.to_vec());
                 // Best effort and off the caller's path: the entry reads as a miss either way.
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        match this.redis().await {
-                            Some((redis, permit)) => {
-                                let _ = this.settle(permit, redis.drop_if_same(&full, &raw).await);
-                            }
-                            None => this.inner.local.drop_if_same(&full, &raw),
-                        }
-                    });
+                    rt.spawn(async move { this.inner.tiers.drop_if_same(&full, &raw).await });
                 }
                 None
             }
@@ -806,59 +464,6 @@ impl Cache {
             return;
         }
         tracing::warn!(op, key, error = %error, "cache fault: serving the function's own result");
-    }
-}
-
-/// PINGs Redis every `health_check_interval`: counts failures while the breaker is
-/// closed, and probes it (replaying pending invalidations first) once it may close.
-/// It also keeps the fence hash pruned and its incarnation settled, and re-checks
-/// a refused password or command. Holds only a weak reference, so it ends with
-/// the last clone of the cache.
-async fn health_loop(inner: std::sync::Weak<Inner>) {
-    let interval = match inner.upgrade() {
-        Some(inner) => inner.config.health_check_interval,
-        None => return,
-    };
-    loop {
-        tokio::time::sleep(interval).await;
-        let Some(inner) = inner.upgrade() else { return };
-        let cache = Cache { inner };
-        if let Some((redis, permit)) = cache.redis().await {
-            let healthy = cache.settle(permit, redis.ping().await).is_ok();
-            if healthy {
-                cache.observe_fence(redis).await;
-                cache.prune_fences(redis).await;
-            }
-        };
-        // A refused password or command clears only when the whole check passes
-        // again; a failed check adds nothing the refused calls did not report.
-        if let (Some(redis), Some(_)) = (&cache.inner.redis, cache.inner.misconfig.current()) {
-            if redis.check_access(&cache.inner.schema).await.is_ok() {
-                cache.inner.misconfig.resolve();
-            }
-        }
-    }
-}
-
-/// How often queued invalidations are retried while Redis can't take them.
-const REPLAY_EVERY: Duration = Duration::from_millis(200);
-
-/// Retries queued invalidations every [`REPLAY_EVERY`], whatever the breaker
-/// says: the window in which other processes can read what they cover from Redis
-/// is the outage plus one interval, not the breaker's timeout.
-async fn replay_loop(inner: std::sync::Weak<Inner>) {
-    loop {
-        tokio::time::sleep(REPLAY_EVERY).await;
-        let Some(inner) = inner.upgrade() else { return };
-        if !inner.pending.is_dirty() {
-            continue;
-        }
-        let cache = Cache { inner };
-        if let Some(redis) = &cache.inner.redis {
-            if let Err(e) = cache.replay(redis).await {
-                tracing::debug!(error = %e, "queued invalidations not replayed yet");
-            }
-        }
     }
 }
 

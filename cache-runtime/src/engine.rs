@@ -9,11 +9,11 @@ use std::sync::atomic::Ordering;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::cache::FillFence;
 use crate::flight::{self, Outcome, Role};
 use crate::key::{escape_glob, UNCACHEABLE};
 use crate::schema::Key;
 use crate::spec::Spec;
+use crate::store::FillFence;
 use crate::{codec, Cache, CacheError};
 
 /// A call's tags: literal ones cost no allocation on a hit.

@@ -25,6 +25,7 @@ mod config;
 mod conn;
 mod engine;
 mod error;
+mod failover;
 mod fence;
 mod flight;
 mod glob;
@@ -37,9 +38,11 @@ mod metrics;
 mod misconfig;
 mod pending;
 mod redis_store;
+mod redis_tier;
 mod schema;
 mod spec;
 mod stats;
+mod store;
 
 #[doc(hidden)]
 #[path = "private.rs"]

@@ -14,8 +14,13 @@ use std::time::{Duration, Instant};
 use moka::sync::Cache as Moka;
 use moka::Expiry;
 
+use crate::cache::KeyTtl;
 use crate::fence::WINDOW;
 use crate::glob;
+use crate::pending::Pending;
+use crate::schema::Schema;
+use crate::store::{BoxFuture, FillFence, KeyPage, Raw, ServerInfo, Store, Write};
+use crate::CacheError;
 
 #[derive(Clone)]
 pub(crate) struct Entry {
@@ -96,14 +101,16 @@ pub(crate) struct LocalTier {
     // fill's fence check and insert are one step.
     index: Mutex<Index>,
     epoch: AtomicU64,
+    schema: Schema,
 }
 
 impl LocalTier {
-    pub(crate) fn new(max_entries: u64) -> Self {
+    pub(crate) fn new(max_entries: u64, schema: Schema) -> Self {
         LocalTier {
             entries: Moka::builder().max_capacity(max_entries).expire_after(PerEntryTtl).build(),
             index: Mutex::new(Index::default()),
             epoch: AtomicU64::new(0),
+            schema,
         }
     }
 
@@ -111,10 +118,6 @@ impl LocalTier {
         let entry = self.entries.get(key)?;
         // moka expires lazily in housekeeping; never serve past the deadline.
         (entry.expires_at > Instant::now()).then_some(entry.bytes)
-    }
-
-    pub(crate) fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
     }
 
     /// Stores unless `expected_epoch` is given and something covering `key` or
@@ -131,7 +134,7 @@ impl LocalTier {
         let entry = Entry { bytes: bytes.into(), expires_at: Instant::now() + ttl };
         let key: Arc<str> = Arc::from(key);
         let (mut index, stamp) = if bump {
-            let (index, stamp) = self.fence();
+            let (index, stamp) = self.stamp();
             (index, Some(stamp))
         } else {
             (self.index.lock().unwrap_or_else(|e| e.into_inner()), None)
@@ -156,7 +159,7 @@ impl LocalTier {
     }
 
     pub(crate) fn delete(&self, key: &str) -> bool {
-        let (mut index, stamp) = self.fence();
+        let (mut index, stamp) = self.stamp();
         index.keys.insert(Arc::from(key), stamp);
         self.entries.remove(key).is_some_and(|e| e.expires_at > Instant::now())
     }
@@ -177,7 +180,7 @@ impl LocalTier {
     }
 
     pub(crate) fn invalidate_tags(&self, tags: &[String]) -> u64 {
-        let (mut index, stamp) = self.fence();
+        let (mut index, stamp) = self.stamp();
         let mut deleted = 0;
         for tag in tags {
             index.tag_fences.insert(tag.clone(), stamp);
@@ -192,7 +195,7 @@ impl LocalTier {
 
     /// Deletes the keys matching the full-key glob `pattern`.
     pub(crate) fn delete_pattern(&self, pattern: &str) -> u64 {
-        let (mut index, stamp) = self.fence();
+        let (mut index, stamp) = self.stamp();
         index.patterns.push((pattern.to_owned(), stamp));
         let doomed: Vec<Arc<str>> = self
             .entries
@@ -230,6 +233,46 @@ impl LocalTier {
         self.entries.iter().map(|(k, e)| (k.len() + e.bytes.len()) as u64).sum()
     }
 
+    /// Applies an invalidation; how many live entries went.
+    pub(crate) fn apply(&self, what: &Pending) -> u64 {
+        match what {
+            Pending::Key(full) => u64::from(self.delete(full)),
+            Pending::Tags(tags) => self.invalidate_tags(tags),
+            Pending::Pattern(full) => self.delete_pattern(full),
+            Pending::Everything => {
+                let deleted = self.delete_pattern(&self.schema.all_entries());
+                self.drop_tag_index();
+                deleted
+            }
+        }
+    }
+
+    /// What a fill whose read starts now is checked against.
+    pub(crate) fn fence(&self) -> FillFence {
+        FillFence::Local(self.epoch.load(Ordering::Acquire), Instant::now())
+    }
+
+    /// Stores a fill read from this tier, or a `set`.
+    pub(crate) fn write_now(&self, w: Write<'_>) -> Result<bool, CacheError> {
+        let expected = match w.expected {
+            Some(FillFence::Shared(..)) => return Ok(false),
+            Some(f) if f.taken().elapsed() > WINDOW => return Ok(false),
+            Some(FillFence::Local(epoch, _)) => Some(epoch),
+            None => None,
+        };
+        Ok(self.set(w.full, w.bytes.to_vec(), w.ttl, w.tags, expected, w.bump))
+    }
+
+    /// One page of live keys matching `glob`, in key order, from `cursor` (an offset).
+    pub(crate) fn scan_page_now(&self, glob: &str, cursor: u64, count: usize) -> Result<KeyPage, CacheError> {
+        let mut keys = self.keys(glob);
+        keys.sort_unstable();
+        let start = (cursor as usize).min(keys.len());
+        let end = start.saturating_add(count).min(keys.len());
+        let next = if end < keys.len() { end as u64 } else { 0 };
+        Ok((keys.drain(start..end).map(String::into_bytes).collect(), next))
+    }
+
     /// Forgets every entry; every fill in flight is refused.
     pub(crate) fn clear(&self) {
         self.drop_tag_index();
@@ -238,7 +281,7 @@ impl LocalTier {
 
     /// Forgets the tag index; every fill in flight is refused.
     pub(crate) fn drop_tag_index(&self) {
-        let (mut index, stamp) = self.fence();
+        let (mut index, stamp) = self.stamp();
         index.tags.clear();
         index.all = stamp.seq;
     }
@@ -248,10 +291,66 @@ impl LocalTier {
     }
 
     /// Locks the index and takes the next stamp; fills that read before it see it newer.
-    fn fence(&self) -> (std::sync::MutexGuard<'_, Index>, Stamp) {
+    fn stamp(&self) -> (std::sync::MutexGuard<'_, Index>, Stamp) {
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
         index.prune();
         let seq = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         (index, Stamp { seq, at: Instant::now() })
+    }
+}
+
+fn ready<'a, T: Send + 'a>(value: T) -> BoxFuture<'a, T> {
+    Box::pin(std::future::ready(value))
+}
+
+impl Store for LocalTier {
+    fn get<'a>(&'a self, full: &'a str) -> BoxFuture<'a, Result<Option<Raw>, CacheError>> {
+        ready(Ok(LocalTier::get(self, full).map(Raw::Shared)))
+    }
+
+    fn fence(&self) -> FillFence {
+        LocalTier::fence(self)
+    }
+
+    fn write<'a>(&'a self, write: Write<'a>) -> BoxFuture<'a, Result<bool, CacheError>> {
+        ready(self.write_now(write))
+    }
+
+    fn invalidate<'a>(&'a self, what: &'a Pending) -> BoxFuture<'a, Result<u64, CacheError>> {
+        ready(Ok(self.apply(what)))
+    }
+
+    fn drop_if_same<'a>(&'a self, full: &'a str, bytes: &'a [u8]) -> BoxFuture<'a, Result<(), CacheError>> {
+        LocalTier::drop_if_same(self, full, bytes);
+        ready(Ok(()))
+    }
+
+    fn exists<'a>(&'a self, full: &'a str) -> BoxFuture<'a, Result<bool, CacheError>> {
+        ready(Ok(self.remaining(full).is_some()))
+    }
+
+    fn ttl<'a>(&'a self, full: &'a str) -> BoxFuture<'a, Result<KeyTtl, CacheError>> {
+        ready(Ok(self.remaining(full).map_or(KeyTtl::Missing, KeyTtl::Expires)))
+    }
+
+    fn scan_page<'a>(
+        &'a self,
+        glob: &'a str,
+        cursor: u64,
+        count: usize,
+    ) -> BoxFuture<'a, Result<KeyPage, CacheError>> {
+        ready(self.scan_page_now(glob, cursor, count))
+    }
+
+    fn count<'a>(&'a self, glob: &'a str) -> BoxFuture<'a, Result<u64, CacheError>> {
+        ready(Ok(LocalTier::count(self, glob)))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>> {
+        ready(Ok(()))
+    }
+
+    fn server_info(&self) -> BoxFuture<'_, Result<Option<ServerInfo>, CacheError>> {
+        ready(Ok(None))
     }
 }

@@ -23,6 +23,7 @@ use crate::conn::Connections;
 use crate::config::CacheConfig;
 use crate::fence::FenceScripts;
 use crate::misconfig::Misconfig;
+use crate::store::ServerInfo;
 use crate::CacheError;
 
 /// Keys per SCAN page and per UNLINK batch.
@@ -32,17 +33,6 @@ pub(crate) struct RedisStore {
     conns: Arc<Connections>,
     op_timeout: Duration,
     pub(crate) fences: FenceScripts,
-}
-
-/// What `INFO` says, for `stats()`.
-#[derive(Debug, Default)]
-pub(crate) struct ServerInfo {
-    pub(crate) version: String,
-    pub(crate) used_memory: u64,
-    pub(crate) used_memory_human: String,
-    pub(crate) peak_memory: u64,
-    pub(crate) peak_memory_human: String,
-    pub(crate) connected_clients: u64,
 }
 
 impl RedisStore {

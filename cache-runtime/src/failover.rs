@@ -1,0 +1,288 @@
+//! A shared store with the local tier behind it: the breaker decides which one
+//! serves, invalidations the shared store missed are logged and replayed
+//! before it serves again, and fills are stored only in the tier they read.
+//!
+//! Invalidations reach both tiers. While the shared store can't take one (the
+//! breaker is open, a timeout), the call returns [`CacheError::Deferred`]: this
+//! process serves nothing the invalidation covers (its local tier applied it,
+//! and the shared store serves it nothing until the log is replayed), and a
+//! retry every [`REPLAY_EVERY`], independent of the breaker's timeout, bounds
+//! the window in which other processes can still read the old value: the time
+//! the store is unreachable, plus one interval.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use prometheus::IntGauge;
+
+use crate::breaker::{Breaker, BreakerState, Permit};
+use crate::cache::{KeyTtl, Mode};
+use crate::local::LocalTier;
+use crate::misconfig::Misconfig;
+use crate::pending::{Pending, PendingLog};
+use crate::stats::Health;
+use crate::store::{FillFence, KeyPage, Raw, ServerInfo, Store, Write};
+use crate::CacheError;
+
+/// How often queued invalidations are retried while the shared store can't take them.
+pub(crate) const REPLAY_EVERY: Duration = Duration::from_millis(200);
+
+pub(crate) struct Failover {
+    shared: Option<Box<dyn Store>>,
+    pub(crate) local: LocalTier,
+    breaker: Breaker,
+    pending: PendingLog,
+    /// A credentials or permission problem the shared store reported, until a check passes.
+    pub(crate) misconfig: Arc<Misconfig>,
+    breaker_gauge: IntGauge,
+}
+
+impl Failover {
+    pub(crate) fn new(
+        shared: Option<Box<dyn Store>>,
+        local: LocalTier,
+        breaker: Breaker,
+        misconfig: Arc<Misconfig>,
+        breaker_gauge: IntGauge,
+    ) -> Self {
+        Failover { shared, local, breaker, pending: PendingLog::new(), misconfig, breaker_gauge }
+    }
+
+    /// Connects the shared store. Unreachable: local mode until it answers.
+    /// Refusing the cache's credentials or commands is an error.
+    pub(crate) async fn start(&self) -> Result<Mode, CacheError> {
+        let Some(shared) = &self.shared else { return Ok(Mode::Local) };
+        match shared.start().await {
+            Ok(()) => Ok(Mode::Redis),
+            Err(e) if e.is_misconfiguration() => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "Redis unreachable at start: cache runs in local mode until it answers");
+                self.breaker.trip();
+                shared.revive();
+                self.breaker_gauge.set(self.breaker.state().as_gauge());
+                Ok(Mode::Local)
+            }
+        }
+    }
+
+    /// Which store serves now: the shared one only while the breaker is closed.
+    pub(crate) fn mode(&self) -> Mode {
+        match (&self.shared, self.breaker.state()) {
+            (Some(_), BreakerState::Closed) => Mode::Redis,
+            _ => Mode::Local,
+        }
+    }
+
+    pub(crate) fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The shared store and the breaker's permit, or `None` when calls must use
+    /// the local tier: none configured, the breaker open, or invalidations pending
+    /// that could not be replayed (the shared store serves nothing while one is).
+    #[inline]
+    async fn shared(&self) -> Option<(&dyn Store, Permit<'_>)> {
+        let shared = self.shared.as_deref()?;
+        let permit = self.breaker.permit()?;
+        if self.pending.is_dirty() {
+            if let Err(e) = self.replay(shared).await {
+                let _ = self.settle(permit, Err::<(), _>(e));
+                return None;
+            }
+        }
+        Some((shared, permit))
+    }
+
+    /// Reports a call's outcome to the breaker and passes it on.
+    fn settle<T>(&self, permit: Permit<'_>, result: Result<T, CacheError>) -> Result<T, CacheError> {
+        if let Err(e) = &result {
+            self.misconfig.report(e);
+        }
+        let healthy = result.as_ref().map_or_else(|e| !e.is_unavailable(), |_| true);
+        let probe = permit.is_probe();
+        permit.report(healthy);
+        if probe || !healthy {
+            self.breaker_gauge.set(self.breaker.state().as_gauge());
+        }
+        if probe && healthy {
+            // Whatever the local tier learned during the outage is not the shared store's truth.
+            self.local.clear();
+        }
+        result
+    }
+
+    async fn replay(&self, shared: &dyn Store) -> Result<(), CacheError> {
+        let _one_at_a_time = self.pending.replaying.lock().await;
+        loop {
+            let batch = self.pending.take();
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for (i, entry) in batch.iter().enumerate() {
+                if let Err(e) = shared.invalidate(entry).await {
+                    self.pending.restore(batch[i..].to_vec());
+                    return Err(e);
+                }
+            }
+            tracing::info!(
+                replayed = batch.len(),
+                "invalidations made during the outage replayed into Redis"
+            );
+        }
+    }
+
+    /// Runs an invalidation on both tiers; `Ok` means the shared store applied
+    /// it, [`CacheError::Deferred`] that it is queued.
+    pub(crate) async fn invalidate(&self, what: Pending) -> Result<u64, CacheError> {
+        let local = self.local.apply(&what);
+        if self.shared.is_none() {
+            return Ok(local);
+        }
+        let cause = match self.shared().await {
+            Some((shared, permit)) => {
+                let result = shared.invalidate(&what).await;
+                match self.settle(permit, result) {
+                    // Only an unreachable store defers the invalidation; an error it
+                    // answered with would fail the replay forever, so it goes to the caller.
+                    Err(e) if e.is_unavailable() => e.to_string(),
+                    other => return other,
+                }
+            }
+            None => "the circuit breaker is open".to_owned(),
+        };
+        self.pending.push(what);
+        Err(CacheError::Deferred(cause))
+    }
+
+    /// What a fill whose read starts now is checked against: no round trip.
+    #[inline]
+    pub(crate) fn fence(&self) -> FillFence {
+        match (&self.shared, self.breaker.state()) {
+            (Some(shared), BreakerState::Closed) => shared.fence(),
+            _ => self.local.fence(),
+        }
+    }
+
+    pub(crate) async fn read(&self, full: &str) -> Result<Option<Raw>, CacheError> {
+        match self.shared().await {
+            Some((shared, permit)) => self.settle(permit, shared.get(full).await),
+            None => Ok(self.local.get(full).map(Raw::Shared)),
+        }
+    }
+
+    /// Stores a fill in the tier it read (an outage fill never reaches the shared
+    /// store, a shared fill never the local tier), or a `set` in the tier serving.
+    pub(crate) async fn write(&self, write: Write<'_>) -> Result<bool, CacheError> {
+        match self.shared().await {
+            Some((shared, permit)) => self.settle(permit, shared.write(write).await),
+            None if matches!(write.expected, Some(FillFence::Shared(..))) => Ok(false),
+            None => self.local.write_now(write),
+        }
+    }
+
+    /// Removes an unreadable entry from the tier serving, fencing nothing.
+    pub(crate) async fn drop_if_same(&self, full: &str, bytes: &[u8]) {
+        match self.shared().await {
+            Some((shared, permit)) => drop(self.settle(permit, shared.drop_if_same(full, bytes).await)),
+            None => self.local.drop_if_same(full, bytes),
+        }
+    }
+
+    pub(crate) async fn exists(&self, full: &str) -> Result<bool, CacheError> {
+        match self.shared().await {
+            Some((shared, permit)) => self.settle(permit, shared.exists(full).await),
+            None => Ok(self.local.remaining(full).is_some()),
+        }
+    }
+
+    pub(crate) async fn ttl(&self, full: &str) -> Result<KeyTtl, CacheError> {
+        match self.shared().await {
+            Some((shared, permit)) => self.settle(permit, shared.ttl(full).await),
+            None => Ok(self.local.remaining(full).map_or(KeyTtl::Missing, KeyTtl::Expires)),
+        }
+    }
+
+    pub(crate) async fn scan_page(
+        &self,
+        glob: &str,
+        cursor: u64,
+        count: usize,
+    ) -> Result<KeyPage, CacheError> {
+        match self.shared().await {
+            Some((shared, permit)) => self.settle(permit, shared.scan_page(glob, cursor, count).await),
+            None => self.local.scan_page_now(glob, cursor, count),
+        }
+    }
+
+    /// Keys matching `glob` and the server's facts from the shared store, or
+    /// `None` when it is not serving or did not answer.
+    pub(crate) async fn shared_stats(&self, glob: &str) -> Option<(u64, Option<ServerInfo>)> {
+        let (shared, permit) = self.shared().await?;
+        let result = async { Ok((shared.count(glob).await?, shared.server_info().await?)) }.await;
+        self.settle(permit, result).ok()
+    }
+
+    /// One PING (none in local-only mode) and the breaker's and the
+    /// credentials' state. Never fails: a failure is the answer.
+    pub(crate) async fn health(&self) -> Health {
+        let started = Instant::now();
+        let result = match (&self.shared, self.shared().await) {
+            (None, _) => Ok(()),
+            (Some(_), Some((shared, permit))) => self.settle(permit, shared.ping().await),
+            (Some(_), None) => Err(CacheError::Unavailable("the circuit breaker is open".into())),
+        };
+        let took = started.elapsed();
+        Health::new(self.mode(), self.breaker.state(), took, result.err(), self.misconfig.current())
+    }
+
+    /// Starts the background upkeep; each loop ends with the last strong reference.
+    pub(crate) fn spawn_loops(this: &Arc<Failover>, health_every: Duration) {
+        if this.shared.is_none() {
+            return;
+        }
+        tokio::spawn(health_loop(Arc::downgrade(this), health_every));
+        tokio::spawn(replay_loop(Arc::downgrade(this)));
+    }
+}
+
+/// PINGs the shared store every `health_check_interval`: counts failures while
+/// the breaker is closed, and probes it (replaying pending invalidations first)
+/// once it may close. While it answers, the store's own upkeep runs; a refused
+/// password or command is re-checked until the whole check passes.
+async fn health_loop(this: Weak<Failover>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(this) = this.upgrade() else { return };
+        if let Some((shared, permit)) = this.shared().await {
+            if this.settle(permit, shared.ping().await).is_ok() {
+                shared.maintain().await;
+            }
+        }
+        // A failed check adds nothing the refused calls did not report.
+        if let (Some(shared), Some(_)) = (&this.shared, this.misconfig.current()) {
+            if shared.check_access().await.is_ok() {
+                this.misconfig.resolve();
+            }
+        }
+    }
+}
+
+/// Retries queued invalidations every [`REPLAY_EVERY`], whatever the breaker says.
+async fn replay_loop(this: Weak<Failover>) {
+    loop {
+        tokio::time::sleep(REPLAY_EVERY).await;
+        let Some(this) = this.upgrade() else { return };
+        if !this.pending.is_dirty() {
+            continue;
+        }
+        if let Some(shared) = this.shared.as_deref() {
+            if let Err(e) = this.replay(shared).await {
+                tracing::debug!(error = %e, "queued invalidations not replayed yet");
+            }
+        }
+    }
+}

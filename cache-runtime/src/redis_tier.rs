@@ -1,0 +1,239 @@
+//! Redis as a [`Store`]: entries, per-key fences (`fence.rs`) and tag indexes
+//! under one prefix ([`Schema`]), over the commands of `redis_store.rs`.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::cache::KeyTtl;
+use crate::fence::{Fill, Observed, WINDOW};
+use crate::glob::to_lua_pattern;
+use crate::pending::Pending;
+use crate::redis_store::RedisStore;
+use crate::schema::Schema;
+use crate::store::{BoxFuture, FillFence, KeyPage, Raw, ServerInfo, Store, Write};
+use crate::CacheError;
+
+pub(crate) struct RedisTier {
+    redis: RedisStore,
+    schema: Schema,
+    /// The newest fence this process has seen; fills are checked against it.
+    observed: Observed,
+    pruned_at: Mutex<Option<Instant>>,
+    connect_timeout: Duration,
+}
+
+impl RedisTier {
+    pub(crate) fn new(redis: RedisStore, schema: Schema, connect_timeout: Duration) -> Self {
+        RedisTier {
+            redis,
+            schema,
+            observed: Observed::default(),
+            pruned_at: Mutex::new(None),
+            connect_timeout,
+        }
+    }
+
+    fn tag_indexes(&self, tags: &[String]) -> Vec<(String, String)> {
+        tags.iter().map(|t| (t.clone(), self.schema.tag_index(t))).collect()
+    }
+
+    async fn invalidate_tags(&self, tags: &[String]) -> Result<u64, CacheError> {
+        let fence_key = self.schema.fence();
+        let tags = self.tag_indexes(tags);
+        let mut deleted = 0;
+        let mut lost = None;
+        loop {
+            let fenced = self.redis.fence_tags(&fence_key, &tags).await?;
+            self.observed.observe(fenced.fence);
+            if fenced.lost {
+                lost = Some((fenced.fence.id, fenced.token));
+            }
+            for dead in &fenced.dead {
+                deleted += self.redis.drain(dead).await?;
+            }
+            if !fenced.waiting {
+                break;
+            }
+        }
+        if let Some((id, token)) = lost {
+            // An index is gone while entries it listed may live: only a clear of
+            // every entry is sure to reach them.
+            tracing::warn!(
+                "a tag index was lost (evicted or flushed): clearing every entry under the prefix"
+            );
+            deleted += self.redis.delete_pattern(&self.schema.all_entries()).await?;
+            self.redis.settle(&fence_key, id, &token).await?;
+        }
+        Ok(deleted)
+    }
+
+    /// Learns the current fence; when entries of an earlier incarnation of it
+    /// may remain unindexed (Redis restarted, was flushed, or evicted the fence),
+    /// clears the prefix so that tag invalidations can find every entry again.
+    async fn observe_fence(&self) -> Result<(), CacheError> {
+        let fence_key = self.schema.fence();
+        let (fence, orphans) = self.redis.observe(&fence_key).await?;
+        self.observed.observe(fence);
+        if let Some(token) = orphans {
+            let deleted = self.redis.delete_pattern(&self.schema.all_entries()).await?;
+            self.redis.settle(&fence_key, fence.id, &token).await?;
+            if deleted > 0 {
+                tracing::info!(deleted, "entries of an earlier fence incarnation cleared");
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops fences no fill can need any more, at most once per a quarter of
+    /// the fence window.
+    async fn prune_fences(&self) -> Result<(), CacheError> {
+        {
+            let mut at = self.pruned_at.lock().unwrap_or_else(|e| e.into_inner());
+            if at.is_some_and(|at| at.elapsed() < WINDOW / 4) {
+                return Ok(());
+            }
+            *at = Some(Instant::now());
+        }
+        let mut cursor = 0;
+        loop {
+            match self.redis.prune(&self.schema.fence(), cursor).await? {
+                0 => return Ok(()),
+                next => cursor = next,
+            }
+        }
+    }
+}
+
+impl Store for RedisTier {
+    fn get<'a>(&'a self, full: &'a str) -> BoxFuture<'a, Result<Option<Raw>, CacheError>> {
+        Box::pin(async move { Ok(self.redis.get(full).await?.map(Raw::Owned)) })
+    }
+
+    #[inline]
+    fn fence(&self) -> FillFence {
+        FillFence::Shared(self.observed.get(), Instant::now())
+    }
+
+    fn write<'a>(&'a self, w: Write<'a>) -> BoxFuture<'a, Result<bool, CacheError>> {
+        Box::pin(async move {
+            let expected = match w.expected {
+                // Read from another tier (an outage fill): never written here.
+                Some(FillFence::Local(..)) => return Ok(false),
+                Some(f) if f.taken().elapsed() > WINDOW => return Ok(false),
+                Some(FillFence::Shared(fence, _)) => Some(fence),
+                None => None,
+            };
+            let tags = self.tag_indexes(w.tags);
+            let fill =
+                Fill { entry: w.full, bytes: w.bytes, ttl: w.ttl, tags: &tags, expected, bump: w.bump };
+            let (stored, fence) = self.redis.fill(&self.schema.fence(), fill).await?;
+            self.observed.observe(fence);
+            Ok(stored)
+        })
+    }
+
+    fn invalidate<'a>(&'a self, what: &'a Pending) -> BoxFuture<'a, Result<u64, CacheError>> {
+        Box::pin(async move {
+            let fence_key = self.schema.fence();
+            match what {
+                Pending::Key(full) => {
+                    let (existed, fence) = self.redis.invalidate_key(&fence_key, full).await?;
+                    self.observed.observe(fence);
+                    Ok(u64::from(existed))
+                }
+                Pending::Tags(tags) => self.invalidate_tags(tags).await,
+                Pending::Pattern(full) => {
+                    let fence =
+                        self.redis.fence_pattern(&fence_key, &to_lua_pattern(full.as_bytes())).await?;
+                    self.observed.observe(fence);
+                    self.redis.delete_pattern(full).await
+                }
+                Pending::Everything => {
+                    let fence = self.redis.fence_all(&fence_key).await?;
+                    self.observed.observe(fence);
+                    let deleted = self.redis.delete_pattern(&self.schema.all_entries()).await?;
+                    self.redis.delete_pattern(&self.schema.all_tag_indexes()).await?;
+                    self.redis.settle(&fence_key, fence.id, "new").await?;
+                    Ok(deleted)
+                }
+            }
+        })
+    }
+
+    fn drop_if_same<'a>(&'a self, full: &'a str, bytes: &'a [u8]) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(async move { self.redis.drop_if_same(full, bytes).await.map(drop) })
+    }
+
+    fn exists<'a>(&'a self, full: &'a str) -> BoxFuture<'a, Result<bool, CacheError>> {
+        Box::pin(self.redis.exists(full))
+    }
+
+    fn ttl<'a>(&'a self, full: &'a str) -> BoxFuture<'a, Result<KeyTtl, CacheError>> {
+        Box::pin(async move {
+            Ok(match self.redis.pttl(full).await? {
+                -2 => KeyTtl::Missing,
+                ms if ms < 0 => KeyTtl::Persistent,
+                ms => KeyTtl::Expires(Duration::from_millis(ms as u64)),
+            })
+        })
+    }
+
+    fn scan_page<'a>(
+        &'a self,
+        glob: &'a str,
+        cursor: u64,
+        count: usize,
+    ) -> BoxFuture<'a, Result<KeyPage, CacheError>> {
+        Box::pin(async move {
+            let (next, keys) = self.redis.scan_page(glob, cursor, count).await?;
+            Ok((keys, next))
+        })
+    }
+
+    fn count<'a>(&'a self, glob: &'a str) -> BoxFuture<'a, Result<u64, CacheError>> {
+        Box::pin(self.redis.count(glob))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>> {
+        Box::pin(self.redis.ping())
+    }
+
+    fn server_info(&self) -> BoxFuture<'_, Result<Option<ServerInfo>, CacheError>> {
+        Box::pin(async move { Ok(Some(self.redis.info().await?)) })
+    }
+
+    fn start(&self) -> BoxFuture<'_, Result<(), CacheError>> {
+        Box::pin(async move {
+            let checked = tokio::time::timeout(self.connect_timeout, async {
+                self.redis.connect().await?;
+                self.redis.check_access(&self.schema).await
+            });
+            checked.await.unwrap_or(Err(CacheError::Timeout(self.connect_timeout)))?;
+            // Fills are checked against the newest fence seen: start from the current one.
+            if let Err(e) = self.observe_fence().await {
+                tracing::debug!(error = %e, "could not observe the fence");
+            }
+            Ok(())
+        })
+    }
+
+    fn check_access(&self) -> BoxFuture<'_, Result<(), CacheError>> {
+        Box::pin(self.redis.check_access(&self.schema))
+    }
+
+    fn maintain(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let upkeep = async {
+                self.observe_fence().await?;
+                self.prune_fences().await
+            };
+            if let Err(e) = upkeep.await {
+                tracing::debug!(error = %e, "fence upkeep interrupted");
+            }
+        })
+    }
+
+    fn revive(&self) {
+        self.redis.revive();
+    }
+}

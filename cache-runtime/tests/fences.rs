@@ -117,17 +117,9 @@ struct Tally {
     stale_after_ok: u32,
 }
 
-/// One race: a fill reads the old value and pauses; the writer updates and
-/// invalidates; `fault` strikes; the fill resumes. Stale means Redis holds the
-/// old value after the invalidation returned Ok.
-async fn race(
-    redis: &mut Redis,
-    reader: &Cache,
-    writer: &mut Writer,
-    kind: Kind,
-    fault: Fault,
-    id: u32,
-) -> (bool, bool) {
+/// A fill of `id` that has read the old value and waits, inside its body, for
+/// `release` before it writes.
+async fn paused_fill(reader: &Cache, id: u32) -> (tokio::task::JoinHandle<u64>, Arc<Notify>) {
     let in_body = Arc::new(Notify::new());
     let release = Arc::new(Notify::new());
     let fill = {
@@ -142,6 +134,21 @@ async fn race(
         })
     };
     in_body.notified().await;
+    (fill, release)
+}
+
+/// One race: a fill reads the old value and pauses; the writer updates and
+/// invalidates; `fault` strikes; the fill resumes. Stale means Redis holds the
+/// old value after the invalidation returned Ok.
+async fn race(
+    redis: &mut Redis,
+    reader: &Cache,
+    writer: &mut Writer,
+    kind: Kind,
+    fault: Fault,
+    id: u32,
+) -> (bool, bool) {
+    let (fill, release) = paused_fill(reader, id).await;
     let ok = writer.invalidate(kind, id).await;
     match fault {
         Fault::None => {}
@@ -323,20 +330,7 @@ async fn out_of_memory_with_noeviction_never_lets_the_old_fill_land() {
     let mut raw = redis.raw().await;
     let mut tally = Tally::default();
     for round in 0..40u32 {
-        let in_body = Arc::new(Notify::new());
-        let release = Arc::new(Notify::new());
-        let fill = {
-            let (reader, in_body, release) = (reader.clone(), in_body.clone(), release.clone());
-            tokio::spawn(async move {
-                get_or_compute::<Plain, _, _, _>(call(&reader, round), always, async move {
-                    in_body.notify_one();
-                    release.notified().await;
-                    OLD
-                })
-                .await
-            })
-        };
-        in_body.notified().await;
+        let (fill, release) = paused_fill(&reader, round).await;
         // Every write is refused from here on: the fence can't be recorded.
         let used = info_field(&mut raw, "used_memory").await;
         let _: () = redis::cmd("CONFIG")

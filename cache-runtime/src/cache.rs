@@ -286,8 +286,9 @@ impl Cache {
 
     /// Pre-loads `entries` (key, value) with `ttl` (the default when `None`) and
     /// `tags`: `warmup_concurrency` tasks each write a batch of
-    /// `warmup_batch_size` at a time. Returns how many were written; does nothing
-    /// when `warmup_enabled` is off. The duration lands in `*_cache_warmup_duration_seconds`.
+    /// `warmup_batch_size` at a time. Returns how many were written: an entry whose
+    /// key was invalidated after this call began is not. Does nothing when
+    /// `warmup_enabled` is off. The duration lands in `*_cache_warmup_duration_seconds`.
     pub async fn warm<K, V, I>(
         &self,
         entries: I,
@@ -305,6 +306,8 @@ impl Cache {
             return Ok(0);
         }
         let started = Instant::now();
+        // The entries were read before this call: an invalidation made since refuses them.
+        let fence = self.fill_fence();
         let ttl = ttl.unwrap_or(config.default_ttl);
         let tags: Arc<[String]> = tags.iter().map(|t| (*t).to_owned()).collect();
         let mut encoded = Vec::new();
@@ -321,11 +324,13 @@ impl Cache {
                 let Some(batch) = batches.next() else { break };
                 let (cache, tags) = (self.clone(), tags.clone());
                 tasks.spawn(async move {
+                    let mut stored = 0;
                     for (full, bytes) in &batch {
-                        let write = Write { full, bytes, ttl, tags: &tags, expected: None, bump: true };
-                        cache.inner.tiers.write(write).await?;
+                        let write =
+                            Write { full, bytes, ttl, tags: &tags, expected: Some(fence), bump: true };
+                        stored += u64::from(cache.inner.tiers.write(write).await?);
                     }
-                    Ok::<u64, CacheError>(batch.len() as u64)
+                    Ok::<u64, CacheError>(stored)
                 });
             }
             match tasks.join_next().await {
@@ -383,6 +388,20 @@ impl Cache {
     /// [`CacheError::Deferred`] that it is queued (see `failover.rs`).
     async fn invalidate(&self, op: Op, what: Pending) -> Result<u64, CacheError> {
         self.timed(op, self.inner.tiers.invalidate(what)).await
+    }
+
+    /// Stores `value` under `key` as a fill: refused (`Ok(false)`) if anything
+    /// covering `key` was invalidated after `fence` was taken.
+    pub(crate) async fn fill<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+        fence: FillFence,
+    ) -> Result<bool, CacheError> {
+        let bytes = codec::encode(self.inner.config.serialization, value)?;
+        self.check_size(bytes.len())?;
+        self.write(&self.full_key(key), &bytes, ttl, &[], Some(fence), false).await
     }
 
     /// What a fill whose read starts now is checked against: no round trip.

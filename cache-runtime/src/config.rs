@@ -224,7 +224,7 @@ impl CacheConfig {
                 "host" => host = Some(yaml_str(key_path, v)?),
                 "port" => port = yaml_num(key_path, v)?,
                 "db" => db = yaml_num(key_path, v)?,
-                "password" => password = (!v.is_null()).then(|| yaml_str(key_path, v)).transpose()?,
+                "password" => password = (!v.is_null()).then(|| secret_str(key_path, v)).transpose()?,
                 "key_prefix" | "prefix" => {
                     config.key_prefix = check_prefix(key_path, yaml_str(key_path, v)?)?
                 }
@@ -263,7 +263,7 @@ impl CacheConfig {
                 "profiles" => config.profiles = yaml_profiles(v)?,
                 "admin_token" => {
                     config.admin_token =
-                        (!v.is_null()).then(|| yaml_str(key_path, v).map(Secret)).transpose()?
+                        (!v.is_null()).then(|| secret_str(key_path, v).map(Secret)).transpose()?
                 }
                 named if named.ends_with("_ttl") && named.len() > 4 => {
                     config.named_ttls.insert(named[..named.len() - 4].to_owned(), yaml_secs(key_path, v)?);
@@ -587,6 +587,14 @@ fn secs_to_duration(key: &str, shown: impl fmt::Display, secs: f64) -> Result<Du
     }
 }
 
+/// A secret's value is never part of the error: a password YAML read as a
+/// number would otherwise end up in a log.
+fn secret_str(key: &str, v: &Value) -> Result<String, CacheError> {
+    v.as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| CacheError::config(key, "***", "expected a string (quote it in the settings file)"))
+}
+
 fn yaml_str(key: &str, v: &Value) -> Result<String, CacheError> {
     v.as_str().map(str::to_owned).ok_or_else(|| CacheError::config(key, show(v), "expected a string"))
 }
@@ -702,6 +710,11 @@ REDIS:
         assert!(!format!("{c:?}").contains("hunter2-admin"));
         let c = CacheConfig::from_settings_str("REDIS:\n  admin_token: null\n").unwrap();
         assert_eq!(c.admin_token(), None);
+        for key in ["password", "admin_token"] {
+            let err = CacheConfig::from_settings_str(&format!("REDIS:\n  {key}: 918273645\n")).unwrap_err();
+            assert!(!err.to_string().contains("918273645"), "{err}");
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 
     #[test]

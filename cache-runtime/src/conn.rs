@@ -121,8 +121,14 @@ impl Connections {
         self.reconnect(lease.slot);
     }
 
+    /// Changes whenever a connection is made: after it, the server may be another
+    /// one (a restart, a failover) than the one the last reply came from.
+    pub(crate) fn generation(&self) -> u64 {
+        self.ids.load(Ordering::Acquire)
+    }
+
     fn install(&self, slot: usize, conn: MultiplexedConnection) {
-        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let id = self.ids.fetch_add(1, Ordering::AcqRel);
         self.slots[slot].live.store(Some(Arc::new(Live { conn, id })));
     }
 

@@ -220,13 +220,17 @@ where
     };
     // Followers that started before this instant may share the value (flight.rs).
     let writing = std::time::Instant::now();
+    // A value no fence check let through (not stored: too large, the condition
+    // said no, a cache fault) is shared only with callers that started before
+    // the leader's read: for them it is as if they had read first.
+    let unchecked = fence.map_or(writing, |f| f.taken().min(writing));
     if cache.check_size(bytes.len()).is_err() {
         tracing::debug!(key = full, size = bytes.len(), "result too large to cache");
     } else if condition(value) {
         let ttl = call.spec.ttl(cache);
         let tags = call.spec.tags(cache, call.tags.to_vec());
         match cache.write(full, &bytes, ttl, &tags, fence, bump).await {
-            Ok(true) => {}
+            Ok(true) => return Outcome::Value(bytes.into(), writing),
             Ok(false) => {
                 cache.inner.counters.fills_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(key = full, "fill refused: invalidated while computing");
@@ -235,5 +239,5 @@ where
             Err(e) => cache.record_fault("set", full, &e),
         }
     }
-    Outcome::Value(bytes.into(), writing)
+    Outcome::Value(bytes.into(), unchecked)
 }

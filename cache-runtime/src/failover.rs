@@ -124,7 +124,14 @@ impl Failover {
             }
             for (i, entry) in batch.iter().enumerate() {
                 if let Err(e) = shared.invalidate(entry).await {
-                    self.pending.restore(batch[i..].to_vec());
+                    let mut rest = batch[i..].to_vec();
+                    // An error the store answered with would fail this entry forever and
+                    // hold back every one after it: a clear of the prefix covers it instead.
+                    if !e.is_unavailable() && rest[0] != Pending::Everything {
+                        tracing::error!(error = %e, "a queued invalidation was refused: replaying a clear of the prefix instead");
+                        rest[0] = Pending::Everything;
+                    }
+                    self.pending.restore(rest);
                     return Err(e);
                 }
             }

@@ -124,7 +124,7 @@ local entry, ttl, exp_id, exp = KEYS[2], tonumber(ARGV[3]), ARGV[4], tonumber(AR
 local id, seq
 if exp_id ~= '' then
   -- One read for every field the check needs: the miss path's server time.
-  local fields = {'id', 'seq', 'k:' .. entry, 'pn'}
+  local fields = {'id', 'seq', 'k:' .. entry, 'pn', 'floor'}
   for i = 7, #ARGV do fields[#fields + 1] = 't:' .. ARGV[i] end
   local v = redis.call('HMGET', F, unpack(fields))
   if not v[1] then
@@ -132,9 +132,10 @@ if exp_id ~= '' then
     return {0, id, seq}
   end
   id, seq = v[1], tonumber(v[2])
-  if id ~= exp_id then return {0, id, seq} end
+  -- Stamps up to `floor` were pruned: a fill that old can't be checked.
+  if id ~= exp_id or (v[5] and exp < tonumber(v[5])) then return {0, id, seq} end
   for i = 3, #fields do
-    if i ~= 4 and v[i] and tonumber(string.match(v[i], '^%d+')) > exp then return {0, id, seq} end
+    if i ~= 4 and i ~= 5 and v[i] and tonumber(string.match(v[i], '^%d+')) > exp then return {0, id, seq} end
   end
   if v[4] then
     for s in string.gmatch(v[4], '(%d+):%d+') do
@@ -156,7 +157,7 @@ if #KEYS > 2 then
     local noted = tonumber(redis.call('HGET', F, note) or '0')
     if noted > now and redis.call('EXISTS', KEYS[i]) == 0 then
       -- The index was lost while entries it listed live: a new one would hide them.
-      redis.call('HSET', F, 'orphans', 'lost')
+      redis.call('HSET', F, 'orphans', 'lost:' .. ARGV[1])
     end
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
     redis.call('ZADD', KEYS[i], now + ttl, entry)
@@ -173,23 +174,30 @@ local id, seq = fence(ARGV[1], {'k:' .. KEYS[2]})
 return {redis.call('UNLINK', KEYS[2]), id, seq}
 ";
 
-// KEYS: fence, tag indexes…; ARGV: nonce, tag names… (one per index).
-// Fences the tags, then moves each index to `<index>:dead` for draining. An index
-// whose dead set from an earlier call is still there stays put (`waiting`): the
-// caller drains and calls again. An index that is gone while its note lives, or
-// while entries of an earlier incarnation may remain, means entries it listed may
-// be unreachable (`lost`): `orphans` holds this call's token until a
-// whole-prefix clear settles it. Returns {id, seq, lost, waiting, token, dead sets…}.
+// KEYS: fence, tag indexes… (n), their dead sets… (n); ARGV: nonce, tag names… (n).
+// Fences the tags, then moves each index to its dead set for draining (noted as
+// `d:<tag>` until drained). An index whose dead set from an earlier call is
+// still there stays put (`waiting`): the caller drains and calls again. An index
+// or a dead set that is gone while its note lives, or any tag while entries of
+// an earlier incarnation may remain, means entries may be unreachable (`lost`):
+// `orphans` holds this call's token until a whole-prefix clear settles it.
+// Returns {id, seq, lost, waiting, token, positions of the dead sets to drain…}.
 const FENCE_TAGS: &str = r"
+local n = #ARGV - 1
 local now = now_ms()
 local orphans = redis.call('HGET', F, 'orphans')
 local fields, lost, gone = {}, 0, {}
 if orphans ~= '0' then lost = 1 end
-for i = 2, #KEYS do
-  fields[#fields + 1] = 't:' .. ARGV[i]
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    if tonumber(redis.call('HGET', F, 'r:' .. ARGV[i]) or '0') > now then lost = 1 end
-    gone[#gone + 1] = 'r:' .. ARGV[i]
+for i = 1, n do
+  local tag, index, dead = ARGV[i + 1], KEYS[i + 1], KEYS[n + i + 1]
+  fields[#fields + 1] = 't:' .. tag
+  if redis.call('EXISTS', index) == 0 then
+    if tonumber(redis.call('HGET', F, 'r:' .. tag) or '0') > now then lost = 1 end
+    gone[#gone + 1] = 'r:' .. tag
+  end
+  if redis.call('EXISTS', dead) == 0 and redis.call('HEXISTS', F, 'd:' .. tag) == 1 then
+    lost = 1
+    gone[#gone + 1] = 'd:' .. tag
   end
 end
 local id, seq = fence(ARGV[1], fields)
@@ -199,29 +207,44 @@ if id ~= '' and lost == 1 then
   redis.call('HSET', F, 'orphans', token)
   for _, note in ipairs(gone) do redis.call('HDEL', F, note) end
 end
-local waiting, dead = 0, {}
-for i = 2, #KEYS do
-  local d = KEYS[i] .. ':dead'
-  if redis.call('EXISTS', d) == 1 then
-    dead[#dead + 1] = d
-    if redis.call('EXISTS', KEYS[i]) == 1 then waiting = 1 end
-  elseif redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('RENAME', KEYS[i], d)
-    dead[#dead + 1] = d
-    redis.pcall('HDEL', F, 'r:' .. ARGV[i])
+local waiting, drain = 0, {}
+for i = 1, n do
+  local tag, index, dead = ARGV[i + 1], KEYS[i + 1], KEYS[n + i + 1]
+  if redis.call('EXISTS', dead) == 1 then
+    drain[#drain + 1] = i
+    if redis.call('EXISTS', index) == 1 then waiting = 1 end
+  elseif redis.call('EXISTS', index) == 1 then
+    redis.call('RENAME', index, dead)
+    drain[#drain + 1] = i
+    if id ~= '' then
+      redis.call('HSET', F, 'd:' .. tag, 1)
+      redis.call('HDEL', F, 'r:' .. tag)
+    end
   end
 end
-return {id, seq, lost, waiting, token, dead}
+return {id, seq, lost, waiting, token, drain}
 ";
 
-// KEYS: a dead tag index; ARGV: batch. Deletes one batch of its entries.
-// Returns {entries deleted, members left}.
+// KEYS: a dead set, fence; ARGV: batch, tag, token. Deletes one batch of the
+// entries the dead set lists. A dead set that is gone while its note lives was
+// evicted with entries it listed: `orphans` takes the token until a clear of
+// the prefix settles it. Returns {entries deleted, members left, token or ''}.
 const DRAIN: &str = r"
+local note = 'd:' .. ARGV[2]
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if redis.call('HEXISTS', KEYS[2], note) == 1 then
+    redis.call('HSET', KEYS[2], 'orphans', ARGV[3])
+    redis.call('HDEL', KEYS[2], note)
+    return {0, 0, ARGV[3]}
+  end
+  return {0, 0, ''}
+end
 local members = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-if #members == 0 then return {0, 0} end
 local n = redis.call('UNLINK', unpack(members))
 redis.call('ZREM', KEYS[1], unpack(members))
-return {n, redis.call('ZCARD', KEYS[1])}
+local left = redis.call('ZCARD', KEYS[1])
+if left == 0 then redis.call('HDEL', KEYS[2], note) end
+return {n, left, ''}
 ";
 
 // KEYS: fence; ARGV: nonce, Lua pattern. Returns {id, seq}.
@@ -260,18 +283,24 @@ return 0
 ";
 
 // KEYS: fence; ARGV: cursor, horizon ms. Drops fences older than the horizon
-// and tag notes whose entries expired; 500 fields per call. Returns the cursor.
+// and tag notes whose entries expired; 500 fields per call. `floor` keeps the
+// newest pruned seq: a fill expecting less is refused (its stamps may be gone,
+// whatever the clocks say). Returns the cursor.
 const PRUNE: &str = r"
 local now = now_ms()
 local oldest = now - tonumber(ARGV[2])
 local page = redis.call('HSCAN', F, ARGV[1], 'COUNT', 500)
 local fields = page[2]
+local floor = tonumber(redis.call('HGET', F, 'floor') or '0')
 for i = 1, #fields, 2 do
   local f, v = fields[i], fields[i + 1]
   local kind = string.sub(f, 1, 2)
   if kind == 'k:' or kind == 't:' then
     local t = tonumber(string.match(v, '|(%d+)$'))
-    if t and t < oldest then redis.call('HDEL', F, f) end
+    if t and t < oldest then
+      redis.call('HDEL', F, f)
+      floor = math.max(floor, tonumber(string.match(v, '^%d+')))
+    end
   elseif kind == 'r:' and tonumber(v) < now then
     redis.call('HDEL', F, f)
   end
@@ -281,11 +310,17 @@ if page[1] == '0' then
   if pn then
     local keep = ''
     for s, t in string.gmatch(pn, '(%d+):(%d+)') do
-      if tonumber(t) < oldest then redis.call('HDEL', F, 'p:' .. s) else keep = keep .. s .. ':' .. t .. ' ' end
+      if tonumber(t) < oldest then
+        redis.call('HDEL', F, 'p:' .. s)
+        floor = math.max(floor, tonumber(s))
+      else
+        keep = keep .. s .. ':' .. t .. ' '
+      end
     end
     redis.call('HSET', F, 'pn', keep)
   end
 end
+if floor > 0 and redis.call('EXISTS', F) == 1 then redis.call('HSET', F, 'floor', floor) end
 return page[1]
 ";
 
@@ -328,6 +363,13 @@ impl FenceScripts {
     }
 }
 
+/// A tag to fence: its name, its index and its dead set.
+pub(crate) struct TagKeys {
+    pub(crate) tag: String,
+    pub(crate) index: String,
+    pub(crate) dead: String,
+}
+
 /// A tag invalidation's fence: what it saw, and what is left to delete.
 pub(crate) struct TagFence {
     pub(crate) fence: Fence,
@@ -337,7 +379,8 @@ pub(crate) struct TagFence {
     pub(crate) waiting: bool,
     /// What [`settle`](RedisStore::settle) takes once the prefix was cleared.
     pub(crate) token: String,
-    pub(crate) dead: Vec<String>,
+    /// Positions (in the tags given) of the dead sets to drain.
+    pub(crate) drain: Vec<usize>,
 }
 
 /// A write: what is stored, under which fence, and what it invalidates.
@@ -403,37 +446,44 @@ impl RedisStore {
         Ok((n > 0, Fence { id: parse_id(&id), seq }))
     }
 
-    /// Fences `tags` (`(tag, index key)` pairs) and sets their indexes aside.
-    pub(crate) async fn fence_tags(
-        &self,
-        fence_key: &str,
-        tags: &[(String, String)],
-    ) -> Result<TagFence, CacheError> {
+    /// Fences `tags` and sets their indexes aside.
+    pub(crate) async fn fence_tags(&self, fence_key: &str, tags: &[TagKeys]) -> Result<TagFence, CacheError> {
         let mut call = self.fences.fence_tags.key(fence_key);
-        for (_, index) in tags {
-            call.key(index);
+        for t in tags {
+            call.key(&t.index);
+        }
+        for t in tags {
+            call.key(&t.dead);
         }
         call.arg(nonce());
-        for (tag, _) in tags {
-            call.arg(tag);
+        for t in tags {
+            call.arg(&t.tag);
         }
-        let (id, seq, lost, waiting, token, dead): (String, u64, i64, i64, String, Vec<String>) =
+        let (id, seq, lost, waiting, token, drain): (String, u64, i64, i64, String, Vec<usize>) =
             self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         let fence = Fence { id: parse_id(&id), seq };
-        Ok(TagFence { fence, lost: lost == 1, waiting: waiting == 1, token, dead })
+        let drain = drain.into_iter().map(|i| i - 1).collect();
+        Ok(TagFence { fence, lost: lost == 1, waiting: waiting == 1, token, drain })
     }
 
-    /// Deletes every entry a dead tag index lists, a batch per script.
-    pub(crate) async fn drain(&self, dead: &str) -> Result<u64, CacheError> {
+    /// Deletes every entry a dead set lists, a batch per script; how many went,
+    /// and the token to settle when the dead set was lost (evicted) before it
+    /// was drained.
+    pub(crate) async fn drain(
+        &self,
+        fence_key: &str,
+        t: &TagKeys,
+    ) -> Result<(u64, Option<String>), CacheError> {
+        let token = format!("dead:{}", nonce());
         let mut deleted = 0;
         loop {
-            let mut call = self.fences.drain.key(dead);
-            call.arg(DRAIN_BATCH);
-            let (n, left): (u64, u64) =
+            let mut call = self.fences.drain.key(&t.dead);
+            call.key(fence_key).arg(DRAIN_BATCH).arg(&t.tag).arg(&token);
+            let (n, left, lost): (u64, u64, String) =
                 self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
             deleted += n;
             if left == 0 {
-                return Ok(deleted);
+                return Ok((deleted, (!lost.is_empty()).then_some(lost)));
             }
         }
     }

@@ -110,26 +110,49 @@ fn names_nothing(pattern: &[u8]) -> bool {
 }
 
 /// The Redis glob `pattern` as an anchored Lua pattern, so a script can test keys
-/// against it (`string.find(key, p)`) with the same meaning.
+/// against it (`string.find(key, p)`) with at least the same coverage: where the
+/// two languages part (an empty or unterminated class, a NUL byte, which Lua 5.1
+/// patterns can't hold) or Lua's backtracking could blow up (more than four
+/// `*`), it is `^.*$`, which covers every key. Covering more only refuses more
+/// fills.
 pub(crate) fn to_lua_pattern(pattern: &[u8]) -> Vec<u8> {
+    const EVERY_KEY: &[u8] = b"^.*$";
     fn literal(out: &mut Vec<u8>, c: u8) {
         if !c.is_ascii_alphanumeric() {
             out.push(b'%');
         }
         out.push(c);
     }
+    if pattern.contains(&0) {
+        return EVERY_KEY.to_vec();
+    }
     let mut out = vec![b'^'];
-    let mut i = 0;
+    let (mut i, mut stars) = (0, 0);
     while i < pattern.len() {
         match pattern[i] {
-            b'*' => out.extend_from_slice(b".*"),
+            // A run of stars is one star.
+            b'*' if out.ends_with(b".*") => {}
+            b'*' => {
+                stars += 1;
+                out.extend_from_slice(b".*");
+            }
             b'?' => out.push(b'.'),
             b'\\' if i + 1 < pattern.len() => {
                 i += 1;
                 literal(&mut out, pattern[i]);
             }
-            // An empty class (`[]`, `[^]`) has no Lua spelling: it stays literal text.
-            b'[' if class(pattern, i, 0).is_some() && !empty_class(pattern, i) => {
+            b'[' if pattern.get(i + 1..i + 3) == Some(b"^]") => {
+                // `[^]` matches any one byte.
+                out.push(b'.');
+                i += 2;
+            }
+            // Redis reads `[a-]…` as a range up to `]`: no Lua spelling either.
+            b'[' if class(pattern, i, 0).is_none_or(|(_, next)| pattern[next - 2] == b'-')
+                || empty_class(pattern, i) =>
+            {
+                return EVERY_KEY.to_vec()
+            }
+            b'[' => {
                 let mut j = i + 1;
                 out.push(b'[');
                 if pattern.get(j) == Some(&b'^') {
@@ -163,6 +186,9 @@ pub(crate) fn to_lua_pattern(pattern: &[u8]) -> Vec<u8> {
             c => literal(&mut out, c),
         }
         i += 1;
+    }
+    if stars > 4 {
+        return EVERY_KEY.to_vec();
     }
     out.push(b'$');
     out
@@ -231,6 +257,36 @@ mod tests {
         assert!(m("a*b*c", "aXXbYYbc"));
         assert!(!m("a*b*c", "aXXbYYb"));
         assert!(!m("[abc", "a"));
+    }
+}
+
+#[cfg(test)]
+mod lua {
+    use super::to_lua_pattern;
+
+    fn lua(p: &str) -> String {
+        String::from_utf8(to_lua_pattern(p.as_bytes())).unwrap()
+    }
+
+    #[test]
+    fn globs_become_anchored_lua_patterns() {
+        assert_eq!(lua("missions:*"), "^missions%:.*$");
+        assert_eq!(lua("a?b"), "^a.b$");
+        assert_eq!(lua("a\\*b"), "^a%*b$");
+        assert_eq!(lua("[ab]x"), "^[ab]x$");
+        assert_eq!(lua("[^a]x"), "^[^a]x$");
+        assert_eq!(lua("[a-c]"), "^[abc]$");
+        assert_eq!(lua("[^]x"), "^.x$");
+        assert_eq!(lua("a**b"), "^a.*b$");
+        assert_eq!(lua("%.(+)$"), "^%%%.%(%+%)%$$");
+    }
+
+    #[test]
+    fn what_lua_cannot_say_covers_every_key() {
+        for p in ["[]x", "[abc", "a\0b", "*a*b*c*d*e", "[a-]x]"] {
+            let p = p.replace("\\0", "\0");
+            assert_eq!(to_lua_pattern(p.as_bytes()), b"^.*$", "{p:?}");
+        }
     }
 }
 

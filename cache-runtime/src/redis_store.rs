@@ -60,6 +60,17 @@ impl RedisStore {
         self.conns.connect_all().await
     }
 
+    /// See [`Connections::generation`].
+    pub(crate) fn generation(&self) -> u64 {
+        self.conns.generation()
+    }
+
+    /// The server's `run_id`: another one after a restart or a failover.
+    pub(crate) async fn run_id(&self) -> Result<String, CacheError> {
+        let text: String = self.query(redis::cmd("INFO").arg("server")).await?;
+        Ok(text.lines().find_map(|l| l.strip_prefix("run_id:")).unwrap_or_default().trim().to_owned())
+    }
+
     /// Reconnects in the background whatever is not connected.
     pub(crate) fn revive(&self) {
         self.conns.revive();

@@ -1,11 +1,12 @@
 //! Redis as a [`Store`]: entries, per-key fences (`fence.rs`) and tag indexes
 //! under one prefix ([`Schema`]), over the commands of `redis_store.rs`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::cache::KeyTtl;
-use crate::fence::{Fill, Observed, WINDOW};
+use crate::fence::{Fill, Observed, TagKeys, WINDOW};
 use crate::glob::to_lua_pattern;
 use crate::pending::Pending;
 use crate::redis_store::RedisStore;
@@ -20,6 +21,9 @@ pub(crate) struct RedisTier {
     observed: Observed,
     pruned_at: Mutex<Option<Instant>>,
     connect_timeout: Duration,
+    /// The connection generation whose server was checked, and that server's run_id.
+    checked: AtomicU64,
+    server: tokio::sync::Mutex<Option<String>>,
 }
 
 impl RedisTier {
@@ -30,7 +34,38 @@ impl RedisTier {
             observed: Observed::default(),
             pruned_at: Mutex::new(None),
             connect_timeout,
+            checked: AtomicU64::new(u64::MAX),
+            server: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// After a reconnect, before anything is served: a server with another
+    /// run_id may have reloaded a snapshot or been promoted from a replica, so
+    /// its fence counter may have gone back under the same incarnation and
+    /// entries invalidated since may be back. It gets a new incarnation (every
+    /// fill in flight is refused) and the prefix is cleared.
+    #[inline]
+    async fn same_server(&self) -> Result<(), CacheError> {
+        let generation = self.redis.generation();
+        if self.checked.load(Ordering::Acquire) == generation {
+            return Ok(());
+        }
+        let mut server = self.server.lock().await;
+        if self.checked.load(Ordering::Acquire) == generation {
+            return Ok(());
+        }
+        let run_id = self.redis.run_id().await?;
+        if server.as_ref().is_some_and(|known| *known != run_id) {
+            tracing::warn!("Redis restarted or failed over: new fence incarnation, clearing the prefix");
+            let fence_key = self.schema.fence();
+            let fence = self.redis.fence_all(&fence_key).await?;
+            self.observed.observe(fence);
+            self.redis.delete_pattern(&self.schema.all_entries()).await?;
+            self.redis.settle(&fence_key, fence.id, "new").await?;
+        }
+        *server = Some(run_id);
+        self.checked.store(generation, Ordering::Release);
+        Ok(())
     }
 
     fn tag_indexes(&self, tags: &[String]) -> Vec<(String, String)> {
@@ -39,7 +74,14 @@ impl RedisTier {
 
     async fn invalidate_tags(&self, tags: &[String]) -> Result<u64, CacheError> {
         let fence_key = self.schema.fence();
-        let tags = self.tag_indexes(tags);
+        let tags: Vec<TagKeys> = tags
+            .iter()
+            .map(|t| TagKeys {
+                tag: t.clone(),
+                index: self.schema.tag_index(t),
+                dead: self.schema.dead_tag_index(t),
+            })
+            .collect();
         let mut deleted = 0;
         let mut lost = None;
         loop {
@@ -48,8 +90,13 @@ impl RedisTier {
             if fenced.lost {
                 lost = Some((fenced.fence.id, fenced.token));
             }
-            for dead in &fenced.dead {
-                deleted += self.redis.drain(dead).await?;
+            for &i in &fenced.drain {
+                let (n, dead_lost) = self.redis.drain(&fence_key, &tags[i]).await?;
+                deleted += n;
+                if let Some(token) = dead_lost {
+                    // Evicted before it was drained: the clear below settles this loss.
+                    lost = Some((fenced.fence.id, token));
+                }
             }
             if !fenced.waiting {
                 break;
@@ -106,7 +153,10 @@ impl RedisTier {
 
 impl Store for RedisTier {
     fn get<'a>(&'a self, full: &'a str) -> BoxFuture<'a, Result<Option<Raw>, CacheError>> {
-        Box::pin(async move { Ok(self.redis.get(full).await?.map(Raw::Owned)) })
+        Box::pin(async move {
+            self.same_server().await?;
+            Ok(self.redis.get(full).await?.map(Raw::Owned))
+        })
     }
 
     #[inline]
@@ -116,6 +166,7 @@ impl Store for RedisTier {
 
     fn write<'a>(&'a self, w: Write<'a>) -> BoxFuture<'a, Result<bool, CacheError>> {
         Box::pin(async move {
+            self.same_server().await?;
             let expected = match w.expected {
                 // Read from another tier (an outage fill): never written here.
                 Some(FillFence::Local(..)) => return Ok(false),
@@ -134,6 +185,7 @@ impl Store for RedisTier {
 
     fn invalidate<'a>(&'a self, what: &'a Pending) -> BoxFuture<'a, Result<u64, CacheError>> {
         Box::pin(async move {
+            self.same_server().await?;
             let fence_key = self.schema.fence();
             match what {
                 Pending::Key(full) => {
@@ -153,6 +205,7 @@ impl Store for RedisTier {
                     self.observed.observe(fence);
                     let deleted = self.redis.delete_pattern(&self.schema.all_entries()).await?;
                     self.redis.delete_pattern(&self.schema.all_tag_indexes()).await?;
+                    self.redis.delete_pattern(&self.schema.all_dead_tag_indexes()).await?;
                     self.redis.settle(&fence_key, fence.id, "new").await?;
                     Ok(deleted)
                 }
@@ -209,6 +262,7 @@ impl Store for RedisTier {
                 self.redis.check_access(&self.schema).await
             });
             checked.await.unwrap_or(Err(CacheError::Timeout(self.connect_timeout)))?;
+            self.same_server().await?;
             // Fills are checked against the newest fence seen: start from the current one.
             if let Err(e) = self.observe_fence().await {
                 tracing::debug!(error = %e, "could not observe the fence");

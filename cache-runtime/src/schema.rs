@@ -5,8 +5,8 @@
 //! `{prefix}:{fn prefix}:v{wire}[.{version}]:{part}:{part}…` (parts from
 //! `key.rs`), so a glob over `{prefix}:*` is every entry and nothing else.
 //! Internal keys live under `{prefix}#`, which no entry glob matches:
-//! `{prefix}#fence` (the fence hash, `fence.rs`) and `{prefix}#tag:{tag}` (tag
-//! indexes). A Redis Cluster keeps keys that move together in one slot by
+//! `{prefix}#fence` (the fence hash, `fence.rs`), `{prefix}#tag:{tag}` (tag
+//! indexes) and `{prefix}#dead:{tag}` (an index being drained). A Redis Cluster keeps keys that move together in one slot by
 //! hash-tagging the part they share; this module is the one place that would
 //! change for it.
 
@@ -55,6 +55,17 @@ impl Schema {
     /// Every tag index.
     pub(crate) fn all_tag_indexes(&self) -> String {
         format!("{}#tag:*", escape_glob(&self.prefix))
+    }
+
+    /// Where `tag`'s index goes while an invalidation drains it: a namespace of
+    /// its own, so no tag's index is another tag's dead set.
+    pub(crate) fn dead_tag_index(&self, tag: &str) -> String {
+        self.internal(&format!("dead:{tag}"))
+    }
+
+    /// Every dead tag index.
+    pub(crate) fn all_dead_tag_indexes(&self) -> String {
+        format!("{}#dead:*", escape_glob(&self.prefix))
     }
 
     /// The fence hash.

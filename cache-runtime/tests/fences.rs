@@ -518,3 +518,33 @@ async fn pauses_during_an_invalidation_bound_the_window() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_an_older_snapshot_brings_nothing_invalidated_back() {
+    let mut redis = Redis::spawn();
+    let prefix = unique_prefix("snapshot");
+    let cache = Cache::new(config(redis.url(), &prefix)).await.unwrap();
+    cache.set("mission:1", &OLD).tags(["missions"]).await.unwrap();
+    let _: () = redis::cmd("SAVE").query_async(&mut redis.raw().await).await.unwrap();
+    assert!(cache.delete("mission:1").await.unwrap());
+    // Killed before it saved again: it comes back with the old entry and an older fence.
+    redis.restart();
+    let full = format!("{prefix}:mission:1");
+    let back: Option<Vec<u8>> = redis.raw().await.get(&full).await.unwrap();
+    assert!(back.is_some(), "control: the snapshot brought the invalidated entry back");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match cache.get::<u64>("mission:1").await {
+            Ok(value) => {
+                assert_eq!(value, None, "an entry invalidated before the restart was served");
+                break;
+            }
+            Err(_) => {
+                assert!(tokio::time::Instant::now() < deadline, "never reconnected");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let gone: Option<Vec<u8>> = redis.raw().await.get(&full).await.unwrap();
+    assert_eq!(gone, None, "the prefix was cleared when the server changed");
+}

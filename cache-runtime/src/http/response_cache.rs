@@ -117,6 +117,8 @@ where
         let mut key = String::from("http:GET:");
         push_part(&mut key, req.uri().path_and_query().map_or("/", |pq| pq.as_str()));
         Box::pin(async move {
+            // Taken before the read: a response computed before an invalidation is not stored after it.
+            let fence = config.cache.fill_fence();
             // A cache fault never fails the request: it is served by the inner service.
             if let Ok(Some(stored)) = config.cache.get::<Stored>(&key).await {
                 if let Some(response) = rebuild(stored) {
@@ -145,8 +147,10 @@ where
                     .collect(),
                 body: bytes.to_vec(),
             };
-            if let Err(e) = config.cache.set(&key, &stored).ttl(config.ttl).await {
-                tracing::debug!(error = %e, "response not cached");
+            match config.cache.fill(&key, &stored, config.ttl, fence).await {
+                Ok(true) => {}
+                Ok(false) => tracing::debug!("response not cached: invalidated while it was computed"),
+                Err(e) => tracing::debug!(error = %e, "response not cached"),
             }
             parts.headers.insert("x-cache", HeaderValue::from_static("miss"));
             Ok(Response::from_parts(parts, Body::from(bytes)))

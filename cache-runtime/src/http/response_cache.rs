@@ -38,7 +38,9 @@ impl ResponseCacheLayer {
     }
 
     /// Also caches requests that carry `Authorization` (shared by every caller: only
-    /// for responses that don't depend on who asks).
+    /// for responses that don't depend on who asks). Never put a layer with this on
+    /// in front of the management API: an admin's key listing would be served to
+    /// callers without the token.
     pub fn cache_authorized(mut self, on: bool) -> Self {
         self.cache_authorized = on;
         self

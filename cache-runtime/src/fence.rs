@@ -400,14 +400,23 @@ fn parse_id(id: &str) -> u64 {
     id.parse().unwrap_or(0)
 }
 
-/// A random non-zero incarnation id, offered each time one may be created.
-fn nonce() -> String {
+/// A non-zero incarnation id, offered each time one may be created: a random
+/// 64-bit base per process plus a counter, so no two offers repeat, here or in
+/// another process, without a random draw per call.
+fn nonce() -> u64 {
     use std::hash::{BuildHasher, Hasher};
-    // A fresh RandomState is randomly keyed per process and per call.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    h.write_u128(now.as_nanos() ^ u128::from(std::process::id()));
-    h.finish().max(1).to_string()
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static BASE: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| {
+        // A RandomState is randomly keyed from the OS.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        h.write_u128(now.as_nanos() ^ u128::from(std::process::id()));
+        h.finish()
+    });
+    base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)).max(1)
 }
 
 impl RedisStore {
@@ -418,13 +427,12 @@ impl RedisStore {
         for (_, index) in fill.tags {
             call.key(index);
         }
-        let expected = fill.expected.map(|f| f.id.to_string()).unwrap_or_default();
-        call.arg(nonce())
-            .arg(fill.bytes)
-            .arg(fill.ttl.as_millis().max(1) as u64)
-            .arg(expected)
-            .arg(fill.expected.map_or(0, |f| f.seq))
-            .arg(if fill.bump { "1" } else { "0" });
+        call.arg(nonce()).arg(fill.bytes).arg(fill.ttl.as_millis().max(1) as u64);
+        match fill.expected {
+            Some(f) => call.arg(f.id),
+            None => call.arg(""),
+        };
+        call.arg(fill.expected.map_or(0, |f| f.seq)).arg(if fill.bump { "1" } else { "0" });
         for (tag, _) in fill.tags {
             call.arg(tag);
         }

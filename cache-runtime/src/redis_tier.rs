@@ -17,6 +17,8 @@ use crate::CacheError;
 pub(crate) struct RedisTier {
     redis: RedisStore,
     schema: Schema,
+    /// `schema.fence()`, built once: every fill names it.
+    fence_key: String,
     /// The newest fence this process has seen; fills are checked against it.
     observed: Observed,
     pruned_at: Mutex<Option<Instant>>,
@@ -30,6 +32,7 @@ impl RedisTier {
     pub(crate) fn new(redis: RedisStore, schema: Schema, connect_timeout: Duration) -> Self {
         RedisTier {
             redis,
+            fence_key: schema.fence(),
             schema,
             observed: Observed::default(),
             pruned_at: Mutex::new(None),
@@ -177,7 +180,7 @@ impl Store for RedisTier {
             let tags = self.tag_indexes(w.tags);
             let fill =
                 Fill { entry: w.full, bytes: w.bytes, ttl: w.ttl, tags: &tags, expected, bump: w.bump };
-            let (stored, fence) = self.redis.fill(&self.schema.fence(), fill).await?;
+            let (stored, fence) = self.redis.fill(&self.fence_key, fill).await?;
             self.observed.observe(fence);
             Ok(stored)
         })

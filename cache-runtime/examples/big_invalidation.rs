@@ -61,8 +61,26 @@ async fn longest_command(raw: &mut redis::aio::MultiplexedConnection) -> (Durati
         .unwrap_or((Duration::ZERO, "none over 1 ms".into()))
 }
 
-async fn reset_slowlog(raw: &mut redis::aio::MultiplexedConnection) {
+/// Runs one invalidation of `size` keys; prints how long it took, what it
+/// deleted and the longest command Redis ran meanwhile, and one JSON line.
+async fn measure(
+    raw: &mut redis::aio::MultiplexedConnection,
+    figure: &str,
+    call: &str,
+    size: u64,
+    invalidation: impl std::future::Future<Output = Result<u64, cache_runtime::CacheError>>,
+) {
     let _: () = redis::cmd("SLOWLOG").arg("RESET").query_async(raw).await.unwrap();
+    let started = Instant::now();
+    let deleted = invalidation.await.unwrap();
+    let took = started.elapsed();
+    let (longest, name) = longest_command(raw).await;
+    println!("{call}: {deleted} deleted in {took:.1?}; longest command meanwhile {longest:?} ({name})");
+    eprintln!(
+        "{}",
+        serde_json::json!({"figure": figure, "size": size, "deleted": deleted, "call_ms": took.as_secs_f64() * 1e3,
+            "longest_command_us": longest.as_micros() as u64, "longest_command": name})
+    );
 }
 
 #[tokio::main]
@@ -96,17 +114,8 @@ async fn main() {
         t.await.unwrap();
     }
     println!("wrote {tagged} tagged entries in {:.1?}", started.elapsed());
-    reset_slowlog(&mut raw).await;
-    let started = Instant::now();
-    let deleted = cache.invalidate_tags(["big"]).await.unwrap();
-    let took = started.elapsed();
-    let (longest, name) = longest_command(&mut raw).await;
-    println!("invalidate_tags([\"big\"]): {deleted} deleted in {took:.1?}; longest command meanwhile {longest:?} ({name})");
-    eprintln!(
-        "{}",
-        serde_json::json!({"figure": "big_tag", "entries": tagged, "deleted": deleted,
-            "call_ms": took.as_secs_f64() * 1e3, "longest_command_us": longest.as_micros() as u64, "longest_command": name})
-    );
+    let tag = cache.invalidate_tags(["big"]);
+    measure(&mut raw, "big_tag", "invalidate_tags([\"big\"])", tagged, tag).await;
 
     // A pattern over `keys` keys, written raw in pipelines.
     let started = Instant::now();
@@ -118,15 +127,6 @@ async fn main() {
         let _: () = pipe.query_async(&mut raw).await.unwrap();
     }
     println!("wrote {keys} keys in {:.1?}", started.elapsed());
-    reset_slowlog(&mut raw).await;
-    let started = Instant::now();
-    let deleted = cache.delete_pattern("bulk:*").await.unwrap();
-    let took = started.elapsed();
-    let (longest, name) = longest_command(&mut raw).await;
-    println!("delete_pattern(\"bulk:*\"): {deleted} deleted in {took:.1?}; longest command meanwhile {longest:?} ({name})");
-    eprintln!(
-        "{}",
-        serde_json::json!({"figure": "big_pattern", "keys": keys, "deleted": deleted,
-            "call_ms": took.as_secs_f64() * 1e3, "longest_command_us": longest.as_micros() as u64, "longest_command": name})
-    );
+    let pattern = cache.delete_pattern("bulk:*");
+    measure(&mut raw, "big_pattern", "delete_pattern(\"bulk:*\")", keys, pattern).await;
 }

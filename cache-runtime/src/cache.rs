@@ -124,8 +124,9 @@ impl Cache {
             other => other,
         })?;
         let connect = config.socket_connect_timeout.max(config.operation_timeout());
-        let redis = RedisTier::new(store, Schema::new(&config.key_prefix), connect);
-        let cache = Cache::assemble(config, metrics, misconfig, Some(Box::new(redis)));
+        let schema = Schema::new(&config.key_prefix);
+        let redis = RedisTier::new(store, schema.clone(), connect);
+        let cache = Cache::assemble(config, schema, metrics, misconfig, Some(Box::new(redis)));
         if cache.inner.tiers.start().await? == Mode::Redis {
             tracing::info!(redis = %target, prefix = %cache.inner.config.key_prefix, "cache runs in redis mode");
         }
@@ -137,16 +138,17 @@ impl Cache {
     pub fn local(config: CacheConfig) -> Cache {
         let metrics = Metrics::for_config(&config);
         let misconfig = Arc::new(Misconfig::new(metrics.config_errors.clone()));
-        Cache::assemble(config, metrics, misconfig, None)
+        let schema = Schema::new(&config.key_prefix);
+        Cache::assemble(config, schema, metrics, misconfig, None)
     }
 
     fn assemble(
         config: CacheConfig,
+        schema: Schema,
         metrics: Metrics,
         misconfig: Arc<Misconfig>,
         shared: Option<Box<dyn Store>>,
     ) -> Cache {
-        let schema = Schema::new(&config.key_prefix);
         let breaker = Breaker::new(
             config.circuit_breaker_enabled,
             config.circuit_breaker_threshold,
@@ -307,7 +309,7 @@ impl Cache {
         }
         let started = Instant::now();
         // The entries were read before this call: an invalidation made since refuses them.
-        let fence = self.fill_fence();
+        let fence = self.fill_fence(started);
         let ttl = ttl.unwrap_or(config.default_ttl);
         let tags: Arc<[String]> = tags.iter().map(|t| (*t).to_owned()).collect();
         let mut encoded = Vec::new();
@@ -406,8 +408,8 @@ impl Cache {
 
     /// What a fill whose read starts now is checked against: no round trip.
     #[inline]
-    pub(crate) fn fill_fence(&self) -> FillFence {
-        self.inner.tiers.fence()
+    pub(crate) fn fill_fence(&self, now: Instant) -> FillFence {
+        self.inner.tiers.fence(now)
     }
 
     pub(crate) async fn read(&self, full: &str) -> Result<Option<Raw>, CacheError> {

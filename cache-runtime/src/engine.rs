@@ -112,7 +112,7 @@ where
     let full = call.key.full.as_str();
     let started = std::time::Instant::now();
     // Taken before the read: an invalidation after the read is newer than this.
-    let fence = cache.fill_fence();
+    let fence = cache.fill_fence(started);
     match cache.read(full).await {
         Ok(Some(raw)) => {
             if let Some(v) = cache.decode_or_drop::<Out::Value>(full, &raw) {
@@ -179,7 +179,7 @@ where
     let full = call.key.full.as_str();
     // Fenced like a fill, and fencing the key: fills that read before this one
     // wrote can't put an older value back.
-    let fence = call.cache.fill_fence();
+    let fence = call.cache.fill_fence(std::time::Instant::now());
     let out = body.await;
     drop(store(&call, full, &out, condition, Some(fence), true).await);
     out

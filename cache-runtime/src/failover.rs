@@ -165,12 +165,12 @@ impl Failover {
         Err(CacheError::Deferred(cause))
     }
 
-    /// What a fill whose read starts now is checked against: no round trip.
+    /// What a fill whose read starts at `now` is checked against: no round trip.
     #[inline]
-    pub(crate) fn fence(&self) -> FillFence {
+    pub(crate) fn fence(&self, now: Instant) -> FillFence {
         match (&self.shared, self.breaker.state()) {
-            (Some(shared), BreakerState::Closed) => shared.fence(),
-            _ => self.local.fence(),
+            (Some(shared), BreakerState::Closed) => shared.fence(now),
+            _ => self.local.fence(now),
         }
     }
 
@@ -186,7 +186,6 @@ impl Failover {
     pub(crate) async fn write(&self, write: Write<'_>) -> Result<bool, CacheError> {
         match self.shared().await {
             Some((shared, permit)) => self.settle(permit, shared.write(write).await),
-            None if matches!(write.expected, Some(FillFence::Shared(..))) => Ok(false),
             None => self.local.write_now(write),
         }
     }

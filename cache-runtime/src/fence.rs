@@ -37,8 +37,10 @@
 //! fills after it start a fresh index, and the dead one is emptied 500 entries
 //! per script.
 
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use redis::Script;
 
@@ -59,23 +61,23 @@ pub(crate) struct Fence {
 }
 
 /// The newest fence a process has seen; fills started now are checked against it.
+/// Read before every Redis read, so lock-free: the pair is swapped whole.
 #[derive(Default)]
-pub(crate) struct Observed(Mutex<Fence>);
+pub(crate) struct Observed(ArcSwap<Fence>);
 
 impl Observed {
+    #[inline]
     pub(crate) fn get(&self) -> Fence {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        **self.0.load()
     }
 
     /// Takes a newer counter of the same incarnation, or another incarnation.
     pub(crate) fn observe(&self, seen: Fence) {
-        if seen.id == 0 {
+        let newer = |current: &Fence| current.id != seen.id || current.seq < seen.seq;
+        if seen.id == 0 || !newer(&self.0.load()) {
             return;
         }
-        let mut current = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if current.id != seen.id || current.seq < seen.seq {
-            *current = seen;
-        }
+        self.0.rcu(|current| if newer(current) { Arc::new(seen) } else { Arc::clone(current) });
     }
 }
 

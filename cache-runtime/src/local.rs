@@ -248,8 +248,8 @@ impl LocalTier {
     }
 
     /// What a fill whose read starts now is checked against.
-    pub(crate) fn fence(&self) -> FillFence {
-        FillFence::Local(self.epoch.load(Ordering::Acquire), Instant::now())
+    pub(crate) fn fence(&self, now: Instant) -> FillFence {
+        FillFence::Local(self.epoch.load(Ordering::Acquire), now)
     }
 
     /// Stores a fill read from this tier, or a `set`.
@@ -308,8 +308,8 @@ impl Store for LocalTier {
         ready(Ok(LocalTier::get(self, full).map(Raw::Shared)))
     }
 
-    fn fence(&self) -> FillFence {
-        LocalTier::fence(self)
+    fn fence(&self, now: Instant) -> FillFence {
+        LocalTier::fence(self, now)
     }
 
     fn write<'a>(&'a self, write: Write<'a>) -> BoxFuture<'a, Result<bool, CacheError>> {

@@ -60,11 +60,11 @@ impl RedisTier {
         let run_id = self.redis.run_id().await?;
         if server.as_ref().is_some_and(|known| *known != run_id) {
             tracing::warn!("Redis restarted or failed over: new fence incarnation, clearing the prefix");
-            let fence_key = self.schema.fence();
-            let fence = self.redis.fence_all(&fence_key).await?;
+            let fence_key = &self.fence_key;
+            let fence = self.redis.fence_all(fence_key).await?;
             self.observed.observe(fence);
             self.redis.delete_pattern(&self.schema.all_entries()).await?;
-            self.redis.settle(&fence_key, fence.id, "new").await?;
+            self.redis.settle(fence_key, fence.id, "new").await?;
         }
         *server = Some(run_id);
         self.checked.store(generation, Ordering::Release);
@@ -76,7 +76,7 @@ impl RedisTier {
     }
 
     async fn invalidate_tags(&self, tags: &[String]) -> Result<u64, CacheError> {
-        let fence_key = self.schema.fence();
+        let fence_key = &self.fence_key;
         let tags: Vec<TagKeys> = tags
             .iter()
             .map(|t| TagKeys {
@@ -88,13 +88,13 @@ impl RedisTier {
         let mut deleted = 0;
         let mut lost = None;
         loop {
-            let fenced = self.redis.fence_tags(&fence_key, &tags).await?;
+            let fenced = self.redis.fence_tags(fence_key, &tags).await?;
             self.observed.observe(fenced.fence);
             if fenced.lost {
                 lost = Some((fenced.fence.id, fenced.token));
             }
             for &i in &fenced.drain {
-                let (n, dead_lost) = self.redis.drain(&fence_key, &tags[i]).await?;
+                let (n, dead_lost) = self.redis.drain(fence_key, &tags[i]).await?;
                 deleted += n;
                 if let Some(token) = dead_lost {
                     // Evicted before it was drained: the clear below settles this loss.
@@ -112,7 +112,7 @@ impl RedisTier {
                 "a tag index was lost (evicted or flushed): clearing every entry under the prefix"
             );
             deleted += self.redis.delete_pattern(&self.schema.all_entries()).await?;
-            self.redis.settle(&fence_key, id, &token).await?;
+            self.redis.settle(fence_key, id, &token).await?;
         }
         Ok(deleted)
     }
@@ -121,12 +121,12 @@ impl RedisTier {
     /// may remain unindexed (Redis restarted, was flushed, or evicted the fence),
     /// clears the prefix so that tag invalidations can find every entry again.
     async fn observe_fence(&self) -> Result<(), CacheError> {
-        let fence_key = self.schema.fence();
-        let (fence, orphans) = self.redis.observe(&fence_key).await?;
+        let fence_key = &self.fence_key;
+        let (fence, orphans) = self.redis.observe(fence_key).await?;
         self.observed.observe(fence);
         if let Some(token) = orphans {
             let deleted = self.redis.delete_pattern(&self.schema.all_entries()).await?;
-            self.redis.settle(&fence_key, fence.id, &token).await?;
+            self.redis.settle(fence_key, fence.id, &token).await?;
             if deleted > 0 {
                 tracing::info!(deleted, "entries of an earlier fence incarnation cleared");
             }
@@ -146,7 +146,7 @@ impl RedisTier {
         }
         let mut cursor = 0;
         loop {
-            match self.redis.prune(&self.schema.fence(), cursor).await? {
+            match self.redis.prune(&self.fence_key, cursor).await? {
                 0 => return Ok(()),
                 next => cursor = next,
             }
@@ -163,8 +163,8 @@ impl Store for RedisTier {
     }
 
     #[inline]
-    fn fence(&self) -> FillFence {
-        FillFence::Shared(self.observed.get(), Instant::now())
+    fn fence(&self, now: Instant) -> FillFence {
+        FillFence::Shared(self.observed.get(), now)
     }
 
     fn write<'a>(&'a self, w: Write<'a>) -> BoxFuture<'a, Result<bool, CacheError>> {
@@ -189,27 +189,26 @@ impl Store for RedisTier {
     fn invalidate<'a>(&'a self, what: &'a Pending) -> BoxFuture<'a, Result<u64, CacheError>> {
         Box::pin(async move {
             self.same_server().await?;
-            let fence_key = self.schema.fence();
+            let fence_key = &self.fence_key;
             match what {
                 Pending::Key(full) => {
-                    let (existed, fence) = self.redis.invalidate_key(&fence_key, full).await?;
+                    let (existed, fence) = self.redis.invalidate_key(fence_key, full).await?;
                     self.observed.observe(fence);
                     Ok(u64::from(existed))
                 }
                 Pending::Tags(tags) => self.invalidate_tags(tags).await,
                 Pending::Pattern(full) => {
-                    let fence =
-                        self.redis.fence_pattern(&fence_key, &to_lua_pattern(full.as_bytes())).await?;
+                    let fence = self.redis.fence_pattern(fence_key, &to_lua_pattern(full.as_bytes())).await?;
                     self.observed.observe(fence);
                     self.redis.delete_pattern(full).await
                 }
                 Pending::Everything => {
-                    let fence = self.redis.fence_all(&fence_key).await?;
+                    let fence = self.redis.fence_all(fence_key).await?;
                     self.observed.observe(fence);
                     let deleted = self.redis.delete_pattern(&self.schema.all_entries()).await?;
                     self.redis.delete_pattern(&self.schema.all_tag_indexes()).await?;
                     self.redis.delete_pattern(&self.schema.all_dead_tag_indexes()).await?;
-                    self.redis.settle(&fence_key, fence.id, "new").await?;
+                    self.redis.settle(fence_key, fence.id, "new").await?;
                     Ok(deleted)
                 }
             }

@@ -28,7 +28,6 @@ impl Counters {
     ) -> CacheStats {
         let hits = metrics.hits.get();
         let misses = metrics.misses.get();
-        let lookups = hits + misses;
         CacheStats {
             connected: false,
             mode,
@@ -43,7 +42,7 @@ impl Counters {
             local_cache_bytes: local_bytes,
             hits,
             misses,
-            hit_rate: if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
+            hit_rate: hit_rate(hits, misses),
             errors: metrics.errors.get(),
             decode_failures: self.decode_failures.load(Ordering::Relaxed),
             fills_refused: self.fills_refused.load(Ordering::Relaxed),
@@ -52,6 +51,15 @@ impl Counters {
             breaker_opened: 0,
             pending_invalidations: 0,
         }
+    }
+}
+
+/// `hits / (hits + misses)`, 0 before any lookup.
+pub(crate) fn hit_rate(hits: u64, misses: u64) -> f64 {
+    if hits + misses == 0 {
+        0.0
+    } else {
+        hits as f64 / (hits + misses) as f64
     }
 }
 

@@ -117,6 +117,14 @@ struct Tally {
     stale_after_ok: u32,
 }
 
+impl Tally {
+    fn count(&mut self, returned_ok: bool, stale_after_ok: bool) {
+        self.rounds += 1;
+        self.returned_ok += u32::from(returned_ok);
+        self.stale_after_ok += u32::from(stale_after_ok);
+    }
+}
+
 /// A fill of `id` that has read the old value and waits, inside its body, for
 /// `release` before it writes.
 async fn paused_fill(reader: &Cache, id: u32) -> (tokio::task::JoinHandle<u64>, Arc<Notify>) {
@@ -187,9 +195,7 @@ async fn rounds(
         for round in 0..n {
             let id = k as u32 * 100_000 + round;
             let (ok, stale) = race(redis, reader, writer, kind, fault, id).await;
-            tally.rounds += 1;
-            tally.returned_ok += u32::from(ok);
-            tally.stale_after_ok += u32::from(stale);
+            tally.count(ok, stale);
         }
         println!("{fault:?} {kind:?}: {tally:?}");
         out.push((kind, tally));
@@ -349,9 +355,7 @@ async fn out_of_memory_with_noeviction_never_lets_the_old_fill_land() {
         fill.await.unwrap();
         let full = format!("{prefix}:{}", relative_key(&reader, round));
         let stored: Option<Vec<u8>> = raw.get(&full).await.unwrap();
-        tally.rounds += 1;
-        tally.returned_ok += u32::from(ok);
-        tally.stale_after_ok += u32::from(ok && stored.is_some());
+        tally.count(ok, ok && stored.is_some());
     }
     println!("OOM: {tally:?}");
     assert_eq!(tally.stale_after_ok, 0, "{tally:?}");

@@ -24,6 +24,7 @@ use serde_json::{json, Map, Value};
 
 use crate::glob::matches_everything;
 use crate::key::push_part;
+use crate::stats;
 use crate::{Cache, CacheError, KeyTtl};
 
 type Warmer =
@@ -242,7 +243,7 @@ async fn health(State(s): State<Arc<Shared>>) -> Reply {
     let health = s.api.cache.health().await;
     let m = s.api.cache.metrics();
     let (hits, misses) = (m.hits_total(), m.misses_total());
-    let hit_rate = if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 };
+    let hit_rate = stats::hit_rate(hits, misses);
     Ok(Json(json!({
         "status": health.status,
         "connected": health.connected,
@@ -402,7 +403,7 @@ async fn cache_metrics(State(s): State<Arc<Shared>>) -> Reply {
 async fn hit_rate(State(s): State<Arc<Shared>>) -> Reply {
     let m = s.api.cache.metrics();
     let (hits, misses) = (m.hits_total(), m.misses_total());
-    let rate = if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 };
+    let rate = stats::hit_rate(hits, misses);
     // The thresholds of the BRAiN document: good above 80%, poor below 60%.
     let rating = match rate {
         r if r > 0.8 => "good",

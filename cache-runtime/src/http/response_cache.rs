@@ -120,7 +120,7 @@ where
         push_part(&mut key, req.uri().path_and_query().map_or("/", |pq| pq.as_str()));
         Box::pin(async move {
             // Taken before the read: a response computed before an invalidation is not stored after it.
-            let fence = config.cache.fill_fence();
+            let fence = config.cache.fill_fence(std::time::Instant::now());
             // A cache fault never fails the request: it is served by the inner service.
             if let Ok(Some(stored)) = config.cache.get::<Stored>(&key).await {
                 if let Some(response) = rebuild(stored) {

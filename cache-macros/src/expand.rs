@@ -13,12 +13,12 @@
 //! pub async fn get_mission(id: u64, db: &Db) -> Result<Mission, DbError> {
 //!     let __cache = AsRef::<Cache>::as_ref(&(rt::global()));
 //!     let __cache_spec = __cache_get_mission_spec();
-//!     rt::get_or_compute::<rt::OkOnly, _, _, _>(
+//!     rt::get_or_compute::<rt::OkOnly, _, _, _, _>(
 //!         rt::Call { cache: __cache, spec: &__cache_spec,
-//!                    key: __cache_get_mission_key(__cache, &__cache_spec, &id),
-//!                    tags: rt::Tags::Owned(vec![/* "mission:{id}" */]) },
+//!                    key: __cache_get_mission_key(__cache, &__cache_spec, &id) },
 //!         rt::always,
-//!         __cache_get_mission_body(id, db),
+//!         (&rt::Probe::<Result<Mission, DbError>>::new()).sharing(),
+//!         move || (rt::Tags::Owned(vec![/* "mission:{id}" */]), __cache_get_mission_body(id, db)),
 //!     ).await
 //! }
 //! fn __cache_get_mission_spec() -> rt::Spec { .. }
@@ -150,24 +150,34 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
     };
     let key_hidden = &n.key;
     let body_name = &n.body;
-    let run = |function: &str| {
+    // The leader's result is shared with the callers that waited when it can't be
+    // stored and its type is `Clone` (resolved by `Probe`, see the runtime's engine).
+    let sharing = quote_spanned! {output.span()=>
+        {
+            #[allow(unused_imports)]
+            use #rt_out::__private::{ByClone as _, NotShared as _};
+            (&#rt_out::__private::Probe::<#output>::new()).sharing()
+        },
+    };
+    let run = |function: &str, sharing: Option<&TokenStream>| {
         let function = Ident::new(function, output.span());
         quote_spanned! {output.span()=>
-            #rt_out::__private::#function::<#marker, _, _, _>(
+            #rt_out::__private::#function::<#marker, #output, _, _, _>(
                 #rt::__private::Call {
                     cache: __cache,
                     spec: &__cache_spec,
                     key: #this #key_hidden(__cache, &__cache_spec, #(#key_refs),*),
-                    tags: #tags,
                 },
                 #condition,
-                #this #body_name(#receiver_arg #(#all_idents),*),
+                #sharing
+                // Called only when the body runs: a hit builds neither the tags nor the body.
+                move || (#tags, #this #body_name(#receiver_arg #(#all_idents),*)),
             )
             .await
         }
     };
-    let get_or_compute = run("get_or_compute");
-    let refresh_call = run("refresh");
+    let get_or_compute = run("get_or_compute", Some(&sharing));
+    let refresh_call = run("refresh", None);
 
     // `mut` on an argument only matters to the body, which keeps it; here it would be unused.
     let mut sig = func.sig.clone();

@@ -13,7 +13,7 @@ use crate::breaker::{Breaker, BreakerState};
 use crate::codec;
 use crate::config::CacheConfig;
 use crate::failover::Failover;
-use crate::flight::SingleFlight;
+use crate::flight::Flights;
 use crate::key::display_key;
 use crate::local::LocalTier;
 use crate::metrics::{Metrics, Op};
@@ -81,7 +81,7 @@ pub(crate) struct Inner {
     pub(crate) tiers: Arc<Failover>,
     pub(crate) counters: Counters,
     pub(crate) metrics: Metrics,
-    pub(crate) flights: SingleFlight,
+    pub(crate) flights: Flights,
 }
 
 impl AsRef<Cache> for Cache {
@@ -161,7 +161,8 @@ impl Cache {
                 tiers: Arc::new(tiers),
                 counters: Counters::default(),
                 metrics,
-                flights: SingleFlight::default(),
+                // A marker outlives any read that can still be running (reads time out).
+                flights: Flights::new(config.operation_timeout() * 2 + Duration::from_millis(100)),
                 schema,
                 config,
             }),

@@ -4,12 +4,14 @@
 //! cache fault falls back to the body's own result.
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::flight::{self, Outcome, Role};
+use crate::flight::{self, Outcome, Role, Shared};
 use crate::key::{escape_glob, UNCACHEABLE};
 use crate::schema::Key;
 use crate::spec::Spec;
@@ -84,7 +86,71 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cacheable<SomeOnly
     }
 }
 
-/// One call: which cache, the function's spec, the finished key, and the call's tags.
+/// How a result the cache did not store (an `Err`, a `None`, a value that could
+/// not be encoded) reaches the callers that waited for the same flight.
+///
+/// With a copy, the body runs once for all of them. Without one, they form a new
+/// flight: the body runs once at a time, each caller's at most once, never as a herd.
+pub struct Sharing<Out> {
+    share: fn(&Out) -> Option<Shared>,
+    take: fn(&Shared) -> Option<Out>,
+}
+
+impl<Out> Sharing<Out> {
+    /// Nothing is shared: each waiting caller runs the body in turn.
+    pub fn none() -> Self {
+        Sharing { share: |_| None, take: |_| None }
+    }
+}
+
+impl<Out: Clone + Send + Sync + 'static> Sharing<Out> {
+    /// Every waiting caller gets a clone of the leader's result.
+    pub fn cloned() -> Self {
+        Sharing {
+            share: |out| Some(Arc::new(out.clone())),
+            take: |shared| shared.downcast_ref::<Out>().cloned(),
+        }
+    }
+}
+
+/// Picks [`Sharing::cloned`] where the return type is `Clone` and
+/// [`Sharing::none`] elsewhere, by method resolution: `(&Probe::<T>::new()).sharing()`
+/// finds [`ByClone`] first when it applies, [`NotShared`] otherwise.
+pub struct Probe<T>(PhantomData<fn() -> T>);
+
+impl<T> Probe<T> {
+    /// A probe for `T`.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        Probe(PhantomData)
+    }
+}
+
+/// The sharing of a `Clone` result.
+pub trait ByClone<T> {
+    /// [`Sharing::cloned`].
+    fn sharing(&self) -> Sharing<T>;
+}
+
+impl<T: Clone + Send + Sync + 'static> ByClone<T> for Probe<T> {
+    fn sharing(&self) -> Sharing<T> {
+        Sharing::cloned()
+    }
+}
+
+/// The sharing of any other result.
+pub trait NotShared<T> {
+    /// [`Sharing::none`].
+    fn sharing(&self) -> Sharing<T>;
+}
+
+impl<T> NotShared<T> for &Probe<T> {
+    fn sharing(&self) -> Sharing<T> {
+        Sharing::none()
+    }
+}
+
+/// One call: which cache, the function's spec, and the finished key.
 pub struct Call<'a> {
     /// The cache to use.
     pub cache: &'a Cache,
@@ -92,22 +158,30 @@ pub struct Call<'a> {
     pub spec: &'a Spec,
     /// The key.
     pub key: Key,
-    /// Tags of this call.
-    pub tags: Tags,
 }
 
-/// Cache-aside: a hit returns the stored value; a miss runs `body` once per key in
-/// this process (other callers wait for it) and stores what `condition` accepts.
-/// Any cache fault falls back to `body`'s own result.
-pub async fn get_or_compute<M, Out, C, Fut>(call: Call<'_>, condition: C, body: Fut) -> Out
+/// Cache-aside: a hit returns the stored value; a miss calls `miss` for the
+/// call's tags and the body, runs the body once per key in this process (other
+/// callers wait for it) and stores what `condition` accepts. Any cache fault
+/// falls back to the body's own result.
+///
+/// `miss` is called only when the body must run, so a hit neither builds the
+/// tags nor the body's future.
+pub async fn get_or_compute<M, Out, C, B, Fut>(
+    call: Call<'_>,
+    condition: C,
+    sharing: Sharing<Out>,
+    miss: B,
+) -> Out
 where
     Out: Cacheable<M>,
     C: FnOnce(&Out::Value) -> bool,
+    B: FnOnce() -> (Tags, Fut),
     Fut: Future<Output = Out>,
 {
     let cache = call.cache;
     if call.key.full.contains(UNCACHEABLE) {
-        return body.await;
+        return miss().1.await;
     }
     let full = call.key.full.as_str();
     let started = std::time::Instant::now();
@@ -123,7 +197,7 @@ where
         Ok(None) => {}
         Err(e) => {
             cache.record_fault("get", full, &e);
-            return body.await;
+            return miss().1.await;
         }
     }
     cache.record_lookup(false);
@@ -131,12 +205,11 @@ where
     let mut started = started;
     let mut reread = false;
     let leader = loop {
-        let outcome = match cache.inner.flights.join(full, started, reread) {
+        let outcome = match cache.inner.flights.join(full, reread) {
             Role::Leader(leader) => break leader,
-            Role::Finished(outcome) => Some(outcome),
             Role::Follower(slot) => flight::follow(slot).await,
             Role::Reread => {
-                // Rare: another caller's fill began after this one started.
+                // Rare: a flight stored its value since this caller read.
                 started = std::time::Instant::now();
                 reread = true;
                 if let Ok(Some(raw)) = cache.read(full).await {
@@ -150,29 +223,40 @@ where
         match outcome {
             Some(Outcome::Value(bytes, at)) if started < at => match codec::decode::<Out::Value>(&bytes) {
                 Ok(v) => return Out::from_cached(v),
-                Err(_) => return body.await,
+                Err(_) => return miss().1.await,
             },
-            Some(Outcome::Uncacheable) => return body.await,
-            // Written after this call began, refused as stale, or abandoned by a
-            // cancelled or panicking leader: start over.
-            Some(Outcome::Value(..)) | Some(Outcome::Stale) | None => continue,
+            // A result of another type under the same key (two `get_with` callers).
+            Some(Outcome::Shared(shared)) => match (sharing.take)(&shared) {
+                Some(out) => return out,
+                None => return miss().1.await,
+            },
+            // Written after this call began, refused as stale, not shareable, or
+            // abandoned by a cancelled or panicking leader: start over.
+            Some(Outcome::Value(..) | Outcome::Stale | Outcome::Unshared) | None => continue,
         }
     };
 
     // No second read: the fill is checked against the fence taken before the
     // read, so the miss path is one GET and one write.
+    let (tags, body) = miss();
     let out = body.await;
-    leader.publish(store(&call, full, &out, condition, Some(fence), false).await);
+    let outcome = match store(&call, full, &out, &tags, condition, Some(fence), false).await {
+        Outcome::Unshared => (sharing.share)(&out).map_or(Outcome::Unshared, Outcome::Shared),
+        outcome => outcome,
+    };
+    leader.publish(outcome);
     out
 }
 
-/// Write-through: runs `body` and stores what `condition` accepts.
-pub async fn refresh<M, Out, C, Fut>(call: Call<'_>, condition: C, body: Fut) -> Out
+/// Write-through: runs the body `run` returns and stores what `condition` accepts.
+pub async fn refresh<M, Out, C, B, Fut>(call: Call<'_>, condition: C, run: B) -> Out
 where
     Out: Cacheable<M>,
     C: FnOnce(&Out::Value) -> bool,
+    B: FnOnce() -> (Tags, Fut),
     Fut: Future<Output = Out>,
 {
+    let (tags, body) = run();
     if call.key.full.contains(UNCACHEABLE) {
         return body.await;
     }
@@ -181,7 +265,7 @@ where
     // wrote can't put an older value back.
     let fence = call.cache.fill_fence(std::time::Instant::now());
     let out = body.await;
-    drop(store(&call, full, &out, condition, Some(fence), true).await);
+    drop(store(&call, full, &out, &tags, condition, Some(fence), true).await);
     out
 }
 
@@ -199,6 +283,7 @@ async fn store<M, Out, C>(
     call: &Call<'_>,
     full: &str,
     out: &Out,
+    tags: &Tags,
     condition: C,
     fence: Option<FillFence>,
     bump: bool,
@@ -209,13 +294,13 @@ where
 {
     let cache = call.cache;
     let Some(value) = out.stored() else {
-        return Outcome::Uncacheable;
+        return Outcome::Unshared;
     };
     let bytes = match codec::encode(cache.config().serialization, value) {
         Ok(bytes) => bytes,
         Err(e) => {
             cache.record_fault("encode", full, &e);
-            return Outcome::Uncacheable;
+            return Outcome::Unshared;
         }
     };
     // Followers that started before this instant may share the value (flight.rs).
@@ -228,7 +313,7 @@ where
         tracing::debug!(key = full, size = bytes.len(), "result too large to cache");
     } else if condition(value) {
         let ttl = call.spec.ttl(cache);
-        let tags = call.spec.tags(cache, call.tags.to_vec());
+        let tags = call.spec.tags(cache, tags.to_vec());
         match cache.write(full, &bytes, ttl, &tags, fence, bump).await {
             Ok(true) => return Outcome::Value(bytes.into(), writing),
             Ok(false) => {

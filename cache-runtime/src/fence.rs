@@ -424,10 +424,13 @@ fn nonce() -> u64 {
 impl RedisStore {
     /// Writes a fill or a `set`; whether it was stored, and the fence now.
     pub(crate) async fn fill(&self, fence_key: &str, fill: Fill<'_>) -> Result<(bool, Fence), CacheError> {
-        let mut call = self.fences.fill.key(fence_key);
-        call.key(fill.entry);
+        // EVALSHA built directly: a `ScriptInvocation` would copy every argument,
+        // the value included, once more on the miss path.
+        let script = &self.fences.fill;
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(script.get_hash()).arg(2 + fill.tags.len()).arg(fence_key).arg(fill.entry);
         for (_, index) in fill.tags {
-            call.key(index);
+            call.arg(index);
         }
         call.arg(nonce()).arg(fill.bytes).arg(fill.ttl.as_millis().max(1) as u64);
         match fill.expected {
@@ -438,8 +441,18 @@ impl RedisStore {
         for (tag, _) in fill.tags {
             call.arg(tag);
         }
-        let (stored, id, seq): (i64, String, u64) =
-            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        let call = &call;
+        let (stored, id, seq): (i64, String, u64) = self
+            .run(|mut conn| async move {
+                match call.query_async(&mut conn).await {
+                    Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                        script.load_async(&mut conn).await?;
+                        call.query_async(&mut conn).await
+                    }
+                    other => other,
+                }
+            })
+            .await?;
         Ok((stored == 1, Fence { id: parse_id(&id), seq }))
     }
 

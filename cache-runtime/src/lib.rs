@@ -28,6 +28,7 @@ mod error;
 mod failover;
 mod fence;
 mod flight;
+mod get_with;
 mod glob;
 /// HTTP: the management API, `/metrics`, and response caching for axum.
 #[cfg(feature = "http")]
@@ -56,6 +57,7 @@ pub use cache_macros::cached;
 pub use codec::Serialization;
 pub use config::{CacheConfig, CacheConfigBuilder, Profile, RedisTarget};
 pub use error::CacheError;
+pub use get_with::{GetWith, TryGetWith};
 pub use metrics::{Metrics, Op};
 pub use stats::{CacheStats, Health};
 

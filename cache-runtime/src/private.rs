@@ -1,7 +1,8 @@
 //! What `#[cached]` expansions call. Not a stable API: only the macro uses it.
 
 pub use crate::engine::{
-    get_or_compute, invalidate, invalidate_all, refresh, Cacheable, Call, OkOnly, Plain, SomeOnly, Tags,
+    get_or_compute, invalidate, invalidate_all, refresh, ByClone, Cacheable, Call, NotShared, OkOnly, Plain,
+    Probe, Sharing, SomeOnly, Tags,
 };
 pub use crate::schema::{push_part, Key, KeyArg, KeyBuilder};
 pub use crate::spec::{ttl, Spec, TtlSpec};

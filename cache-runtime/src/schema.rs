@@ -182,3 +182,10 @@ impl<T: Serialize + ?Sized> KeyArg for T {
         push(out, self);
     }
 }
+
+impl Schema {
+    /// The key of an entry named by the public API (`get_with` and friends).
+    pub(crate) fn entry_key(&self, key: &str) -> Key {
+        Key { full: self.entry(key), relative_start: self.prefix_len() }
+    }
+}

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_runtime::__private::{always, get_or_compute, Call, KeyBuilder, Plain, Spec, Tags};
+use cache_runtime::__private::{always, get_or_compute, Call, KeyBuilder, Plain, Sharing, Spec, Tags};
 use cache_runtime::{Cache, CacheConfig, CacheError, Mode};
 use redis::AsyncCommands;
 use support::{unique_prefix, Redis};
@@ -25,12 +25,11 @@ const OLD: u64 = 1;
 fn call(cache: &Cache, id: u32) -> Call<'_> {
     let mut key = KeyBuilder::new(cache, &SPEC);
     key.arg(&id);
-    Call {
-        cache,
-        spec: &SPEC,
-        key: key.finish(),
-        tags: Tags::Owned(vec!["race".into(), format!("race:{id}")]),
-    }
+    Call { cache, spec: &SPEC, key: key.finish() }
+}
+
+fn tags(id: u32) -> Tags {
+    Tags::Owned(vec!["race".into(), format!("race:{id}")])
 }
 
 fn relative_key(cache: &Cache, id: u32) -> String {
@@ -133,10 +132,12 @@ async fn paused_fill(reader: &Cache, id: u32) -> (tokio::task::JoinHandle<u64>, 
     let fill = {
         let (reader, in_body, release) = (reader.clone(), in_body.clone(), release.clone());
         tokio::spawn(async move {
-            get_or_compute::<Plain, _, _, _>(call(&reader, id), always, async move {
-                in_body.notify_one();
-                release.notified().await;
-                OLD
+            get_or_compute::<Plain, _, _, _, _>(call(&reader, id), always, Sharing::none(), move || {
+                (tags(id), async move {
+                    in_body.notify_one();
+                    release.notified().await;
+                    OLD
+                })
             })
             .await
         })
@@ -430,10 +431,12 @@ async fn invalidating_some_keys_does_not_refuse_the_fills_of_others() {
     };
     for id in 0..130u32 {
         let runs = runs.clone();
-        get_or_compute::<Plain, _, _, _>(call(&reader, id), always, async move {
-            runs.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            u64::from(id)
+        get_or_compute::<Plain, _, _, _, _>(call(&reader, id), always, Sharing::none(), move || {
+            (tags(id), async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                u64::from(id)
+            })
         })
         .await;
     }
@@ -449,7 +452,10 @@ async fn invalidating_some_keys_does_not_refuse_the_fills_of_others() {
     let full = format!("{prefix}:{}", relative_key(&reader, 1));
     let _: () = redis.raw().await.set(&full, b"garbage".as_slice()).await.unwrap();
     for _ in 0..2 {
-        get_or_compute::<Plain, _, _, _>(call(&reader, 1), always, async { 11u64 }).await;
+        get_or_compute::<Plain, _, _, _, _>(call(&reader, 1), always, Sharing::none(), move || {
+            (tags(1), async { 11u64 })
+        })
+        .await;
     }
     assert_eq!(reader.get::<u64>(&relative_key(&reader, 1)).await.unwrap(), Some(11));
     assert_eq!(reader.mode(), Mode::Redis);

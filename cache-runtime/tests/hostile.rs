@@ -6,7 +6,9 @@ mod support;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use cache_runtime::__private::{always, get_or_compute, push_part, Call, KeyBuilder, Plain, Spec, Tags};
+use cache_runtime::__private::{
+    always, get_or_compute, push_part, Call, KeyBuilder, Plain, Sharing, Spec, Tags,
+};
 use cache_runtime::{Cache, CacheError};
 use redis::AsyncCommands;
 use support::{both_modes, Redis};
@@ -52,10 +54,12 @@ fn nasty() -> Vec<String> {
 async fn echo(cache: &Cache, arg: &str, runs: &AtomicU32) -> String {
     let mut key = KeyBuilder::new(cache, &SPEC);
     key.arg(arg);
-    let call = Call { cache, spec: &SPEC, key: key.finish(), tags: Tags::Static(&[]) };
-    get_or_compute::<Plain, _, _, _>(call, always, async {
-        runs.fetch_add(1, Ordering::SeqCst);
-        arg.to_owned()
+    let call = Call { cache, spec: &SPEC, key: key.finish() };
+    get_or_compute::<Plain, _, _, _, _>(call, always, Sharing::none(), move || {
+        (Tags::Static(&[]), async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            arg.to_owned()
+        })
     })
     .await
 }

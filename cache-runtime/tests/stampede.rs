@@ -7,24 +7,28 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_runtime::__private::{always, get_or_compute, Call, KeyBuilder, OkOnly, Plain, Spec, Tags};
+use cache_runtime::__private::{
+    always, get_or_compute, Call, KeyBuilder, OkOnly, Plain, Sharing, Spec, Tags,
+};
 use cache_runtime::Cache;
 use support::{local_cache, Redis, FORMATS};
 use tokio::sync::{Barrier, Notify};
 
 const SPEC: Spec = Spec { name: "load", prefix: Some("load"), ttl: None, profile: None, version: 0 };
 
-fn call<'a>(cache: &'a Cache, id: u32, tags: &'static [&'static str]) -> Call<'a> {
+fn call(cache: &Cache, id: u32) -> Call<'_> {
     let mut key = KeyBuilder::new(cache, &SPEC);
     key.arg(&id);
-    Call { cache, spec: &SPEC, key: key.finish(), tags: Tags::Static(tags) }
+    Call { cache, spec: &SPEC, key: key.finish() }
 }
 
 async fn load(cache: &Cache, id: u32, runs: &AtomicU32, delay: Duration) -> u64 {
-    get_or_compute::<Plain, _, _, _>(call(cache, id, &["load"]), always, async {
-        runs.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(delay).await;
-        u64::from(id) * 10
+    get_or_compute::<Plain, _, _, _, _>(call(cache, id), always, Sharing::none(), move || {
+        (Tags::Static(&["load"]), async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            u64::from(id) * 10
+        })
     })
     .await
 }
@@ -77,7 +81,7 @@ async fn a_cancelled_leader_hands_over_to_a_follower() {
             .collect();
         tokio::time::sleep(Duration::from_millis(20)).await;
         leader.abort();
-        let results = tokio::time::timeout(Duration::from_secs(5), async {
+        let results = tokio::time::timeout(Duration::from_secs(5), async move {
             let mut out = Vec::new();
             for f in followers {
                 out.push(f.await.unwrap());
@@ -100,12 +104,14 @@ async fn a_panicking_leader_hands_over_and_leaves_no_lock() {
         let leader = {
             let (cache, entered) = (cache.clone(), entered.clone());
             tokio::spawn(async move {
-                get_or_compute::<Plain, _, _, _>(call(&cache, 2, &[]), always, async move {
-                    entered.notify_one();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    panic!("the body failed");
-                    #[allow(unreachable_code)]
-                    0u64
+                get_or_compute::<Plain, _, _, _, _>(call(&cache, 2), always, Sharing::none(), move || {
+                    (Tags::Static(&[]), async move {
+                        entered.notify_one();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        panic!("the body failed");
+                        #[allow(unreachable_code)]
+                        0u64
+                    })
                 })
                 .await
             })
@@ -132,16 +138,18 @@ async fn a_fill_computed_before_an_invalidation_is_refused() {
             let reader = {
                 let (cache, in_body, release) = (cache.clone(), in_body.clone(), release.clone());
                 tokio::spawn(async move {
-                    get_or_compute::<Plain, _, _, _>(call(&cache, 3, &["load"]), always, async move {
-                        in_body.notify_one();
-                        release.notified().await;
-                        "read before the update".to_owned()
+                    get_or_compute::<Plain, _, _, _, _>(call(&cache, 3), always, Sharing::none(), move || {
+                        (Tags::Static(&["load"]), async move {
+                            in_body.notify_one();
+                            release.notified().await;
+                            "read before the update".to_owned()
+                        })
                     })
                     .await
                 })
             };
             in_body.notified().await;
-            let key = call(&cache, 3, &[]).key.into_relative();
+            let key = call(&cache, 3).key.into_relative();
             match invalidate {
                 "key" => drop(cache.delete(&key).await.unwrap()),
                 "tag" => drop(cache.invalidate_tags(["load"]).await.unwrap()),
@@ -165,12 +173,14 @@ async fn a_fill_computed_before_an_invalidation_is_refused() {
 async fn errors_pass_through_and_are_not_stored() {
     let redis = Redis::start();
     for cache in caches(&redis, "errors").await {
-        let runs = AtomicU32::new(0);
+        let runs = &AtomicU32::new(0);
         for _ in 0..3 {
             let r: Result<u32, String> =
-                get_or_compute::<OkOnly, _, _, _>(call(&cache, 4, &[]), always, async {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    Err("db down".to_owned())
+                get_or_compute::<OkOnly, _, _, _, _>(call(&cache, 4), always, Sharing::none(), move || {
+                    (Tags::Static(&[]), async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Err("db down".to_owned())
+                    })
                 })
                 .await;
             assert_eq!(r.unwrap_err(), "db down");
@@ -195,10 +205,12 @@ async fn an_invalidation_by_another_process_refuses_the_fill() {
         let task = {
             let (reader, in_body, release) = (reader.clone(), in_body.clone(), release.clone());
             tokio::spawn(async move {
-                get_or_compute::<Plain, _, _, _>(call(&reader, 5, &["load"]), always, async move {
-                    in_body.notify_one();
-                    release.notified().await;
-                    format!("stale {round}")
+                get_or_compute::<Plain, _, _, _, _>(call(&reader, 5), always, Sharing::none(), move || {
+                    (Tags::Static(&["load"]), async move {
+                        in_body.notify_one();
+                        release.notified().await;
+                        format!("stale {round}")
+                    })
                 })
                 .await
             })
@@ -207,13 +219,13 @@ async fn an_invalidation_by_another_process_refuses_the_fill() {
         writer.invalidate_tags(["load"]).await.unwrap();
         release.notify_one();
         task.await.unwrap();
-        let key = call(&reader, 5, &[]).key.into_relative();
+        let key = call(&reader, 5).key.into_relative();
         assert_eq!(writer.get::<String>(&key).await.unwrap(), None, "round {round}: a stale fill landed");
     }
     // The refusals taught the reader the current epoch: its next fill lands.
     let runs = AtomicU32::new(0);
     load(&reader, 5, &runs, Duration::ZERO).await;
-    let key = call(&reader, 5, &[]).key.into_relative();
+    let key = call(&reader, 5).key.into_relative();
     assert_eq!(writer.get::<u64>(&key).await.unwrap(), Some(50));
 }
 
@@ -226,10 +238,12 @@ async fn a_caller_starting_after_an_invalidation_never_gets_the_older_flight_val
         let leader = {
             let (cache, in_body, release) = (cache.clone(), in_body.clone(), release.clone());
             tokio::spawn(async move {
-                get_or_compute::<Plain, _, _, _>(call(&cache, 6, &["load"]), always, async move {
-                    in_body.notify_one();
-                    release.notified().await;
-                    "computed before the update".to_owned()
+                get_or_compute::<Plain, _, _, _, _>(call(&cache, 6), always, Sharing::none(), move || {
+                    (Tags::Static(&["load"]), async move {
+                        in_body.notify_one();
+                        release.notified().await;
+                        "computed before the update".to_owned()
+                    })
                 })
                 .await
             })
@@ -240,8 +254,8 @@ async fn a_caller_starting_after_an_invalidation_never_gets_the_older_flight_val
         let late = {
             let cache = cache.clone();
             tokio::spawn(async move {
-                get_or_compute::<Plain, _, _, _>(call(&cache, 6, &["load"]), always, async {
-                    "computed after the update".to_owned()
+                get_or_compute::<Plain, _, _, _, _>(call(&cache, 6), always, Sharing::none(), move || {
+                    (Tags::Static(&["load"]), async move { "computed after the update".to_owned() })
                 })
                 .await
             })

@@ -36,7 +36,7 @@ pub enum Serialization {
     /// serde_json: readable, language-agnostic (the default).
     #[default]
     Json,
-    /// MessagePack with named fields, so reordering a struct's fields breaks nothing.
+    /// MessagePack with named fields: compact, and readable by other languages.
     MsgPack,
     /// postcard: compact native binary for Rust-only consumers (the seeds' `pickle`).
     ///

@@ -297,7 +297,9 @@ async fn invalidation_run(reader: &Cache, writer: &Cache, rate: u64, run: Durati
             let started = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 // Keys of another function: the readers never read them.
-                let _ = writer.delete(&format!("lg_other:v1:{}", done % KEYSPACE)).await;
+                let _ = writer
+                    .delete(&format!("lg_other:v{}:{}", cache_runtime::codec::WIRE_VERSION, done % KEYSPACE))
+                    .await;
                 done += 1;
                 let due = started + Duration::from_secs_f64(done as f64 / rate as f64);
                 tokio::time::sleep_until(due.into()).await;

@@ -7,10 +7,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 
 use crate::breaker::{Breaker, BreakerState};
-use crate::codec;
+use crate::codec::{self, Storable};
 use crate::config::CacheConfig;
 use crate::failover::Failover;
 use crate::flight::Flights;
@@ -184,8 +183,9 @@ impl Cache {
         self.inner.tiers.breaker().state()
     }
 
-    /// Reads `key`; `None` when it is missing, expired or unreadable (an unreadable
-    /// entry is removed, counted and logged).
+    /// Reads `key`; `None` when it is missing, expired, unreadable (an unreadable
+    /// entry is removed, counted and logged) or written for another shape of `T`
+    /// (counted, and left for the next write to replace).
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, CacheError> {
         let full = self.full_key(key);
         let raw = self.read(&full).await?;
@@ -196,12 +196,15 @@ impl Cache {
 
     /// Writes `key`; `.ttl(..)` and `.tags(..)` refine it before it is awaited.
     ///
+    /// The entry records the shape of the type it is read back as ([`Storable`]):
+    /// a [`get`](Self::get) of a type of another shape is a miss.
+    ///
     /// ```no_run
     /// # async fn demo(cache: cache_runtime::Cache) -> Result<(), cache_runtime::CacheError> {
     /// cache.set("missions:123", &"launch").ttl(60).tags(["missions", "queue"]).await?;
     /// # Ok(()) }
     /// ```
-    pub fn set<'a, T: Serialize + ?Sized + Sync>(&'a self, key: &'a str, value: &'a T) -> Set<'a, T> {
+    pub fn set<'a, T: Storable + ?Sized + Sync>(&'a self, key: &'a str, value: &'a T) -> Set<'a, T> {
         Set { cache: self, key, value, ttl: None, tags: Vec::new() }
     }
 
@@ -301,7 +304,7 @@ impl Cache {
     where
         I: IntoIterator<Item = (K, V)>,
         K: AsRef<str>,
-        V: Serialize,
+        V: Storable,
     {
         let config = &self.inner.config;
         if !config.warmup_enabled {
@@ -395,7 +398,7 @@ impl Cache {
 
     /// Stores `value` under `key` as a fill: refused (`Ok(false)`) if anything
     /// covering `key` was invalidated after `fence` was taken.
-    pub(crate) async fn fill<T: Serialize + ?Sized>(
+    pub(crate) async fn fill<T: Storable + ?Sized>(
         &self,
         key: &str,
         value: &T,
@@ -434,10 +437,17 @@ impl Cache {
     }
 
     /// Decodes, or removes the unreadable entry and reports a miss. The removal
-    /// fences nothing: the value that replaces it is not refused.
+    /// fences nothing: the value that replaces it is not refused. An entry
+    /// written for another shape of `T` is a miss but stays: during a deploy the
+    /// other build still reads it, and the next fill replaces it anyway.
     pub(crate) fn decode_or_drop<T: DeserializeOwned>(&self, full: &str, raw: &[u8]) -> Option<T> {
         match codec::decode(raw) {
             Ok(v) => Some(v),
+            Err(e @ CacheError::TypeMismatch { .. }) => {
+                self.inner.counters.type_mismatches.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(key = full, error = %e, "cache entry of another shape: a miss");
+                None
+            }
             Err(e) => {
                 self.inner.counters.decode_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key = full, error = %e, "unreadable cache entry dropped");
@@ -499,7 +509,7 @@ pub struct Set<'a, T: ?Sized> {
     tags: Vec<String>,
 }
 
-impl<'a, T: Serialize + ?Sized + Sync> Set<'a, T> {
+impl<'a, T: Storable + ?Sized + Sync> Set<'a, T> {
     /// Time to live: seconds as an integer, or a `Duration`; the default TTL otherwise.
     pub fn ttl(mut self, ttl: impl IntoTtl) -> Self {
         self.ttl = Some(ttl.into_ttl());
@@ -529,7 +539,7 @@ impl<'a, T: Serialize + ?Sized + Sync> Set<'a, T> {
     }
 }
 
-impl<'a, T: Serialize + ?Sized + Sync> IntoFuture for Set<'a, T> {
+impl<'a, T: Storable + ?Sized + Sync> IntoFuture for Set<'a, T> {
     type Output = Result<(), CacheError>;
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
 

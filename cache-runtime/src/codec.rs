@@ -1,23 +1,34 @@
-//! The stored representation: a seven-byte header, then the payload.
+//! The stored representation: a fifteen-byte header, then the payload.
 //!
-//! The header is a magic byte, the wire version, the format, and a 32-bit
-//! checksum of the payload (xxh3). It names the format, so a reader never
-//! decodes bytes with the wrong decoder whatever its own configured format is,
-//! and the checksum turns corrupted, truncated or foreign bytes into a miss
-//! even where they would happen to decode.
+//! The header is a magic byte, the wire version, the format, a 32-bit
+//! checksum (xxh3) of what follows it, and the 64-bit fingerprint of the stored
+//! type's shape (`shape.rs`). It names the format, so a reader never decodes
+//! bytes with the wrong decoder whatever its own configured format is; the
+//! checksum turns corrupted, truncated or foreign bytes into a miss even where
+//! they would happen to decode; and the fingerprint turns an entry written for
+//! another shape of the type (fields reordered, renamed or retyped by another
+//! build) into a miss instead of into different values.
+//!
+//! What is stored reads back equal: a value JSON can't represent (a NaN or an
+//! infinity, which serde_json writes as `null`) is refused at encode.
 
 use std::fmt;
 use std::str::FromStr;
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::CacheError;
 
+mod finite;
+mod shape;
+
 const MAGIC: u8 = 0xCA;
 /// Bumped when the header or an encoding changes incompatibly; also part of macro keys.
-pub const WIRE_VERSION: u8 = 1;
-const HEADER_LEN: usize = 7;
+pub const WIRE_VERSION: u8 = 2;
+/// Where the checksum ends and what it covers (the fingerprint and the payload) begins.
+const CHECKSUM_END: usize = 7;
+const HEADER_LEN: usize = CHECKSUM_END + 8;
 
 /// How values are encoded before they are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -25,7 +36,7 @@ pub enum Serialization {
     /// serde_json: readable, language-agnostic (the default).
     #[default]
     Json,
-    /// MessagePack with named fields, so reordering a struct's fields breaks nothing.
+    /// MessagePack with named fields: compact, and readable by other languages.
     MsgPack,
     /// postcard: compact native binary for Rust-only consumers (the seeds' `pickle`).
     ///
@@ -83,24 +94,84 @@ impl FromStr for Serialization {
     }
 }
 
-/// Encodes `value` as `format`, header included.
-pub fn encode<T: Serialize + ?Sized>(format: Serialization, value: &T) -> Result<Vec<u8>, CacheError> {
+/// A value the cache can store: it serializes, and the shape of the type it is
+/// read back as is known, to be written into the entry's header.
+///
+/// Implemented for every type that serializes and deserializes (borrowed ones
+/// such as `&str` included, read back as their owned forms), and for `str` and
+/// `[T]`, read back as `String` and `Vec<T>`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` can't be stored: it must implement both `Serialize` and `Deserialize`",
+    label = "the stored value is read back as this type, so it must be `Deserialize` too"
+)]
+pub trait Storable: Serialize {
+    /// The [`fingerprint`] of the type this value is read back as.
+    fn fingerprint() -> u64;
+}
+
+impl<T: Serialize + Deserialize<'static>> Storable for T {
+    fn fingerprint() -> u64 {
+        shape::of::<T>()
+    }
+}
+
+impl Storable for str {
+    fn fingerprint() -> u64 {
+        shape::of::<String>()
+    }
+}
+
+impl<T: Serialize + Deserialize<'static>> Storable for [T] {
+    fn fingerprint() -> u64 {
+        shape::of::<Vec<T>>()
+    }
+}
+
+/// Encodes `value` as `format`, header included, with the fingerprint of the
+/// type it is read back as (see [`Storable`]).
+///
+/// # Errors
+///
+/// [`CacheError::Encode`] when the encoder fails, or when the value would not
+/// read back equal: a NaN or an infinity in JSON.
+pub fn encode<T: Storable + ?Sized>(format: Serialization, value: &T) -> Result<Vec<u8>, CacheError> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&[MAGIC, WIRE_VERSION, format.tag(), 0, 0, 0, 0]);
+    out.extend_from_slice(&T::fingerprint().to_le_bytes());
     let result = match format {
-        Serialization::Json => serde_json::to_writer(&mut out, value).map_err(|e| e.to_string()),
+        Serialization::Json => serde_json::to_writer(&mut out, value)
+            .map_err(|e| e.to_string())
+            .and_then(|()| refuse_non_finite(&out[HEADER_LEN..], value)),
         Serialization::MsgPack => rmp_serde::encode::write_named(&mut out, value).map_err(|e| e.to_string()),
         Serialization::Binary => postcard::to_io(value, &mut out).map(drop).map_err(|e| e.to_string()),
     };
     result.map_err(|message| CacheError::Encode { format: format.as_str(), message })?;
-    let sum = checksum(&out[HEADER_LEN..]);
-    out[3..HEADER_LEN].copy_from_slice(&sum);
+    let sum = checksum(&out[CHECKSUM_END..]);
+    out[3..CHECKSUM_END].copy_from_slice(&sum);
     Ok(out)
 }
 
+/// serde_json writes a NaN or an infinity as `null`: only JSON holding a
+/// `null` can hide one, so the value is walked only then.
+fn refuse_non_finite<T: Serialize + ?Sized>(json: &[u8], value: &T) -> Result<(), String> {
+    if !json.windows(4).any(|w| w == b"null") {
+        return Ok(());
+    }
+    finite::find(value).map_or(Ok(()), |found| Err(found.to_string()))
+}
+
 /// Decodes bytes written by [`encode`], in whatever format their header names.
+///
+/// # Errors
+///
+/// [`CacheError::TypeMismatch`] when the entry was written for another shape
+/// of `T`; [`CacheError::Decode`] when the bytes are not a readable entry.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CacheError> {
-    let (format, payload) = split_header(bytes)?;
+    let (format, found, payload) = split_header(bytes)?;
+    let expected = shape::of::<T>();
+    if found != expected {
+        return Err(CacheError::TypeMismatch { expected, found });
+    }
     let result = match format {
         Serialization::Json => serde_json::from_slice(payload).map_err(|e| e.to_string()),
         Serialization::MsgPack => rmp_serde::from_slice(payload).map_err(|e| e.to_string()),
@@ -113,7 +184,32 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CacheError> {
     result.map_err(|message| CacheError::Decode { format: format.as_str(), message })
 }
 
-fn split_header(bytes: &[u8]) -> Result<(Serialization, &[u8]), CacheError> {
+/// The fingerprint of `T`'s shape that [`encode`] writes and [`decode`] expects.
+///
+/// Computed once per type and process. Equal for equal shapes in every build:
+/// it changes when a struct or enum, or one of its fields or variants, is
+/// renamed, reordered, added, removed or retyped. Types that can't be traced
+/// (custom `Deserialize` impls that need a self-describing format or reject
+/// placeholder values) are fingerprinted by their type name instead, so a
+/// change inside them needs a `version` bump.
+///
+/// ```
+/// #[derive(serde::Deserialize)]
+/// struct Item { price_cents: u64, stock: u64 }
+/// #[derive(serde::Deserialize)]
+/// #[serde(rename = "Item")]
+/// struct Reordered { stock: u64, price_cents: u64 }
+///
+/// use cache_runtime::codec::fingerprint;
+/// assert_eq!(fingerprint::<Item>(), fingerprint::<Item>());
+/// assert_ne!(fingerprint::<Item>(), fingerprint::<Reordered>());
+/// assert_eq!(fingerprint::<String>(), fingerprint::<&str>());
+/// ```
+pub fn fingerprint<T: Deserialize<'static>>() -> u64 {
+    shape::of::<T>()
+}
+
+fn split_header(bytes: &[u8]) -> Result<(Serialization, u64, &[u8]), CacheError> {
     let bad = |message: String| CacheError::Decode { format: "unknown", message };
     if bytes.len() < HEADER_LEN || bytes[0] != MAGIC {
         return Err(bad("no cache header (written by something else?)".into()));
@@ -122,11 +218,12 @@ fn split_header(bytes: &[u8]) -> Result<(Serialization, &[u8]), CacheError> {
         return Err(bad(format!("wire version {} (this build reads {WIRE_VERSION})", bytes[1])));
     }
     let format = Serialization::from_tag(bytes[2]).ok_or_else(|| bad(format!("format tag {}", bytes[2])))?;
-    let payload = &bytes[HEADER_LEN..];
-    if bytes[3..HEADER_LEN] != checksum(payload) {
+    if bytes[3..CHECKSUM_END] != checksum(&bytes[CHECKSUM_END..]) {
         return Err(bad("checksum mismatch (corrupted or truncated)".into()));
     }
-    Ok((format, payload))
+    let mut fingerprint = [0; 8];
+    fingerprint.copy_from_slice(&bytes[CHECKSUM_END..HEADER_LEN]);
+    Ok((format, u64::from_le_bytes(fingerprint), &bytes[HEADER_LEN..]))
 }
 
 fn checksum(payload: &[u8]) -> [u8; 4] {
@@ -146,6 +243,7 @@ mod tests {
     }
 
     #[derive(Debug, PartialEq, Deserialize)]
+    #[serde(rename = "Mission")]
     struct Reordered {
         tags: Vec<String>,
         name: String,
@@ -165,18 +263,144 @@ mod tests {
         }
     }
 
+    /// The stock entry of an older build, and of a newer one that reordered its fields.
+    mod item {
+        pub mod old {
+            #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+            pub struct Item {
+                pub price_cents: u64,
+                pub stock: u64,
+            }
+        }
+        pub mod new {
+            #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+            pub struct Item {
+                pub stock: u64,
+                pub price_cents: u64,
+            }
+        }
+        pub mod retyped {
+            #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+            pub struct Item {
+                pub price_cents: u64,
+                pub stock: i64,
+            }
+        }
+    }
+
+    const FORMATS: [Serialization; 3] = [Serialization::Json, Serialization::MsgPack, Serialization::Binary];
+
     #[test]
-    fn msgpack_survives_field_reordering() {
-        let bytes = encode(Serialization::MsgPack, &sample()).unwrap();
-        let r: Reordered = decode(&bytes).unwrap();
-        assert_eq!((r.id, r.name.as_str()), (7, "apollo"));
+    fn a_reordered_struct_reads_as_a_mismatch_in_every_format() {
+        let old = item::old::Item { price_cents: 1999, stock: 10 };
+        for format in FORMATS {
+            let bytes = encode(format, &old).unwrap();
+            match decode::<item::new::Item>(&bytes) {
+                Err(CacheError::TypeMismatch { expected, found }) => {
+                    assert_eq!(expected, fingerprint::<item::new::Item>());
+                    assert_eq!(found, fingerprint::<item::old::Item>());
+                }
+                other => panic!("{format}: expected a type mismatch, got {other:?}"),
+            }
+            assert_eq!(decode::<item::old::Item>(&bytes).unwrap(), old, "{format}");
+        }
+    }
+
+    #[test]
+    fn without_the_fingerprint_postcard_swaps_reordered_fields() {
+        let bytes = encode(Serialization::Binary, &item::old::Item { price_cents: 1999, stock: 10 }).unwrap();
+        let swapped: item::new::Item = postcard::from_bytes(&bytes[HEADER_LEN..]).unwrap();
+        assert_eq!((swapped.price_cents, swapped.stock), (10, 1999), "the payload alone decodes, wrongly");
+    }
+
+    #[test]
+    fn a_retyped_field_reads_as_a_mismatch_in_every_format() {
+        let old = item::old::Item { price_cents: 1999, stock: 10 };
+        for format in FORMATS {
+            let bytes = encode(format, &old).unwrap();
+            let read = decode::<item::retyped::Item>(&bytes);
+            assert!(matches!(read, Err(CacheError::TypeMismatch { .. })), "{format}: {read:?}");
+        }
+    }
+
+    #[test]
+    fn a_value_of_another_type_reads_as_a_mismatch() {
+        let bytes = encode(Serialization::Json, &"hi").unwrap();
+        assert!(matches!(decode::<Mission>(&bytes), Err(CacheError::TypeMismatch { .. })));
+        assert_eq!(decode::<String>(&bytes).unwrap(), "hi", "a borrowed str is stored as a String");
+        assert_eq!(decode::<String>(&encode(Serialization::Binary, "hi").unwrap()).unwrap(), "hi");
+        let slice: &[u32] = &[1, 2];
+        assert_eq!(decode::<Vec<u32>>(&encode(Serialization::MsgPack, slice).unwrap()).unwrap(), [1, 2]);
+    }
+
+    #[test]
+    fn json_refuses_nan_and_infinity_at_encode() {
+        assert_eq!(serde_json::to_string(&Some(f64::NAN)).unwrap(), "null", "what JSON alone would store");
+        for value in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            for result in [
+                encode(Serialization::Json, &value),
+                encode(Serialization::Json, &Some(value)),
+                encode(Serialization::Json, &vec![1.0, value]),
+                encode(Serialization::Json, &(value as f32)),
+            ] {
+                let err = result.unwrap_err();
+                assert!(matches!(err, CacheError::Encode { format: "json", .. }), "{err:?}");
+                assert!(err.to_string().contains("NaN or infinity can't be stored as JSON"), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_json_refusal_names_the_field() {
+        #[derive(Serialize, Deserialize)]
+        struct Reading {
+            sensor: String,
+            value: Option<f64>,
+        }
+        let reading = Reading { sensor: "null".into(), value: Some(f64::NAN) };
+        let err = encode(Serialization::Json, &reading).unwrap_err();
+        assert!(err.to_string().contains("in field `value`"), "{err}");
+        let fine = Reading { sensor: "null".into(), value: None };
+        let bytes = encode(Serialization::Json, &fine).unwrap();
+        assert_eq!(decode::<Reading>(&bytes).unwrap().value, None, "a real null is stored");
+    }
+
+    #[test]
+    fn nan_and_infinity_round_trip_in_msgpack_and_binary() {
+        for format in [Serialization::MsgPack, Serialization::Binary] {
+            let bytes = encode(format, &Some(f64::NAN)).unwrap();
+            assert!(decode::<Option<f64>>(&bytes).unwrap().is_some_and(f64::is_nan), "{format}");
+            let bytes = encode(format, &vec![f64::INFINITY, f64::NEG_INFINITY]).unwrap();
+            assert_eq!(decode::<Vec<f64>>(&bytes).unwrap(), [f64::INFINITY, f64::NEG_INFINITY], "{format}");
+        }
+    }
+
+    #[test]
+    fn fingerprints_are_stable_and_follow_the_shape() {
+        let first = fingerprint::<Mission>();
+        assert_eq!(first, fingerprint::<Mission>());
+        assert_eq!(first, shape::compute::<Mission>(), "the cached value is the traced one");
+        assert_ne!(first, fingerprint::<Reordered>());
+        assert_ne!(fingerprint::<u32>(), fingerprint::<u64>());
+        assert_ne!(fingerprint::<Vec<u8>>(), fingerprint::<Option<u8>>());
+        assert_eq!(fingerprint::<String>(), fingerprint::<&str>());
+        assert_eq!(<str as Storable>::fingerprint(), fingerprint::<String>());
+        assert_eq!(<[u8] as Storable>::fingerprint(), fingerprint::<Vec<u8>>());
     }
 
     #[test]
     fn foreign_and_truncated_bytes_are_errors() {
         assert!(decode::<Mission>(b"{\"id\":7}").is_err());
         assert!(decode::<Mission>(&[MAGIC]).is_err());
-        assert!(decode::<Mission>(&[MAGIC, WIRE_VERSION + 1, 1, 0, 0, 0, 0, b'1']).is_err());
+        assert!(decode::<Mission>(&[MAGIC, WIRE_VERSION + 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'1'])
+            .is_err());
+        let mut retagged = encode(Serialization::Json, &sample()).unwrap();
+        retagged[CHECKSUM_END] ^= 1;
+        let read = decode::<Mission>(&retagged);
+        assert!(
+            matches!(read, Err(CacheError::Decode { .. })),
+            "a flipped fingerprint bit is corruption: {read:?}"
+        );
         let mut flipped = encode(Serialization::Json, &sample()).unwrap();
         *flipped.last_mut().unwrap() ^= 1;
         assert!(decode::<Mission>(&flipped).is_err(), "a flipped bit must be caught");

@@ -55,6 +55,18 @@ pub enum CacheError {
         message: String,
     },
 
+    /// The stored entry was written for another shape of the requested type: a
+    /// field or variant renamed, reordered, added, removed or retyped (another
+    /// build during a deploy, or a changed type without a `version` bump). It
+    /// reads as a miss and is left in place for the next write to replace.
+    #[error("the stored entry was written for another shape of the type (fingerprint {found:016x}, this build reads {expected:016x}); it reads as a miss until it is rewritten")]
+    TypeMismatch {
+        /// The fingerprint of the type this build reads.
+        expected: u64,
+        /// The fingerprint in the entry's header.
+        found: u64,
+    },
+
     /// An encoded value exceeded `max_value_bytes` and was not stored.
     #[error("value of {size} bytes exceeds max_value_bytes ({limit}); it was not stored (raise the limit or cache less)")]
     TooLarge {

@@ -14,6 +14,7 @@ use crate::CacheError;
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) decode_failures: AtomicU64,
+    pub(crate) type_mismatches: AtomicU64,
     pub(crate) fills_refused: AtomicU64,
     pub(crate) oversized: AtomicU64,
 }
@@ -45,6 +46,7 @@ impl Counters {
             hit_rate: hit_rate(hits, misses),
             errors: metrics.errors.get(),
             decode_failures: self.decode_failures.load(Ordering::Relaxed),
+            type_mismatches: self.type_mismatches.load(Ordering::Relaxed),
             fills_refused: self.fills_refused.load(Ordering::Relaxed),
             oversized: self.oversized.load(Ordering::Relaxed),
             breaker: BreakerState::Closed,
@@ -99,6 +101,9 @@ pub struct CacheStats {
     pub errors: u64,
     /// Entries that could not be decoded and were dropped.
     pub decode_failures: u64,
+    /// Entries written for another shape of the type read (another build's):
+    /// misses, left in place for the next write to replace.
+    pub type_mismatches: u64,
     /// Fills skipped because an invalidation ran while the value was computed.
     pub fills_refused: u64,
     /// Values not stored because they exceeded `max_value_bytes`.

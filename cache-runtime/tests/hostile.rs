@@ -102,7 +102,7 @@ async fn hostile_arguments_round_trip_without_colliding_or_widening_patterns() {
         // A pattern built from a hostile argument deletes only that argument's entry.
         let mut part = String::new();
         push_part(&mut part, "*");
-        assert_eq!(cache.delete_pattern(&format!("echo:v1:{part}")).await.unwrap(), 1);
+        assert_eq!(cache.delete_pattern(&format!("echo:v2:{part}")).await.unwrap(), 1);
         assert_eq!(cache.stats().await.unwrap().total_keys as usize, args.len() - 1);
     }
 }

@@ -211,7 +211,7 @@ async fn composite_arguments_hash_into_the_key() {
         assert!(!evaluate_policy(1, "launch".into(), ctx(1)).await.allowed);
         assert_eq!(runs(), 2);
         let key = evaluate_policy_key(1, "launch".into(), ctx(3));
-        assert!(key.starts_with("policies:v1:1:launch:#"), "{key}");
+        assert!(key.starts_with("policies:v2:1:launch:#"), "{key}");
         assert_eq!(cache.invalidate_tags(["policies"]).await.unwrap(), 2);
         evaluate_policy(1, "launch".into(), ctx(3)).await;
         assert_eq!(runs(), 3);
@@ -226,8 +226,8 @@ async fn a_key_format_replaces_the_argument_list() {
         // `note` is not in the key: the second call is a hit with the first result.
         assert_eq!(queued("high".into(), 7, "second".into()).await, "high/7/first");
         assert_eq!(runs(), 1);
-        assert_eq!(queued_key("high".into(), 7), "queue:v1:high:7");
-        assert_eq!(cache.delete_pattern("queue:v1:high:*").await.unwrap(), 1);
+        assert_eq!(queued_key("high".into(), 7), "queue:v2:high:7");
+        assert_eq!(cache.delete_pattern("queue:v2:high:*").await.unwrap(), 1);
         queued("high".into(), 7, "third".into()).await;
         assert_eq!(cache.invalidate_tags(["queue:high"]).await.unwrap(), 1);
     })

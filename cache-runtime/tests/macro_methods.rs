@@ -65,11 +65,11 @@ async fn methods_cache_without_the_receiver_in_the_key() {
         let other = AgentService::new(cache.clone());
         assert_eq!(other.get_agent(1).await, a);
         assert_eq!(other.queries(), 0);
-        assert_eq!(service.get_agent_key(1), "agents:v1:1");
+        assert_eq!(service.get_agent_key(1), "agents:v2:1");
         assert!(service.get_agent_invalidate(1).await.unwrap());
         service.get_agent(1).await;
         assert_eq!(service.queries(), 2);
-        let KeyTtl::Expires(ttl) = cache.ttl("agents:v1:1").await.unwrap() else { panic!("no ttl") };
+        let KeyTtl::Expires(ttl) = cache.ttl("agents:v2:1").await.unwrap() else { panic!("no ttl") };
         assert!(ttl > Duration::from_secs(590));
     }
 }
@@ -83,7 +83,7 @@ async fn a_skipped_database_handle_is_not_part_of_the_key() {
         service.get_agent_via(&db, 3).await;
         service.get_agent_via(&service.db, 3).await;
         assert_eq!(db.queries.load(Ordering::SeqCst) + service.queries(), 1);
-        assert_eq!(service.get_agent_via_key(3), "agents_via:v1:3");
+        assert_eq!(service.get_agent_via_key(3), "agents_via:v2:3");
         assert_eq!(service.get_agent_via_invalidate_all().await.unwrap(), 1);
         let fresh = service.get_agent_via_refresh(&db, 3).await;
         assert_eq!(fresh.id, 3);

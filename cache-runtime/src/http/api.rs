@@ -389,6 +389,7 @@ async fn cache_metrics(State(s): State<Arc<Shared>>) -> Reply {
         "errors": st.errors,
         "hit_rate": st.hit_rate,
         "decode_failures": st.decode_failures,
+        "type_mismatches": st.type_mismatches,
         "fills_refused": st.fills_refused,
         "oversized": st.oversized,
         "total_keys": st.total_keys,

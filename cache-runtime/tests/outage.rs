@@ -67,7 +67,7 @@ async fn the_breaker_opens_at_exactly_the_threshold() {
     // No background checks here: only the calls below may count as failures.
     let config = config(&proxy.url()).health_check_interval(Duration::from_secs(3600)).build().unwrap();
     let cache = Cache::new(config).await.unwrap();
-    cache.set("k", &1).await.unwrap();
+    cache.set("k", &1u32).await.unwrap();
     proxy.set(Fault::Reset);
     for failure in 1..=5 {
         assert!(cache.get::<u32>("k").await.is_err(), "failure {failure} must surface as an error");
@@ -100,7 +100,7 @@ async fn the_breaker_opens_at_exactly_the_threshold() {
 async fn a_killed_redis_opens_the_breaker_and_a_restart_closes_it() {
     let mut redis = Redis::spawn();
     let cache = cache_on(redis.url()).await;
-    cache.set("k", &1).await.unwrap();
+    cache.set("k", &1u32).await.unwrap();
     redis.kill();
     while cache.mode() == Mode::Redis {
         let _ = cache.get::<u32>("k").await;
@@ -108,7 +108,7 @@ async fn a_killed_redis_opens_the_breaker_and_a_restart_closes_it() {
     assert_eq!(cache.breaker_state(), BreakerState::Open);
     // Open: calls use the local tier and succeed.
     assert_eq!(cache.get::<u32>("k").await.unwrap(), None);
-    cache.set("k", &2).await.unwrap();
+    cache.set("k", &2u32).await.unwrap();
     assert_eq!(cache.get::<u32>("k").await.unwrap(), Some(2));
     let stats = cache.stats().await.unwrap();
     assert_eq!((stats.mode, stats.breaker, stats.breaker_opened), (Mode::Local, BreakerState::Open, 1));

@@ -15,6 +15,11 @@
 //! is still a miss, a change inside it is not, so bump `version` when such a
 //! type changes. `type_name` may also differ between compiler versions, which
 //! costs one miss per entry after such an upgrade, never a wrong value.
+//!
+//! Written here rather than taken from `serde-reflection`: that crate traces a
+//! recursive enum whose first variant contains itself (`enum Expr { Add(Box<Expr>,
+//! Box<Expr>), Lit(i64) }`) until the stack overflows, and a cache can't bring
+//! down the process for the shape of a type it was handed.
 
 use std::any::TypeId;
 use std::collections::{BTreeMap, HashMap};

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
+use crate::background::Background;
 use crate::breaker::{Breaker, BreakerState};
 use crate::codec::{self, Storable};
 use crate::config::CacheConfig;
@@ -81,6 +82,8 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     pub(crate) metrics: Metrics,
     pub(crate) flights: Flights,
+    /// The runtime the Redis connections and upkeep loops live on, when Redis is configured.
+    background: Option<Background>,
 }
 
 impl AsRef<Cache> for Cache {
@@ -118,18 +121,22 @@ impl Cache {
         };
         let metrics = Metrics::for_config(&config);
         let misconfig = Arc::new(Misconfig::new(metrics.config_errors.clone()));
-        let store = RedisStore::new(&config, target.as_str(), misconfig.clone()).map_err(|e| match e {
-            CacheError::Redis(e) => CacheError::config("REDIS_URL", &target, e.to_string()),
-            other => other,
-        })?;
+        let background = Background::start()?;
+        let runtime = background.handle().clone();
+        let store = RedisStore::new(&config, target.as_str(), misconfig.clone(), runtime.clone()).map_err(
+            |e| match e {
+                CacheError::Redis(e) => CacheError::config("REDIS_URL", &target, e.to_string()),
+                other => other,
+            },
+        )?;
         let connect = config.socket_connect_timeout.max(config.operation_timeout());
         let schema = Schema::new(&config.key_prefix);
         let redis = RedisTier::new(store, schema.clone(), connect);
-        let cache = Cache::assemble(config, schema, metrics, misconfig, Some(Box::new(redis)));
+        let cache = Cache::assemble(config, schema, metrics, misconfig, Some((Box::new(redis), background)));
         if cache.inner.tiers.start().await? == Mode::Redis {
             tracing::info!(redis = %target, prefix = %cache.inner.config.key_prefix, "cache runs in redis mode");
         }
-        Failover::spawn_loops(&cache.inner.tiers, cache.inner.config.health_check_interval);
+        Failover::spawn_loops(&cache.inner.tiers, cache.inner.config.health_check_interval, &runtime);
         Ok(cache)
     }
 
@@ -146,8 +153,9 @@ impl Cache {
         schema: Schema,
         metrics: Metrics,
         misconfig: Arc<Misconfig>,
-        shared: Option<Box<dyn Store>>,
+        shared: Option<(Box<dyn Store>, Background)>,
     ) -> Cache {
+        let (shared, background) = shared.unzip();
         let breaker = Breaker::new(
             config.circuit_breaker_enabled,
             config.circuit_breaker_threshold,
@@ -161,6 +169,7 @@ impl Cache {
                 counters: Counters::default(),
                 metrics,
                 // A marker outlives any read that can still be running (reads time out).
+                background,
                 flights: Flights::new(config.operation_timeout() * 2 + Duration::from_millis(100)),
                 schema,
                 config,
@@ -454,7 +463,8 @@ impl Cache {
                 let this = self.clone();
                 let (full, raw) = (full.to_owned(), raw.to_vec());
                 // Best effort and off the caller's path: the entry reads as a miss either way.
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let runtime = self.inner.background.as_ref().map(|b| b.handle().clone());
+                if let Some(rt) = runtime.or_else(|| tokio::runtime::Handle::try_current().ok()) {
                     rt.spawn(async move { this.inner.tiers.drop_if_same(&full, &raw).await });
                 }
                 None
@@ -493,6 +503,11 @@ impl Cache {
         self.inner.metrics.errors.inc();
         // Logged once per cause where it was recorded; per call it would bury everything else.
         if error.is_misconfiguration() {
+            return;
+        }
+        if matches!(error, CacheError::NoRuntime) {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!(op, error = %error, "cache bypassed"));
             return;
         }
         tracing::warn!(op, key, error = %error, "cache fault: serving the function's own result");

@@ -15,7 +15,9 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client};
+use tracing::instrument::WithSubscriber;
 
+use crate::background::Background;
 use crate::misconfig::Misconfig;
 use crate::CacheError;
 
@@ -34,6 +36,9 @@ struct Slot {
 }
 
 pub(crate) struct Connections {
+    /// The cache's own runtime (`background.rs`): connections are made there so
+    /// their drivers outlive the caller's runtime.
+    runtime: tokio::runtime::Handle,
     client: Client,
     config: AsyncConnectionConfig,
     /// Where a reconnect refused for its credentials is reported.
@@ -53,12 +58,14 @@ pub(crate) struct Lease {
 
 impl Connections {
     pub(crate) fn new(
+        runtime: tokio::runtime::Handle,
         client: Client,
         config: AsyncConnectionConfig,
         count: usize,
         misconfig: Arc<Misconfig>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Connections {
+            runtime,
             client,
             config,
             misconfig,
@@ -72,7 +79,9 @@ impl Connections {
     /// Connects every slot now; an error leaves the slots to the background reconnect.
     pub(crate) async fn connect_all(&self) -> Result<(), CacheError> {
         for i in 0..self.slots.len() {
-            match self.client.get_multiplexed_async_connection_with_config(&self.config).await {
+            let (client, config) = (self.client.clone(), self.config.clone());
+            let connect = async move { client.get_multiplexed_async_connection_with_config(&config).await };
+            match Background::run(&self.runtime, connect).await? {
                 Ok(conn) => self.install(i, conn),
                 Err(e) => {
                     self.reconnect(i);
@@ -136,12 +145,8 @@ impl Connections {
         if self.slots[slot].reconnecting.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.slots[slot].reconnecting.store(false, Ordering::Release);
-            return;
-        };
         let me = self.me.clone();
-        runtime.spawn(async move {
+        let reconnect = async move {
             let mut attempt = 0u32;
             loop {
                 // Ends with the cache: only a weak reference is held between attempts.
@@ -163,7 +168,9 @@ impl Connections {
                 tokio::time::sleep(backoff(attempt)).await;
                 attempt = attempt.saturating_add(1);
             }
-        });
+        };
+        // Logged where the caller's events go, not only to the global subscriber.
+        self.runtime.spawn(reconnect.with_current_subscriber());
     }
 }
 

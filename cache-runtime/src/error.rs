@@ -21,6 +21,11 @@ pub enum CacheError {
         message: String,
     },
 
+    /// Called outside a Tokio runtime: the cache's Redis commands run under
+    /// Tokio timers. A `#[cached]` function or `get_with` runs its body instead.
+    #[error("called outside a Tokio runtime: the cache needs one for its Redis commands (call it from within a Tokio runtime; cached functions run their body meanwhile)")]
+    NoRuntime,
+
     /// A Redis call did not finish within its timeout.
     #[error("redis did not answer within {0:?} (raise `socket_timeout` or check the server's load)")]
     Timeout(Duration),

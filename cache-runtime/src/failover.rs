@@ -14,6 +14,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use prometheus::IntGauge;
+use tracing::instrument::WithSubscriber;
 
 use crate::breaker::{Breaker, BreakerState, Permit};
 use crate::cache::{KeyTtl, Mode};
@@ -246,12 +247,16 @@ impl Failover {
     }
 
     /// Starts the background upkeep; each loop ends with the last strong reference.
-    pub(crate) fn spawn_loops(this: &Arc<Failover>, health_every: Duration) {
+    pub(crate) fn spawn_loops(
+        this: &Arc<Failover>,
+        health_every: Duration,
+        runtime: &tokio::runtime::Handle,
+    ) {
         if this.shared.is_none() {
             return;
         }
-        tokio::spawn(health_loop(Arc::downgrade(this), health_every));
-        tokio::spawn(replay_loop(Arc::downgrade(this)));
+        runtime.spawn(health_loop(Arc::downgrade(this), health_every).with_current_subscriber());
+        runtime.spawn(replay_loop(Arc::downgrade(this)).with_current_subscriber());
     }
 }
 

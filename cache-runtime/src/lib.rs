@@ -18,6 +18,7 @@
 //! ```
 
 mod access;
+mod background;
 mod breaker;
 mod cache;
 pub mod codec;

@@ -42,6 +42,7 @@ impl RedisStore {
         config: &CacheConfig,
         url: &str,
         misconfig: Arc<Misconfig>,
+        runtime: tokio::runtime::Handle,
     ) -> Result<Self, CacheError> {
         let client = Client::open(url)?;
         // No response timeout here: `run` bounds every command with the operation
@@ -50,7 +51,7 @@ impl RedisStore {
             .set_connection_timeout(Some(config.socket_connect_timeout))
             .set_response_timeout(None);
         Ok(RedisStore {
-            conns: Connections::new(client, conn_config, config.connections, misconfig),
+            conns: Connections::new(runtime, client, conn_config, config.connections, misconfig),
             op_timeout: config.operation_timeout(),
             fences: FenceScripts::new(),
         })
@@ -83,6 +84,7 @@ impl RedisStore {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
+        crate::background::on_runtime()?;
         let lease = self.conns.lease()?;
         match tokio::time::timeout(self.op_timeout, command(lease.conn.clone())).await {
             Ok(Ok(value)) => Ok(value),

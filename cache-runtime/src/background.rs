@@ -1,0 +1,61 @@
+//! A runtime of the cache's own, on one thread, for what must outlive any one
+//! caller's runtime: the drivers of the Redis connections, their reconnects,
+//! and the health, replay and upkeep loops.
+//!
+//! A multiplexed connection's driver is a task on the runtime that connected
+//! it. Had that been the caller's, the connection would die with it: a test
+//! suite (one runtime per `#[tokio::test]`) sharing the global cache would find
+//! every connection dead after the first test. Here callers on any runtime send
+//! to drivers that live as long as the cache. The thread stops when the cache is
+//! dropped.
+
+use std::future::Future;
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+use crate::CacheError;
+
+pub(crate) struct Background {
+    handle: Handle,
+    /// Dropped with the cache: the thread's runtime then stops.
+    _stop: oneshot::Sender<()>,
+}
+
+impl Background {
+    pub(crate) fn start() -> Result<Background, CacheError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CacheError::Unavailable(format!("could not start the cache's I/O runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("cache-runtime-io".into())
+            .spawn(move || runtime.block_on(async move { drop(stopped.await) }))
+            .map_err(|e| CacheError::Unavailable(format!("could not start the cache's I/O thread: {e}")))?;
+        Ok(Background { handle, _stop: stop })
+    }
+
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Runs `fut` on the cache's runtime and waits for it from whichever
+    /// executor the caller is on.
+    pub(crate) async fn run<T: Send + 'static>(
+        handle: &Handle,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, CacheError> {
+        handle.spawn(fut).await.map_err(|_| CacheError::Unavailable("the cache is shutting down".into()))
+    }
+}
+
+/// Whether the caller runs on a Tokio runtime: timers (and so every Redis
+/// command, each under the operation timeout) need one.
+pub(crate) fn on_runtime() -> Result<(), CacheError> {
+    match Handle::try_current() {
+        Ok(_) => Ok(()),
+        Err(_) => Err(CacheError::NoRuntime),
+    }
+}

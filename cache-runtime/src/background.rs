@@ -8,6 +8,9 @@
 //! every connection dead after the first test. Here callers on any runtime send
 //! to drivers that live as long as the cache. The thread stops when the cache is
 //! dropped.
+//!
+//! A second thread carries the connection for big values, so that reading
+//! megabytes there never holds up the small replies the first thread reads.
 
 use std::future::Future;
 
@@ -17,28 +20,46 @@ use tokio::sync::oneshot;
 use crate::CacheError;
 
 pub(crate) struct Background {
+    io: Thread,
+    bulk: Thread,
+}
+
+/// One thread running a runtime until the cache is dropped.
+struct Thread {
     handle: Handle,
     /// Dropped with the cache: the thread's runtime then stops.
     _stop: oneshot::Sender<()>,
 }
 
-impl Background {
-    pub(crate) fn start() -> Result<Background, CacheError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| CacheError::Unavailable(format!("could not start the cache's I/O runtime: {e}")))?;
+impl Thread {
+    fn start(name: &str) -> Result<Thread, CacheError> {
+        let failed = |e: std::io::Error| {
+            CacheError::Unavailable(format!("could not start the cache's {name} thread: {e}"))
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(failed)?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         std::thread::Builder::new()
-            .name("cache-runtime-io".into())
+            .name(format!("cache-runtime-{name}"))
             .spawn(move || runtime.block_on(async move { drop(stopped.await) }))
-            .map_err(|e| CacheError::Unavailable(format!("could not start the cache's I/O thread: {e}")))?;
-        Ok(Background { handle, _stop: stop })
+            .map_err(failed)?;
+        Ok(Thread { handle, _stop: stop })
+    }
+}
+
+impl Background {
+    pub(crate) fn start() -> Result<Background, CacheError> {
+        Ok(Background { io: Thread::start("io")?, bulk: Thread::start("bulk")? })
     }
 
+    /// Where the connections of small commands and the upkeep loops live.
     pub(crate) fn handle(&self) -> &Handle {
-        &self.handle
+        &self.io.handle
+    }
+
+    /// Where the connection of big values lives.
+    pub(crate) fn bulk_handle(&self) -> &Handle {
+        &self.bulk.handle
     }
 
     /// Runs `fut` on the cache's runtime and waits for it from whichever

@@ -123,7 +123,7 @@ impl Cache {
         let misconfig = Arc::new(Misconfig::new(metrics.config_errors.clone()));
         let background = Background::start()?;
         let runtime = background.handle().clone();
-        let store = RedisStore::new(&config, target.as_str(), misconfig.clone(), runtime.clone()).map_err(
+        let store = RedisStore::new(&config, target.as_str(), misconfig.clone(), &background).map_err(
             |e| match e {
                 CacheError::Redis(e) => CacheError::config("REDIS_URL", &target, e.to_string()),
                 other => other,
@@ -131,7 +131,7 @@ impl Cache {
         )?;
         let connect = config.socket_connect_timeout.max(config.operation_timeout());
         let schema = Schema::new(&config.key_prefix);
-        let redis = RedisTier::new(store, schema.clone(), connect);
+        let redis = RedisTier::new(store, schema.clone(), connect, config.big_value_bytes);
         let cache = Cache::assemble(config, schema, metrics, misconfig, Some((Box::new(redis), background)));
         if cache.inner.tiers.start().await? == Mode::Redis {
             tracing::info!(redis = %target, prefix = %cache.inner.config.key_prefix, "cache runs in redis mode");

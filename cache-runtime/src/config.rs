@@ -100,6 +100,7 @@ pub struct CacheConfig {
     pub(crate) profiles: HashMap<String, Profile>,
     pub(crate) local_max_entries: u64,
     pub(crate) max_value_bytes: usize,
+    pub(crate) big_value_bytes: usize,
     pub(crate) warmup_enabled: bool,
     pub(crate) warmup_batch_size: usize,
     pub(crate) warmup_concurrency: usize,
@@ -129,6 +130,7 @@ impl Default for CacheConfig {
             profiles: HashMap::new(),
             local_max_entries: 100_000,
             max_value_bytes: 8 << 20,
+            big_value_bytes: 256 << 10,
             warmup_enabled: true,
             warmup_batch_size: 100,
             warmup_concurrency: 5,
@@ -239,6 +241,7 @@ impl CacheConfig {
                 "connections" => config.connections = positive(key_path, v, yaml_num(key_path, v)?)?,
                 "max_connections" => config.max_connections = positive(key_path, v, yaml_num(key_path, v)?)?,
                 "max_value_bytes" => config.max_value_bytes = positive(key_path, v, yaml_num(key_path, v)?)?,
+                "big_value_bytes" => config.big_value_bytes = positive(key_path, v, yaml_num(key_path, v)?)?,
                 "local_max_entries" => {
                     config.local_max_entries = positive(key_path, v, yaml_num(key_path, v)?)?
                 }
@@ -366,6 +369,11 @@ impl CacheConfig {
     /// Encoded values larger than this are not stored (default 8 MiB).
     pub fn max_value_bytes(&self) -> usize {
         self.max_value_bytes
+    }
+    /// Encoded values larger than this travel on a Redis connection of their
+    /// own, under a timeout that grows with their size (default 256 KiB).
+    pub fn big_value_bytes(&self) -> usize {
+        self.big_value_bytes
     }
     /// Whether [`Cache::warm`](crate::Cache::warm) writes anything.
     pub fn warmup_enabled(&self) -> bool {
@@ -511,6 +519,11 @@ impl CacheConfigBuilder {
     /// Sets the largest encoded value that is stored.
     pub fn max_value_bytes(mut self, n: usize) -> Self {
         self.config.max_value_bytes = n;
+        self
+    }
+    /// Sets the size above which a value travels on a connection of its own.
+    pub fn big_value_bytes(mut self, n: usize) -> Self {
+        self.config.big_value_bytes = n;
         self
     }
     /// Checks the values and returns the config.

@@ -44,7 +44,7 @@ use arc_swap::ArcSwap;
 
 use redis::Script;
 
-use crate::redis_store::RedisStore;
+use crate::redis_store::{Lane, RedisStore};
 use crate::CacheError;
 
 /// How long a fill may take from its read to its write before it is refused.
@@ -117,9 +117,10 @@ local function fence(nonce, fields)
 end
 ";
 
-// KEYS: fence, entry, tag indexes…; ARGV: nonce, bytes, ttl ms, expected id
-// ('' = unfenced), expected seq, bump ('1': fence the key after writing, so
-// fills that read before this write are refused), tag names… (one per index).
+// KEYS: fence, entry, body, tag indexes…; ARGV: nonce, bytes, ttl ms, expected
+// id ('' = unfenced), expected seq, bump ('1': fence the key after writing, so
+// fills that read before this write are refused), the body ('' = none: the
+// entry holds the value itself), tag names… (one per index).
 // Returns {stored, id, seq}.
 const FILL: &str = r"
 local entry, ttl, exp_id, exp = KEYS[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
@@ -127,7 +128,7 @@ local id, seq
 if exp_id ~= '' then
   -- One read for every field the check needs: the miss path's server time.
   local fields = {'id', 'seq', 'k:' .. entry, 'pn', 'floor'}
-  for i = 7, #ARGV do fields[#fields + 1] = 't:' .. ARGV[i] end
+  for i = 8, #ARGV do fields[#fields + 1] = 't:' .. ARGV[i] end
   local v = redis.call('HMGET', F, unpack(fields))
   if not v[1] then
     id, seq = incarnation(ARGV[1])
@@ -150,11 +151,13 @@ if exp_id ~= '' then
 else
   id, seq = incarnation(ARGV[1])
 end
+-- The body first: a reader that finds the new pointer finds its body.
+if ARGV[7] ~= '' then redis.call('SET', KEYS[3], ARGV[7], 'PX', ttl) end
 redis.call('SET', entry, ARGV[2], 'PX', ttl)
 if ARGV[6] == '1' then id, seq = fence(ARGV[1], {'k:' .. entry}) end
-if #KEYS > 2 then
+if #KEYS > 3 then
   local now = now_ms()
-  for i = 3, #KEYS do
+  for i = 4, #KEYS do
     local note = 'r:' .. ARGV[i + 4]
     local noted = tonumber(redis.call('HGET', F, note) or '0')
     if noted > now and redis.call('EXISTS', KEYS[i]) == 0 then
@@ -170,9 +173,10 @@ end
 return {1, id, seq}
 ";
 
-// KEYS: fence, entry; ARGV: nonce. Returns {deleted, id, seq}.
+// KEYS: fence, entry, body; ARGV: nonce. Returns {deleted, id, seq}.
 const INVALIDATE_KEY: &str = r"
 local id, seq = fence(ARGV[1], {'k:' .. KEYS[2]})
+redis.call('UNLINK', KEYS[3])
 return {redis.call('UNLINK', KEYS[2]), id, seq}
 ";
 
@@ -388,7 +392,12 @@ pub(crate) struct TagFence {
 /// A write: what is stored, under which fence, and what it invalidates.
 pub(crate) struct Fill<'a> {
     pub(crate) entry: &'a str,
+    /// What `entry` holds: the value, or a pointer to `body`.
     pub(crate) bytes: &'a [u8],
+    /// Where a big value's bytes go (named whether or not there is one).
+    pub(crate) body_key: &'a str,
+    /// A big value's bytes, stored apart from the pointer in `bytes`.
+    pub(crate) body: Option<&'a [u8]>,
     pub(crate) ttl: Duration,
     /// `(tag, index key)` pairs.
     pub(crate) tags: &'a [(String, String)],
@@ -428,7 +437,11 @@ impl RedisStore {
         // the value included, once more on the miss path.
         let script = &self.fences.fill;
         let mut call = redis::cmd("EVALSHA");
-        call.arg(script.get_hash()).arg(2 + fill.tags.len()).arg(fence_key).arg(fill.entry);
+        call.arg(script.get_hash())
+            .arg(3 + fill.tags.len())
+            .arg(fence_key)
+            .arg(fill.entry)
+            .arg(fill.body_key);
         for (_, index) in fill.tags {
             call.arg(index);
         }
@@ -438,12 +451,17 @@ impl RedisStore {
             None => call.arg(""),
         };
         call.arg(fill.expected.map_or(0, |f| f.seq)).arg(if fill.bump { "1" } else { "0" });
+        call.arg(fill.body.unwrap_or_default());
         for (tag, _) in fill.tags {
             call.arg(tag);
         }
         let call = &call;
+        let lane = match fill.body {
+            Some(body) => Lane::Bulk(body.len()),
+            None => Lane::Hot,
+        };
         let (stored, id, seq): (i64, String, u64) = self
-            .run(|mut conn| async move {
+            .run_in(lane, |mut conn| async move {
                 match call.query_async(&mut conn).await {
                     Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                         script.load_async(&mut conn).await?;
@@ -461,9 +479,10 @@ impl RedisStore {
         &self,
         fence_key: &str,
         entry: &str,
+        body: &str,
     ) -> Result<(bool, Fence), CacheError> {
         let mut call = self.fences.invalidate_key.key(fence_key);
-        call.key(entry).arg(nonce());
+        call.key(entry).key(body).arg(nonce());
         let (n, id, seq): (u64, String, u64) =
             self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         Ok((n > 0, Fence { id: parse_id(&id), seq }))

@@ -11,13 +11,14 @@
 //! connection's own driver task, not by the caller; a command that times out or
 //! hits an I/O error poisons its connection (see `conn.rs`).
 
-use std::time::Duration;
-
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue};
 
+use crate::background::Background;
 use crate::conn::Connections;
 
 use crate::config::CacheConfig;
@@ -29,8 +30,27 @@ use crate::CacheError;
 /// Keys per SCAN page and per UNLINK batch.
 const BATCH: usize = 1000;
 
+/// The slowest transfer rate a big value's timeout allows for: a 1 Gbit/s link
+/// at half its speed. A timeout that ignored size would cut off an 8 MiB value
+/// queued behind others while Redis was answering all along.
+const BULK_BYTES_PER_SEC: u64 = 64 << 20;
+
+/// Which connections a command travels on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Lane {
+    /// The shared multiplexed connections of every small command.
+    Hot,
+    /// A connection of its own for a value of this many bytes: its reply does
+    /// not hold up the small replies queued behind it on the hot connections.
+    Bulk(usize),
+}
+
 pub(crate) struct RedisStore {
     conns: Arc<Connections>,
+    bulk: Arc<Connections>,
+    /// Bytes of big values on their way: a big command's timeout counts those
+    /// queued ahead of it on the bulk connection.
+    bulk_queued: AtomicU64,
     op_timeout: Duration,
     pub(crate) fences: FenceScripts,
 }
@@ -42,8 +62,9 @@ impl RedisStore {
         config: &CacheConfig,
         url: &str,
         misconfig: Arc<Misconfig>,
-        runtime: tokio::runtime::Handle,
+        background: &Background,
     ) -> Result<Self, CacheError> {
+        let runtime = background.handle().clone();
         let client = Client::open(url)?;
         // No response timeout here: `run` bounds every command with the operation
         // timeout already, and a second timer per command would cost the hot path.
@@ -51,6 +72,14 @@ impl RedisStore {
             .set_connection_timeout(Some(config.socket_connect_timeout))
             .set_response_timeout(None);
         Ok(RedisStore {
+            bulk: Connections::new(
+                background.bulk_handle().clone(),
+                client.clone(),
+                conn_config.clone(),
+                1,
+                misconfig.clone(),
+            ),
+            bulk_queued: AtomicU64::new(0),
             conns: Connections::new(runtime, client, conn_config, config.connections, misconfig),
             op_timeout: config.operation_timeout(),
             fences: FenceScripts::new(),
@@ -58,12 +87,14 @@ impl RedisStore {
     }
 
     pub(crate) async fn connect(&self) -> Result<(), CacheError> {
-        self.conns.connect_all().await
+        self.conns.connect_all().await?;
+        self.bulk.connect_all().await
     }
 
     /// See [`Connections::generation`].
     pub(crate) fn generation(&self) -> u64 {
-        self.conns.generation()
+        // Either kind of connection may have reached another server.
+        self.conns.generation().wrapping_add(self.bulk.generation())
     }
 
     /// The server's `run_id`: another one after a restart or a failover.
@@ -75,6 +106,7 @@ impl RedisStore {
     /// Reconnects in the background whatever is not connected.
     pub(crate) fn revive(&self) {
         self.conns.revive();
+        self.bulk.revive();
     }
 
     /// Runs one command under the operation timeout, poisoning its connection
@@ -84,22 +116,46 @@ impl RedisStore {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
+        self.run_in(Lane::Hot, command).await
+    }
+
+    /// [`run`](Self::run) on the connections of `lane`; a big value's timeout
+    /// adds the time its bytes, and those queued ahead of them, take to move.
+    pub(crate) async fn run_in<T, F, Fut>(&self, lane: Lane, command: F) -> Result<T, CacheError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         crate::background::on_runtime()?;
-        let lease = self.conns.lease()?;
-        match tokio::time::timeout(self.op_timeout, command(lease.conn.clone())).await {
+        let (conns, timeout, _queued) = match lane {
+            Lane::Hot => (&self.conns, self.op_timeout, None),
+            Lane::Bulk(size) => {
+                let queued = Queued::new(&self.bulk_queued, size as u64);
+                let transfer = Duration::from_secs_f64(queued.ahead as f64 / BULK_BYTES_PER_SEC as f64);
+                (&self.bulk, self.op_timeout + transfer, Some(queued))
+            }
+        };
+        let lease = conns.lease()?;
+        match tokio::time::timeout(timeout, command(lease.conn.clone())).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 let e = CacheError::from(e);
                 if e.is_unavailable() {
-                    self.conns.poison(&lease);
+                    conns.poison(&lease);
                 }
                 Err(e)
             }
             Err(_) => {
-                self.conns.poison(&lease);
-                Err(CacheError::Timeout(self.op_timeout))
+                conns.poison(&lease);
+                Err(CacheError::Timeout(timeout))
             }
         }
+    }
+
+    /// Reads a big value's body, `size` bytes as its pointer says.
+    pub(crate) async fn get_bulk(&self, key: &str, size: usize) -> Result<Option<Vec<u8>>, CacheError> {
+        let get = redis::cmd("GET").arg(key).clone();
+        self.run_in(Lane::Bulk(size), |mut conn| async move { get.query_async(&mut conn).await }).await
     }
 
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, CacheError> {
@@ -200,5 +256,27 @@ impl RedisStore {
             }
         }
         Ok(info)
+    }
+}
+
+/// A big value's bytes counted as queued on the bulk connection while its
+/// command runs.
+struct Queued<'a> {
+    counter: &'a AtomicU64,
+    size: u64,
+    /// Bytes queued ahead of this value, its own included.
+    ahead: u64,
+}
+
+impl<'a> Queued<'a> {
+    fn new(counter: &'a AtomicU64, size: u64) -> Self {
+        let ahead = counter.fetch_add(size, Ordering::AcqRel) + size;
+        Queued { counter, size, ahead }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.size, Ordering::AcqRel);
     }
 }

@@ -14,8 +14,30 @@ use crate::schema::Schema;
 use crate::store::{BoxFuture, FillFence, KeyPage, Raw, ServerInfo, Store, Write};
 use crate::CacheError;
 
+/// What an entry holds in place of a big value: this magic (no value's header
+/// starts with it), then the body's size, little-endian. The body lives under
+/// [`Schema::body`], read on the bulk connection.
+const POINTER: &[u8; 2] = b"\xCBB";
+const POINTER_LEN: usize = POINTER.len() + 8;
+
+fn pointer(size: usize) -> [u8; POINTER_LEN] {
+    let mut p = [0; POINTER_LEN];
+    p[..2].copy_from_slice(POINTER);
+    p[2..].copy_from_slice(&(size as u64).to_le_bytes());
+    p
+}
+
+fn pointed_size(bytes: &[u8]) -> Option<usize> {
+    if bytes.len() != POINTER_LEN || !bytes.starts_with(POINTER) {
+        return None;
+    }
+    Some(u64::from_le_bytes(bytes[2..].try_into().ok()?) as usize)
+}
+
 pub(crate) struct RedisTier {
     redis: RedisStore,
+    /// Values larger than this are stored as a pointer and a body.
+    big_value_bytes: usize,
     schema: Schema,
     /// `schema.fence()`, built once: every fill names it.
     fence_key: String,
@@ -29,9 +51,15 @@ pub(crate) struct RedisTier {
 }
 
 impl RedisTier {
-    pub(crate) fn new(redis: RedisStore, schema: Schema, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        redis: RedisStore,
+        schema: Schema,
+        connect_timeout: Duration,
+        big_value_bytes: usize,
+    ) -> Self {
         RedisTier {
             redis,
+            big_value_bytes,
             fence_key: schema.fence(),
             schema,
             observed: Observed::default(),
@@ -158,7 +186,12 @@ impl Store for RedisTier {
     fn get<'a>(&'a self, full: &'a str) -> BoxFuture<'a, Result<Option<Raw>, CacheError>> {
         Box::pin(async move {
             self.same_server().await?;
-            Ok(self.redis.get(full).await?.map(Raw::Owned))
+            let Some(bytes) = self.redis.get(full).await? else { return Ok(None) };
+            match pointed_size(&bytes) {
+                None => Ok(Some(Raw::Owned(bytes))),
+                // Gone with an eviction while its pointer stayed: a miss.
+                Some(size) => Ok(self.redis.get_bulk(&self.schema.body(full), size).await?.map(Raw::Owned)),
+            }
         })
     }
 
@@ -178,8 +211,20 @@ impl Store for RedisTier {
                 None => None,
             };
             let tags = self.tag_indexes(w.tags);
-            let fill =
-                Fill { entry: w.full, bytes: w.bytes, ttl: w.ttl, tags: &tags, expected, bump: w.bump };
+            let body_key = self.schema.body(w.full);
+            let big = w.bytes.len() > self.big_value_bytes;
+            let pointer = pointer(w.bytes.len());
+            let (bytes, body) = if big { (&pointer[..], Some(w.bytes)) } else { (w.bytes, None) };
+            let fill = Fill {
+                entry: w.full,
+                bytes,
+                body_key: &body_key,
+                body,
+                ttl: w.ttl,
+                tags: &tags,
+                expected,
+                bump: w.bump,
+            };
             let (stored, fence) = self.redis.fill(&self.fence_key, fill).await?;
             self.observed.observe(fence);
             Ok(stored)
@@ -192,7 +237,8 @@ impl Store for RedisTier {
             let fence_key = &self.fence_key;
             match what {
                 Pending::Key(full) => {
-                    let (existed, fence) = self.redis.invalidate_key(fence_key, full).await?;
+                    let (existed, fence) =
+                        self.redis.invalidate_key(fence_key, full, &self.schema.body(full)).await?;
                     self.observed.observe(fence);
                     Ok(u64::from(existed))
                 }
@@ -208,6 +254,7 @@ impl Store for RedisTier {
                     let deleted = self.redis.delete_pattern(&self.schema.all_entries()).await?;
                     self.redis.delete_pattern(&self.schema.all_tag_indexes()).await?;
                     self.redis.delete_pattern(&self.schema.all_dead_tag_indexes()).await?;
+                    self.redis.delete_pattern(&self.schema.all_bodies()).await?;
                     self.redis.settle(fence_key, fence.id, "new").await?;
                     Ok(deleted)
                 }

@@ -68,6 +68,18 @@ impl Schema {
         format!("{}#dead:*", escape_glob(&self.prefix))
     }
 
+    /// Where the bytes of the big value stored at `full` live; `full` itself
+    /// holds a pointer to them (`redis_tier.rs`).
+    pub(crate) fn body(&self, full: &str) -> String {
+        let relative = &full[self.prefix_len().min(full.len())..];
+        self.internal(&format!("body:{relative}"))
+    }
+
+    /// Every big value's body.
+    pub(crate) fn all_bodies(&self) -> String {
+        format!("{}#body:*", escape_glob(&self.prefix))
+    }
+
     /// The fence hash.
     pub(crate) fn fence(&self) -> String {
         self.internal("fence")

@@ -126,9 +126,13 @@ where
             let GetWith { cache, key, init, ttl, tags, condition, .. } = self;
             let spec = spec(ttl);
             let call = Call { cache, spec: &spec, key: cache.inner.schema.entry_key(key) };
-            get_or_compute::<Plain, T, _, _, _>(call, condition, Sharing::cloned(), move || {
-                (Tags::Owned(tags), init)
-            })
+            get_or_compute::<Plain, T, _, _, _>(
+                call,
+                condition,
+                Sharing::cloned(),
+                Sharing::cloned(),
+                move || (Tags::Owned(tags), init),
+            )
             .await
         })
     }
@@ -178,6 +182,7 @@ where
             get_or_compute::<OkOnly, Result<T, Arc<E>>, _, _, _>(
                 call,
                 condition,
+                Sharing::cloned(),
                 Sharing::cloned(),
                 move || (Tags::Owned(tags), init),
             )

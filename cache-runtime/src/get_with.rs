@@ -25,7 +25,9 @@ impl Cache {
     /// and share its result; a fill computed before an invalidation of `key` (or
     /// of one of its tags, a pattern or a clear covering it) is refused; a cache
     /// fault returns `init`'s own result. `.ttl(..)`, `.tags(..)` and
-    /// `.condition(..)` refine the call before it is awaited.
+    /// `.condition(..)` refine the call before it is awaited. A hit in the local
+    /// tier clones the value the entry's first hit decoded (hence `T: Clone`);
+    /// a Redis hit decodes.
     ///
     /// ```no_run
     /// # async fn demo(cache: cache_runtime::Cache) {

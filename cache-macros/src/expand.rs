@@ -18,6 +18,7 @@
 //!                    key: __cache_get_mission_key(__cache, &__cache_spec, &id) },
 //!         rt::always,
 //!         (&rt::Probe::<Result<Mission, DbError>>::new()).sharing(),
+//!         (&rt::Probe::<<Result<Mission, DbError> as rt::Cacheable<rt::OkOnly>>::Value>::new()).sharing(),
 //!         move || (rt::Tags::Owned(vec![/* "mission:{id}" */]), __cache_get_mission_body(id, db)),
 //!     ).await
 //! }
@@ -151,14 +152,24 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
     let key_hidden = &n.key;
     let body_name = &n.body;
     // The leader's result is shared with the callers that waited when it can't be
-    // stored and its type is `Clone` (resolved by `Probe`, see the runtime's engine).
-    let sharing = quote_spanned! {output.span()=>
-        {
-            #[allow(unused_imports)]
-            use #rt_out::__private::{ByClone as _, NotShared as _};
-            (&#rt_out::__private::Probe::<#output>::new()).sharing()
-        },
+    // stored and its type is `Clone`, and a local-tier hit clones the value the
+    // entry keeps when the stored type is `Clone` (both resolved by `Probe`, see
+    // the runtime's engine). The stored type of `Result<T, E>` is often `Clone`
+    // where the result is not.
+    let probe = |ty: TokenStream| {
+        quote_spanned! {output.span()=>
+            {
+                #[allow(unused_imports)]
+                use #rt_out::__private::{ByClone as _, NotShared as _};
+                (&#rt_out::__private::Probe::<#ty>::new()).sharing()
+            },
+        }
     };
+    let sharing = probe(output.to_token_stream());
+    let values = probe(quote_spanned! {output.span()=>
+        <#output as #rt_out::__private::Cacheable<#marker>>::Value
+    });
+    let sharing = quote!(#sharing #values);
     let run = |function: &str, sharing: Option<&TokenStream>| {
         let function = Ident::new(function, output.span());
         quote_spanned! {output.span()=>

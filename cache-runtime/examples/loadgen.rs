@@ -5,8 +5,18 @@
 //! cargo run --release --example loadgen -- --concurrency 1,16,64,256 --ops 200000 --rounds 5
 //! ```
 //!
-//! Starts its own `redis-server` on a free loopback port unless `REDIS_URL` is set.
+//! Starts its own `redis-server` on a free loopback port unless `REDIS_URL` is set
+//! (every scenario needs one: the setup fills the Redis-backed functions too).
 //! Prints a table and one JSON line per row.
+//!
+//! Baselines, each run in the same rounds as what it is compared with:
+//! `raw_get` (redis-rs GET + decode) for `cached_redis_hit` and `mix_90_10`,
+//! `raw_get_set` for `cached_miss`, and for `cached_local_hit` both `moka_get`
+//! (`moka::future::Cache<u64, Arc<Mission>>::get`) and `cached_crate_hit` (the
+//! `cached` crate's in-memory `#[cached]` on an async fn); a ratio is printed
+//! for each baseline that ran. Those two hits clone a `Mission`; the `_arc`
+//! variants (`cached_local_hit_arc`, `cached_crate_hit_arc`) return an
+//! `Arc<Mission>`, as the moka get does.
 //!
 //! `--scenarios invalidation_load` runs the fence figure instead: readers at
 //! concurrency 64 over 1,000 keys with 5 ms bodies and a 1 s TTL, while another
@@ -51,7 +61,23 @@ fn mission(id: u64) -> Mission {
 
 static REDIS: OnceLock<Cache> = OnceLock::new();
 static LOCAL: OnceLock<Cache> = OnceLock::new();
+/// Reached like the caches of the `#[cached]` functions: through a static.
+static MOKA: OnceLock<moka::future::Cache<u64, Arc<Mission>>> = OnceLock::new();
 static BODY_RUNS: AtomicU64 = AtomicU64::new(0);
+
+/// The `cached` crate's own `#[cached]`, in memory: a baseline for the local tier.
+#[cached::proc_macro::cached]
+async fn cached_crate_mission(id: u64) -> Mission {
+    BODY_RUNS.fetch_add(1, Ordering::Relaxed);
+    mission(id)
+}
+
+/// The same, returning what a moka get returns: a hit clones an `Arc`.
+#[cached::proc_macro::cached]
+async fn cached_crate_arc(id: u64) -> Arc<Mission> {
+    BODY_RUNS.fetch_add(1, Ordering::Relaxed);
+    Arc::new(mission(id))
+}
 
 #[cached(cache = REDIS.get().unwrap(), prefix = "lg", tags = ["missions"])]
 async fn redis_mission(id: u64) -> Mission {
@@ -63,6 +89,13 @@ async fn redis_mission(id: u64) -> Mission {
 async fn local_mission(id: u64) -> Mission {
     BODY_RUNS.fetch_add(1, Ordering::Relaxed);
     mission(id)
+}
+
+/// A local hit that clones an `Arc`, like a moka get, instead of the value.
+#[cached(cache = LOCAL.get().unwrap(), prefix = "lg_arc", tags = ["missions"])]
+async fn local_arc(id: u64) -> Arc<Mission> {
+    BODY_RUNS.fetch_add(1, Ordering::Relaxed);
+    Arc::new(mission(id))
 }
 
 /// The mix's own function, so its invalidations never turn the hit scenarios into misses.
@@ -221,15 +254,26 @@ async fn run_scenario(
             .await
         }
         "moka_get" => {
-            let moka: moka::sync::Cache<u64, Arc<Mission>> = moka::sync::Cache::new(10_000);
-            for id in 0..KEYSPACE {
-                moka.insert(id, Arc::new(mission(id)));
-            }
-            drive(concurrency, ops, move |n| {
-                let m = moka.get(&(n % KEYSPACE));
-                async move {
-                    std::hint::black_box(m.unwrap());
-                }
+            drive(concurrency, ops, |n| async move {
+                std::hint::black_box(MOKA.get().unwrap().get(&(n % KEYSPACE)).await.unwrap());
+            })
+            .await
+        }
+        "cached_crate_hit" => {
+            drive(concurrency, ops, |n| async move {
+                std::hint::black_box(cached_crate_mission(n % KEYSPACE).await);
+            })
+            .await
+        }
+        "cached_crate_hit_arc" => {
+            drive(concurrency, ops, |n| async move {
+                std::hint::black_box(cached_crate_arc(n % KEYSPACE).await);
+            })
+            .await
+        }
+        "cached_local_hit_arc" => {
+            drive(concurrency, ops, |n| async move {
+                std::hint::black_box(local_arc(n % KEYSPACE).await);
             })
             .await
         }
@@ -385,12 +429,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn baseline_of(scenario: &str) -> Option<&'static str> {
+/// What a scenario is compared with, the main baseline first.
+fn baselines_of(scenario: &str) -> &'static [&'static str] {
     match scenario {
-        "cached_redis_hit" | "mix_90_10" => Some("raw_get"),
-        "cached_miss" => Some("raw_get_set"),
-        "cached_local_hit" => Some("moka_get"),
-        _ => None,
+        "cached_redis_hit" | "mix_90_10" => &["raw_get"],
+        "cached_miss" => &["raw_get_set"],
+        "cached_local_hit" => &["moka_get", "cached_crate_hit"],
+        "cached_local_hit_arc" => &["moka_get", "cached_crate_hit_arc"],
+        _ => &[],
     }
 }
 
@@ -412,13 +458,19 @@ fn main() {
         let raw =
             redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
         let mut conn = raw.clone();
+        let moka = moka::future::Cache::new(10_000);
         for id in 0..KEYSPACE {
             let json = serde_json::to_vec(&mission(id)).unwrap();
             let _: () =
                 redis::cmd("SET").arg(format!("lgraw:{id}")).arg(json).query_async(&mut conn).await.unwrap();
             redis_mission(id).await;
             local_mission(id).await;
+            cached_crate_mission(id).await;
+            local_arc(id).await;
+            cached_crate_arc(id).await;
+            moka.insert(id, Arc::new(mission(id))).await;
         }
+        MOKA.set(moka).unwrap();
         if args.scenarios.iter().any(|s| s == "invalidation_load") {
             let writer = Cache::new(config("loadgen")).await.unwrap();
             invalidation_load(&redis_cache, &writer).await;
@@ -432,8 +484,8 @@ fn main() {
             server.url()
         );
         println!(
-            "{:>5} {:<18} {:>11} {:>9} {:>9} {:>10} {:>13} {:>10}",
-            "conc", "scenario", "ops/s", "p50 µs", "p99 µs", "p999 µs", "vs baseline", "body runs"
+            "{:>5} {:<20} {:>11} {:>9} {:>9} {:>10} {:>10}  vs baselines",
+            "conc", "scenario", "ops/s", "p50 µs", "p99 µs", "p999 µs", "body runs"
         );
         for &concurrency in &args.concurrency {
             let mut per_round: Vec<Vec<f64>> = vec![Vec::new(); args.scenarios.len()];
@@ -458,9 +510,15 @@ fn main() {
                 if per_round[i].is_empty() {
                     continue;
                 }
-                let ratio = baseline_of(scenario)
-                    .and_then(|b| args.scenarios.iter().position(|s| s == b))
-                    .map(|b| median(per_round[i].iter().zip(&per_round[b]).map(|(x, y)| x / y).collect()));
+                let ratios: Vec<(&str, f64)> = baselines_of(scenario)
+                    .iter()
+                    .filter_map(|&b| {
+                        let b_at = args.scenarios.iter().position(|s| s == b)?;
+                        let per = per_round[i].iter().zip(&per_round[b_at]).map(|(x, y)| x / y).collect();
+                        Some((b, median(per)))
+                    })
+                    .collect();
+                let vs = ratios.iter().map(|(b, r)| format!("{:.1}% of {b}", r * 100.0)).collect::<Vec<_>>();
                 let q = |p: f64| hists[i].value_at_quantile(p) as f64 / 1e3;
                 let ops_s = median(per_round[i].clone());
                 let body_runs = if scenario == "stampede" {
@@ -469,23 +527,24 @@ fn main() {
                     runs[i].to_string()
                 };
                 println!(
-                    "{:>5} {:<18} {:>11.0} {:>9.1} {:>9.1} {:>10.1} {:>13} {:>10}",
+                    "{:>5} {:<20} {:>11.0} {:>9.1} {:>9.1} {:>10.1} {:>10}  {}",
                     if scenario == "stampede" { 1000 } else { concurrency },
                     scenario,
                     ops_s,
                     q(0.5),
                     q(0.99),
                     q(0.999),
-                    ratio.map(|r| format!("{:.1}%", r * 100.0)).unwrap_or_else(|| "-".into()),
-                    body_runs
+                    body_runs,
+                    if vs.is_empty() { "-".to_owned() } else { vs.join(", ") },
                 );
                 let json = serde_json::json!({
                     "concurrency": if scenario == "stampede" { 1000 } else { concurrency },
                     "scenario": scenario,
                     "ops_per_sec": ops_s.round(),
                     "p50_us": q(0.5), "p99_us": q(0.99), "p999_us": q(0.999),
-                    "ratio_to_baseline": ratio,
-                    "baseline": baseline_of(scenario),
+                    "ratio_to_baseline": ratios.first().map(|r| r.1),
+                    "baseline": ratios.first().map(|r| r.0),
+                    "ratios": ratios.iter().map(|&(b, r)| (b.to_owned(), serde_json::json!(r))).collect::<serde_json::Map<_, _>>(),
                     "body_runs": runs[i],
                     "rounds": per_round[i].len(),
                 });

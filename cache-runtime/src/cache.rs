@@ -197,7 +197,7 @@ impl Cache {
     /// (counted, and left for the next write to replace).
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, CacheError> {
         let full = self.full_key(key);
-        let raw = self.read(&full).await?;
+        let raw = self.read(&full, Instant::now()).await?;
         let value = raw.and_then(|raw| self.decode_or_drop(&full, &raw));
         self.record_lookup(value.is_some());
         Ok(value)
@@ -425,8 +425,12 @@ impl Cache {
         self.inner.tiers.fence(now)
     }
 
-    pub(crate) async fn read(&self, full: &str) -> Result<Option<Raw>, CacheError> {
-        self.timed(Op::Get, self.inner.tiers.read(full)).await
+    /// Reads `full` for a call that began at `now`: that one clock reading
+    /// times the read and is when a local entry must still be alive.
+    pub(crate) async fn read(&self, full: &str, now: Instant) -> Result<Option<Raw>, CacheError> {
+        let result = self.inner.tiers.read(full, now).await;
+        self.inner.metrics.record(Op::Get, result.is_ok(), now.elapsed());
+        result
     }
 
     /// Stores encoded bytes: a fill with `expected` (refused if anything covering

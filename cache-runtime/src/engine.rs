@@ -15,7 +15,7 @@ use crate::flight::{self, Outcome, Role, Shared};
 use crate::key::{escape_glob, UNCACHEABLE};
 use crate::schema::Key;
 use crate::spec::Spec;
-use crate::store::FillFence;
+use crate::store::{FillFence, Raw};
 use crate::{codec, Cache, CacheError};
 
 /// A call's tags: literal ones cost no allocation on a hit.
@@ -86,25 +86,30 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cacheable<SomeOnly
     }
 }
 
-/// How a result the cache did not store (an `Err`, a `None`, a value that could
-/// not be encoded) reaches the callers that waited for the same flight.
+/// How copies of a `T` are made, where it is `Clone`. It serves two ends.
 ///
-/// With a copy, the body runs once for all of them. Without one, they form a new
-/// flight: the body runs once at a time, each caller's at most once, never as a herd.
+/// For a result the cache did not store (an `Err`, a `None`, a value that could
+/// not be encoded), how it reaches the callers that waited for the same flight:
+/// with a copy, the body runs once for all of them; without one, they form a new
+/// flight, so the body runs once at a time, each caller's at most once, never as
+/// a herd.
+///
+/// For a stored value, whether a local-tier hit can clone the value the entry
+/// keeps instead of decoding its bytes: without a copy, every hit decodes.
 pub struct Sharing<Out> {
     share: fn(&Out) -> Option<Shared>,
     take: fn(&Shared) -> Option<Out>,
 }
 
 impl<Out> Sharing<Out> {
-    /// Nothing is shared: each waiting caller runs the body in turn.
+    /// Nothing is shared: each waiting caller runs the body in turn, each hit decodes.
     pub fn none() -> Self {
         Sharing { share: |_| None, take: |_| None }
     }
 }
 
 impl<Out: Clone + Send + Sync + 'static> Sharing<Out> {
-    /// Every waiting caller gets a clone of the leader's result.
+    /// Every waiting caller gets a clone of the leader's result, every local hit a clone of the entry's value.
     pub fn cloned() -> Self {
         Sharing {
             share: |out| Some(Arc::new(out.clone())),
@@ -113,7 +118,7 @@ impl<Out: Clone + Send + Sync + 'static> Sharing<Out> {
     }
 }
 
-/// Picks [`Sharing::cloned`] where the return type is `Clone` and
+/// Picks [`Sharing::cloned`] where `T` is `Clone` and
 /// [`Sharing::none`] elsewhere, by method resolution: `(&Probe::<T>::new()).sharing()`
 /// finds [`ByClone`] first when it applies, [`NotShared`] otherwise.
 pub struct Probe<T>(PhantomData<fn() -> T>);
@@ -163,7 +168,9 @@ pub struct Call<'a> {
 /// Cache-aside: a hit returns the stored value; a miss calls `miss` for the
 /// call's tags and the body, runs the body once per key in this process (other
 /// callers wait for it) and stores what `condition` accepts. Any cache fault
-/// falls back to the body's own result.
+/// falls back to the body's own result. `sharing` copies results that were not
+/// stored to the callers that waited; `values` copies stored values out of the
+/// local tier, so its hits skip the decode.
 ///
 /// `miss` is called only when the body must run, so a hit neither builds the
 /// tags nor the body's future.
@@ -171,6 +178,7 @@ pub async fn get_or_compute<M, Out, C, B, Fut>(
     call: Call<'_>,
     condition: C,
     sharing: Sharing<Out>,
+    values: Sharing<Out::Value>,
     miss: B,
 ) -> Out
 where
@@ -180,16 +188,16 @@ where
     Fut: Future<Output = Out>,
 {
     let cache = call.cache;
-    if call.key.full.contains(UNCACHEABLE) {
+    if is_uncacheable(&call.key) {
         return miss().1.await;
     }
     let full = call.key.full.as_str();
     let started = std::time::Instant::now();
     // Taken before the read: an invalidation after the read is newer than this.
     let fence = cache.fill_fence(started);
-    match cache.read(full).await {
+    match cache.read(full, started).await {
         Ok(Some(raw)) => {
-            if let Some(v) = cache.decode_or_drop::<Out::Value>(full, &raw) {
+            if let Some(v) = decode_or_reuse(cache, full, &raw, &values) {
                 cache.record_lookup(true);
                 return Out::from_cached(v);
             }
@@ -212,8 +220,8 @@ where
                 // Rare: a flight stored its value since this caller read.
                 started = std::time::Instant::now();
                 reread = true;
-                if let Ok(Some(raw)) = cache.read(full).await {
-                    if let Some(v) = cache.decode_or_drop::<Out::Value>(full, &raw) {
+                if let Ok(Some(raw)) = cache.read(full, started).await {
+                    if let Some(v) = decode_or_reuse(cache, full, &raw, &values) {
                         return Out::from_cached(v);
                     }
                 }
@@ -248,6 +256,37 @@ where
     out
 }
 
+/// Whether building the key failed. Only a hashed part or the marker puts a `#`
+/// in a key (a scalar's is escaped), so most keys are settled by one `memchr`.
+fn is_uncacheable(key: &Key) -> bool {
+    key.full.contains('#') && key.full.contains(UNCACHEABLE)
+}
+
+/// Decodes what was read, or clones the value a local-tier entry keeps. The
+/// first reader of an entry that can copy its type keeps what it decoded there:
+/// a value decoded from the entry's own bytes, so a later hit returns what a
+/// decode would. Another type under the same key misses the downcast and
+/// decodes, which checks the fingerprint as before.
+fn decode_or_reuse<V: DeserializeOwned>(
+    cache: &Cache,
+    full: &str,
+    raw: &Raw,
+    values: &Sharing<V>,
+) -> Option<V> {
+    let Raw::Local(entry) = raw else {
+        return cache.decode_or_drop(full, raw);
+    };
+    if let Some(v) = entry.decoded.get().and_then(|kept| (values.take)(kept)) {
+        return Some(v);
+    }
+    let v = cache.decode_or_drop::<V>(full, raw)?;
+    if let Some(copy) = (values.share)(&v) {
+        // A concurrent first reader may have kept its own decode of the same bytes: either serves.
+        let _ = entry.decoded.set(copy);
+    }
+    Some(v)
+}
+
 /// Write-through: runs the body `run` returns and stores what `condition` accepts.
 pub async fn refresh<M, Out, C, B, Fut>(call: Call<'_>, condition: C, run: B) -> Out
 where
@@ -257,7 +296,7 @@ where
     Fut: Future<Output = Out>,
 {
     let (tags, body) = run();
-    if call.key.full.contains(UNCACHEABLE) {
+    if is_uncacheable(&call.key) {
         return body.await;
     }
     let full = call.key.full.as_str();

@@ -175,10 +175,11 @@ impl Failover {
         }
     }
 
-    pub(crate) async fn read(&self, full: &str) -> Result<Option<Raw>, CacheError> {
+    /// Reads `full`; `now` is when the call began, for the local tier's TTL check.
+    pub(crate) async fn read(&self, full: &str, now: Instant) -> Result<Option<Raw>, CacheError> {
         match self.shared().await {
             Some((shared, permit)) => self.settle(permit, shared.get(full).await),
-            None => Ok(self.local.get(full).map(Raw::Shared)),
+            None => Ok(self.local.get(full, now).map(Raw::Local)),
         }
     }
 

@@ -25,7 +25,9 @@ impl Cache {
     /// and share its result; a fill computed before an invalidation of `key` (or
     /// of one of its tags, a pattern or a clear covering it) is refused; a cache
     /// fault returns `init`'s own result. `.ttl(..)`, `.tags(..)` and
-    /// `.condition(..)` refine the call before it is awaited.
+    /// `.condition(..)` refine the call before it is awaited. A hit in the local
+    /// tier clones the value the entry's first hit decoded (hence `T: Clone`);
+    /// a Redis hit decodes.
     ///
     /// ```no_run
     /// # async fn demo(cache: cache_runtime::Cache) {
@@ -126,9 +128,13 @@ where
             let GetWith { cache, key, init, ttl, tags, condition, .. } = self;
             let spec = spec(ttl);
             let call = Call { cache, spec: &spec, key: cache.inner.schema.entry_key(key) };
-            get_or_compute::<Plain, T, _, _, _>(call, condition, Sharing::cloned(), move || {
-                (Tags::Owned(tags), init)
-            })
+            get_or_compute::<Plain, T, _, _, _>(
+                call,
+                condition,
+                Sharing::cloned(),
+                Sharing::cloned(),
+                move || (Tags::Owned(tags), init),
+            )
             .await
         })
     }
@@ -178,6 +184,7 @@ where
             get_or_compute::<OkOnly, Result<T, Arc<E>>, _, _, _>(
                 call,
                 condition,
+                Sharing::cloned(),
                 Sharing::cloned(),
                 move || (Tags::Owned(tags), init),
             )

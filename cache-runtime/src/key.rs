@@ -109,6 +109,34 @@ macro_rules! display_scalars {
     };
 }
 
+macro_rules! decimal_scalars {
+    ($($method:ident: $ty:ty),*) => {
+        $(fn $method(self, v: $ty) -> Result<(), Composite> {
+            if v < 0 {
+                self.out.push('-');
+            }
+            push_decimal(self.out, v.unsigned_abs().into());
+            Ok(())
+        })*
+    };
+}
+
+/// Appends `v` in decimal, as `Display` writes it: on a local hit the
+/// formatting machinery would cost more than the rest of the key.
+pub(crate) fn push_decimal(out: &mut String, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend(digits[start..].iter().map(|&d| char::from(d)));
+}
+
 impl<'a> ser::Serializer for PartSerializer<'a> {
     type Ok = ();
     type Error = Composite;
@@ -120,11 +148,25 @@ impl<'a> ser::Serializer for PartSerializer<'a> {
     type SerializeStruct = Impossible<(), Composite>;
     type SerializeStructVariant = Impossible<(), Composite>;
 
-    display_scalars!(
-        serialize_bool: bool, serialize_i8: i8, serialize_i16: i16, serialize_i32: i32,
-        serialize_i64: i64, serialize_i128: i128, serialize_u8: u8, serialize_u16: u16,
-        serialize_u32: u32, serialize_u64: u64, serialize_u128: u128
-    );
+    display_scalars!(serialize_bool: bool, serialize_i128: i128, serialize_u128: u128);
+    decimal_scalars!(serialize_i8: i8, serialize_i16: i16, serialize_i32: i32, serialize_i64: i64);
+
+    fn serialize_u8(self, v: u8) -> Result<(), Composite> {
+        self.serialize_u64(v.into())
+    }
+
+    fn serialize_u16(self, v: u16) -> Result<(), Composite> {
+        self.serialize_u64(v.into())
+    }
+
+    fn serialize_u32(self, v: u32) -> Result<(), Composite> {
+        self.serialize_u64(v.into())
+    }
+
+    fn serialize_u64(self, v: u64) -> Result<(), Composite> {
+        push_decimal(self.out, v);
+        Ok(())
+    }
 
     fn serialize_f32(self, v: f32) -> Result<(), Composite> {
         self.serialize_f64(f64::from(v))
@@ -289,6 +331,20 @@ mod tests {
         assert_eq!(part(&1.5f64), "1.5f");
         assert_eq!(part(&Some(5u8)), "5");
         assert_eq!(part(&None::<u8>), "~");
+    }
+
+    #[test]
+    fn integers_read_as_display_writes_them() {
+        for v in [0, 1, 9, 10, 99, 100, 4_294_967_295, u64::MAX] {
+            assert_eq!(part(&v), v.to_string());
+        }
+        for v in [0, -1, -9, -10, 7, i64::MIN, i64::MAX] {
+            assert_eq!(part(&v), v.to_string());
+        }
+        assert_eq!(
+            (part(&i8::MIN), part(&u8::MAX), part(&i16::MIN)),
+            ("-128".into(), "255".into(), "-32768".into())
+        );
     }
 
     #[test]

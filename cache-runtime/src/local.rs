@@ -5,40 +5,51 @@
 //! the next value of a counter and stamps what it covers (a key, a tag, a
 //! pattern, or everything); a fill carries the counter as it was before its read
 //! and is refused only if a stamp covering its key is newer.
+//!
+//! An entry keeps its encoded bytes, the source of truth (`drop_if_same`
+//! compares them, sizes count them), and the value they decode to, kept by the
+//! first reader that could copy it: later hits of that type clone it instead
+//! of decoding. It is the decoding of the entry's own bytes, never the value
+//! the fill was computed from, so a local hit returns exactly what a decode
+//! would.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache as Moka;
 use moka::Expiry;
+use xxhash_rust::xxh3::Xxh3Builder;
 
 use crate::cache::KeyTtl;
 use crate::fence::WINDOW;
+use crate::flight::Shared;
 use crate::glob;
 use crate::pending::Pending;
 use crate::schema::Schema;
 use crate::store::{BoxFuture, FillFence, KeyPage, Raw, ServerInfo, Store, Write};
 use crate::CacheError;
 
-#[derive(Clone)]
+/// One stored value; shared, so a hit clones one `Arc`.
 pub(crate) struct Entry {
-    pub(crate) bytes: Arc<[u8]>,
+    pub(crate) bytes: Box<[u8]>,
+    /// What `bytes` decode to, as the type that first read them with a copy to keep.
+    pub(crate) decoded: OnceLock<Shared>,
     expires_at: Instant,
 }
 
 struct PerEntryTtl;
 
-impl Expiry<Arc<str>, Entry> for PerEntryTtl {
-    fn expire_after_create(&self, _: &Arc<str>, entry: &Entry, now: Instant) -> Option<Duration> {
+impl Expiry<Arc<str>, Arc<Entry>> for PerEntryTtl {
+    fn expire_after_create(&self, _: &Arc<str>, entry: &Arc<Entry>, now: Instant) -> Option<Duration> {
         Some(entry.expires_at.saturating_duration_since(now))
     }
 
     fn expire_after_update(
         &self,
         _: &Arc<str>,
-        entry: &Entry,
+        entry: &Arc<Entry>,
         now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
@@ -95,7 +106,9 @@ impl Index {
 
 /// Keys are full keys (prefix included), as in Redis.
 pub(crate) struct LocalTier {
-    entries: Moka<Arc<str>, Entry>,
+    // xxh3 rather than SipHash: hashing the key is a tenth of a hit. The flights
+    // map hashes the same keys the same way.
+    entries: Moka<Arc<str>, Arc<Entry>, Xxh3Builder>,
     // One lock orders writes against invalidations: a tagged `set` is either
     // wholly before an invalidation (and removed by it) or wholly after, and a
     // fill's fence check and insert are one step.
@@ -107,17 +120,21 @@ pub(crate) struct LocalTier {
 impl LocalTier {
     pub(crate) fn new(max_entries: u64, schema: Schema) -> Self {
         LocalTier {
-            entries: Moka::builder().max_capacity(max_entries).expire_after(PerEntryTtl).build(),
+            entries: Moka::builder()
+                .max_capacity(max_entries)
+                .expire_after(PerEntryTtl)
+                .build_with_hasher(Xxh3Builder::new()),
             index: Mutex::new(Index::default()),
             epoch: AtomicU64::new(0),
             schema,
         }
     }
 
-    pub(crate) fn get(&self, key: &str) -> Option<Arc<[u8]>> {
+    /// The entry under `key` if it is alive at `now` (the caller's clock reading).
+    pub(crate) fn get(&self, key: &str, now: Instant) -> Option<Arc<Entry>> {
         let entry = self.entries.get(key)?;
         // moka expires lazily in housekeeping; never serve past the deadline.
-        (entry.expires_at > Instant::now()).then_some(entry.bytes)
+        (entry.expires_at > now).then_some(entry)
     }
 
     /// Stores unless `expected_epoch` is given and something covering `key` or
@@ -131,7 +148,11 @@ impl LocalTier {
         expected_epoch: Option<u64>,
         bump: bool,
     ) -> bool {
-        let entry = Entry { bytes: bytes.into(), expires_at: Instant::now() + ttl };
+        let entry = Arc::new(Entry {
+            bytes: bytes.into(),
+            decoded: OnceLock::new(),
+            expires_at: Instant::now() + ttl,
+        });
         let key: Arc<str> = Arc::from(key);
         let (mut index, stamp) = if bump {
             let (index, stamp) = self.stamp();
@@ -305,7 +326,7 @@ fn ready<'a, T: Send + 'a>(value: T) -> BoxFuture<'a, T> {
 
 impl Store for LocalTier {
     fn get<'a>(&'a self, full: &'a str) -> BoxFuture<'a, Result<Option<Raw>, CacheError>> {
-        ready(Ok(LocalTier::get(self, full).map(Raw::Shared)))
+        ready(Ok(LocalTier::get(self, full, Instant::now()).map(Raw::Local)))
     }
 
     fn fence(&self, now: Instant) -> FillFence {

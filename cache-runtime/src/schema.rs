@@ -13,7 +13,7 @@
 use serde::Serialize;
 
 use crate::codec;
-use crate::key::{escape_glob, push_part as push};
+use crate::key::{escape_glob, push_decimal, push_part as push};
 use crate::spec::Spec;
 use crate::Cache;
 
@@ -119,7 +119,7 @@ impl KeyBuilder {
         let relative_start = key.len();
         key.push_str(prefix);
         key.push_str(":v");
-        let _ = write!(key, "{}", codec::WIRE_VERSION);
+        push_decimal(&mut key, codec::WIRE_VERSION.into());
         if spec.version != 0 {
             let _ = write!(key, ".{}", spec.version);
         }

@@ -89,7 +89,8 @@ pub struct CacheStats {
     pub connected_clients: Option<u64>,
     /// Entries in the local tier.
     pub local_cache_size: u64,
-    /// Bytes held by the local tier (keys and encoded values).
+    /// Bytes held by the local tier (keys and encoded values; the decoded
+    /// values that hit entries keep as well are not counted: their size is unknown).
     pub local_cache_bytes: u64,
     /// Lookups that found a value.
     pub hits: u64,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::cache::KeyTtl;
 use crate::fence::Fence;
+use crate::local::Entry;
 use crate::pending::Pending;
 use crate::CacheError;
 
@@ -20,7 +21,8 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Bytes read from a tier.
 pub(crate) enum Raw {
     Owned(Vec<u8>),
-    Shared(Arc<[u8]>),
+    /// A local-tier entry: its bytes, and the decoded value it may keep.
+    Local(Arc<Entry>),
 }
 
 impl std::ops::Deref for Raw {
@@ -29,7 +31,7 @@ impl std::ops::Deref for Raw {
     fn deref(&self) -> &[u8] {
         match self {
             Raw::Owned(v) => v,
-            Raw::Shared(a) => a,
+            Raw::Local(entry) => &entry.bytes,
         }
     }
 }

@@ -132,13 +132,19 @@ async fn paused_fill(reader: &Cache, id: u32) -> (tokio::task::JoinHandle<u64>, 
     let fill = {
         let (reader, in_body, release) = (reader.clone(), in_body.clone(), release.clone());
         tokio::spawn(async move {
-            get_or_compute::<Plain, _, _, _, _>(call(&reader, id), always, Sharing::none(), move || {
-                (tags(id), async move {
-                    in_body.notify_one();
-                    release.notified().await;
-                    OLD
-                })
-            })
+            get_or_compute::<Plain, _, _, _, _>(
+                call(&reader, id),
+                always,
+                Sharing::none(),
+                Sharing::none(),
+                move || {
+                    (tags(id), async move {
+                        in_body.notify_one();
+                        release.notified().await;
+                        OLD
+                    })
+                },
+            )
             .await
         })
     };
@@ -431,13 +437,19 @@ async fn invalidating_some_keys_does_not_refuse_the_fills_of_others() {
     };
     for id in 0..130u32 {
         let runs = runs.clone();
-        get_or_compute::<Plain, _, _, _, _>(call(&reader, id), always, Sharing::none(), move || {
-            (tags(id), async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(30)).await;
-                u64::from(id)
-            })
-        })
+        get_or_compute::<Plain, _, _, _, _>(
+            call(&reader, id),
+            always,
+            Sharing::none(),
+            Sharing::none(),
+            move || {
+                (tags(id), async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    u64::from(id)
+                })
+            },
+        )
         .await;
     }
     stop.store(1, Ordering::Relaxed);
@@ -452,9 +464,13 @@ async fn invalidating_some_keys_does_not_refuse_the_fills_of_others() {
     let full = format!("{prefix}:{}", relative_key(&reader, 1));
     let _: () = redis.raw().await.set(&full, b"garbage".as_slice()).await.unwrap();
     for _ in 0..2 {
-        get_or_compute::<Plain, _, _, _, _>(call(&reader, 1), always, Sharing::none(), move || {
-            (tags(1), async { 11u64 })
-        })
+        get_or_compute::<Plain, _, _, _, _>(
+            call(&reader, 1),
+            always,
+            Sharing::none(),
+            Sharing::none(),
+            move || (tags(1), async { 11u64 }),
+        )
         .await;
     }
     assert_eq!(reader.get::<u64>(&relative_key(&reader, 1)).await.unwrap(), Some(11));

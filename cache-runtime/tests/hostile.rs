@@ -55,7 +55,7 @@ async fn echo(cache: &Cache, arg: &str, runs: &AtomicU32) -> String {
     let mut key = KeyBuilder::new(cache, &SPEC);
     key.arg(arg);
     let call = Call { cache, spec: &SPEC, key: key.finish() };
-    get_or_compute::<Plain, _, _, _, _>(call, always, Sharing::none(), move || {
+    get_or_compute::<Plain, _, _, _, _>(call, always, Sharing::none(), Sharing::none(), move || {
         (Tags::Static(&[]), async move {
             runs.fetch_add(1, Ordering::SeqCst);
             arg.to_owned()

@@ -42,7 +42,7 @@ async fn load(cache: &Cache, id: u32, runs: &AtomicU32) -> String {
     let mut key = KeyBuilder::new(cache, &SPEC);
     key.arg(&id);
     let call = Call { cache, spec: &SPEC, key: key.finish() };
-    get_or_compute::<Plain, _, _, _, _>(call, always, Sharing::none(), move || {
+    get_or_compute::<Plain, _, _, _, _>(call, always, Sharing::none(), Sharing::none(), move || {
         (Tags::Static(&["load"]), async move {
             runs.fetch_add(1, Ordering::SeqCst);
             format!("value {id}")

@@ -23,13 +23,19 @@ fn call(cache: &Cache, id: u32) -> Call<'_> {
 }
 
 async fn load(cache: &Cache, id: u32, runs: &AtomicU32, delay: Duration) -> u64 {
-    get_or_compute::<Plain, _, _, _, _>(call(cache, id), always, Sharing::none(), move || {
-        (Tags::Static(&["load"]), async move {
-            runs.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(delay).await;
-            u64::from(id) * 10
-        })
-    })
+    get_or_compute::<Plain, _, _, _, _>(
+        call(cache, id),
+        always,
+        Sharing::none(),
+        Sharing::none(),
+        move || {
+            (Tags::Static(&["load"]), async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                u64::from(id) * 10
+            })
+        },
+    )
     .await
 }
 
@@ -104,15 +110,21 @@ async fn a_panicking_leader_hands_over_and_leaves_no_lock() {
         let leader = {
             let (cache, entered) = (cache.clone(), entered.clone());
             tokio::spawn(async move {
-                get_or_compute::<Plain, _, _, _, _>(call(&cache, 2), always, Sharing::none(), move || {
-                    (Tags::Static(&[]), async move {
-                        entered.notify_one();
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        panic!("the body failed");
-                        #[allow(unreachable_code)]
-                        0u64
-                    })
-                })
+                get_or_compute::<Plain, _, _, _, _>(
+                    call(&cache, 2),
+                    always,
+                    Sharing::none(),
+                    Sharing::none(),
+                    move || {
+                        (Tags::Static(&[]), async move {
+                            entered.notify_one();
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            panic!("the body failed");
+                            #[allow(unreachable_code)]
+                            0u64
+                        })
+                    },
+                )
                 .await
             })
         };
@@ -138,13 +150,19 @@ async fn a_fill_computed_before_an_invalidation_is_refused() {
             let reader = {
                 let (cache, in_body, release) = (cache.clone(), in_body.clone(), release.clone());
                 tokio::spawn(async move {
-                    get_or_compute::<Plain, _, _, _, _>(call(&cache, 3), always, Sharing::none(), move || {
-                        (Tags::Static(&["load"]), async move {
-                            in_body.notify_one();
-                            release.notified().await;
-                            "read before the update".to_owned()
-                        })
-                    })
+                    get_or_compute::<Plain, _, _, _, _>(
+                        call(&cache, 3),
+                        always,
+                        Sharing::none(),
+                        Sharing::none(),
+                        move || {
+                            (Tags::Static(&["load"]), async move {
+                                in_body.notify_one();
+                                release.notified().await;
+                                "read before the update".to_owned()
+                            })
+                        },
+                    )
                     .await
                 })
             };
@@ -175,14 +193,19 @@ async fn errors_pass_through_and_are_not_stored() {
     for cache in caches(&redis, "errors").await {
         let runs = &AtomicU32::new(0);
         for _ in 0..3 {
-            let r: Result<u32, String> =
-                get_or_compute::<OkOnly, _, _, _, _>(call(&cache, 4), always, Sharing::none(), move || {
+            let r: Result<u32, String> = get_or_compute::<OkOnly, _, _, _, _>(
+                call(&cache, 4),
+                always,
+                Sharing::none(),
+                Sharing::none(),
+                move || {
                     (Tags::Static(&[]), async move {
                         runs.fetch_add(1, Ordering::SeqCst);
                         Err("db down".to_owned())
                     })
-                })
-                .await;
+                },
+            )
+            .await;
             assert_eq!(r.unwrap_err(), "db down");
         }
         assert_eq!(runs.load(Ordering::SeqCst), 3);
@@ -205,13 +228,19 @@ async fn an_invalidation_by_another_process_refuses_the_fill() {
         let task = {
             let (reader, in_body, release) = (reader.clone(), in_body.clone(), release.clone());
             tokio::spawn(async move {
-                get_or_compute::<Plain, _, _, _, _>(call(&reader, 5), always, Sharing::none(), move || {
-                    (Tags::Static(&["load"]), async move {
-                        in_body.notify_one();
-                        release.notified().await;
-                        format!("stale {round}")
-                    })
-                })
+                get_or_compute::<Plain, _, _, _, _>(
+                    call(&reader, 5),
+                    always,
+                    Sharing::none(),
+                    Sharing::none(),
+                    move || {
+                        (Tags::Static(&["load"]), async move {
+                            in_body.notify_one();
+                            release.notified().await;
+                            format!("stale {round}")
+                        })
+                    },
+                )
                 .await
             })
         };
@@ -238,13 +267,19 @@ async fn a_caller_starting_after_an_invalidation_never_gets_the_older_flight_val
         let leader = {
             let (cache, in_body, release) = (cache.clone(), in_body.clone(), release.clone());
             tokio::spawn(async move {
-                get_or_compute::<Plain, _, _, _, _>(call(&cache, 6), always, Sharing::none(), move || {
-                    (Tags::Static(&["load"]), async move {
-                        in_body.notify_one();
-                        release.notified().await;
-                        "computed before the update".to_owned()
-                    })
-                })
+                get_or_compute::<Plain, _, _, _, _>(
+                    call(&cache, 6),
+                    always,
+                    Sharing::none(),
+                    Sharing::none(),
+                    move || {
+                        (Tags::Static(&["load"]), async move {
+                            in_body.notify_one();
+                            release.notified().await;
+                            "computed before the update".to_owned()
+                        })
+                    },
+                )
                 .await
             })
         };
@@ -254,9 +289,13 @@ async fn a_caller_starting_after_an_invalidation_never_gets_the_older_flight_val
         let late = {
             let cache = cache.clone();
             tokio::spawn(async move {
-                get_or_compute::<Plain, _, _, _, _>(call(&cache, 6), always, Sharing::none(), move || {
-                    (Tags::Static(&["load"]), async move { "computed after the update".to_owned() })
-                })
+                get_or_compute::<Plain, _, _, _, _>(
+                    call(&cache, 6),
+                    always,
+                    Sharing::none(),
+                    Sharing::none(),
+                    move || (Tags::Static(&["load"]), async move { "computed after the update".to_owned() }),
+                )
                 .await
             })
         };

@@ -63,6 +63,11 @@ async fn small_readers(cache: &Cache, stop: Arc<AtomicBool>) -> Histogram<u64> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
     let rounds = arg("--rounds", 10);
     let redis = support::Redis::spawn();
     // Binary: a byte vector is stored at its own size (JSON would triple it).

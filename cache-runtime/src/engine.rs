@@ -197,7 +197,7 @@ where
     let fence = cache.fill_fence(started);
     match cache.read(full, started).await {
         Ok(Some(raw)) => {
-            if let Some(v) = decode_or_reuse(cache, full, &raw, &values) {
+            if let Some(v) = decode_hit(cache, full, raw, &values).await {
                 cache.record_lookup(true);
                 return Out::from_cached(v);
             }
@@ -221,7 +221,7 @@ where
                 started = std::time::Instant::now();
                 reread = true;
                 if let Ok(Some(raw)) = cache.read(full, started).await {
-                    if let Some(v) = decode_or_reuse(cache, full, &raw, &values) {
+                    if let Some(v) = decode_hit(cache, full, raw, &values).await {
                         return Out::from_cached(v);
                     }
                 }
@@ -267,6 +267,27 @@ fn is_uncacheable(key: &Key) -> bool {
 /// a value decoded from the entry's own bytes, so a later hit returns what a
 /// decode would. Another type under the same key misses the downcast and
 /// decodes, which checks the fingerprint as before.
+/// [`decode_or_reuse`], with a big value decoded on a blocking thread: its
+/// megabytes take milliseconds, which the small calls sharing this worker
+/// would otherwise wait out.
+async fn decode_hit<V: DeserializeOwned + Send + 'static>(
+    cache: &Cache,
+    full: &str,
+    raw: Raw,
+    values: &Sharing<V>,
+) -> Option<V> {
+    match raw {
+        Raw::Owned(bytes) if bytes.len() > cache.config().big_value_bytes() => {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return cache.decode_or_drop(full, &bytes);
+            };
+            let (owner, key) = (cache.clone(), full.to_owned());
+            runtime.spawn_blocking(move || owner.decode_or_drop::<V>(&key, &bytes)).await.ok().flatten()
+        }
+        raw => decode_or_reuse(cache, full, &raw, values),
+    }
+}
+
 fn decode_or_reuse<V: DeserializeOwned>(
     cache: &Cache,
     full: &str,

@@ -429,7 +429,10 @@ impl Cache {
     /// times the read and is when a local entry must still be alive.
     pub(crate) async fn read(&self, full: &str, now: Instant) -> Result<Option<Raw>, CacheError> {
         let result = self.inner.tiers.read(full, now).await;
-        self.inner.metrics.record(Op::Get, result.is_ok(), now.elapsed());
+        match &result {
+            Ok(Some(Raw::Local(_))) => self.inner.metrics.count(Op::Get, true),
+            _ => self.inner.metrics.record(Op::Get, result.is_ok(), now.elapsed()),
+        }
         result
     }
 

@@ -32,6 +32,13 @@ fn tags(id: u32) -> Tags {
     Tags::Owned(vec!["race".into(), format!("race:{id}")])
 }
 
+/// The engine on key `id` with its tags: what a `#[cached]` function expands to.
+async fn fill(cache: &Cache, id: u32, body: impl std::future::Future<Output = u64>) -> u64 {
+    let miss = move || (tags(id), body);
+    get_or_compute::<Plain, u64, _, _, _>(call(cache, id), always, Sharing::none(), Sharing::none(), miss)
+        .await
+}
+
 fn relative_key(cache: &Cache, id: u32) -> String {
     call(cache, id).key.into_relative()
 }
@@ -132,19 +139,11 @@ async fn paused_fill(reader: &Cache, id: u32) -> (tokio::task::JoinHandle<u64>, 
     let fill = {
         let (reader, in_body, release) = (reader.clone(), in_body.clone(), release.clone());
         tokio::spawn(async move {
-            get_or_compute::<Plain, _, _, _, _>(
-                call(&reader, id),
-                always,
-                Sharing::none(),
-                Sharing::none(),
-                move || {
-                    (tags(id), async move {
-                        in_body.notify_one();
-                        release.notified().await;
-                        OLD
-                    })
-                },
-            )
+            fill(&reader, id, async move {
+                in_body.notify_one();
+                release.notified().await;
+                OLD
+            })
             .await
         })
     };
@@ -437,19 +436,11 @@ async fn invalidating_some_keys_does_not_refuse_the_fills_of_others() {
     };
     for id in 0..130u32 {
         let runs = runs.clone();
-        get_or_compute::<Plain, _, _, _, _>(
-            call(&reader, id),
-            always,
-            Sharing::none(),
-            Sharing::none(),
-            move || {
-                (tags(id), async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                    u64::from(id)
-                })
-            },
-        )
+        fill(&reader, id, async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            u64::from(id)
+        })
         .await;
     }
     stop.store(1, Ordering::Relaxed);
@@ -464,14 +455,7 @@ async fn invalidating_some_keys_does_not_refuse_the_fills_of_others() {
     let full = format!("{prefix}:{}", relative_key(&reader, 1));
     let _: () = redis.raw().await.set(&full, b"garbage".as_slice()).await.unwrap();
     for _ in 0..2 {
-        get_or_compute::<Plain, _, _, _, _>(
-            call(&reader, 1),
-            always,
-            Sharing::none(),
-            Sharing::none(),
-            move || (tags(1), async { 11u64 }),
-        )
-        .await;
+        fill(&reader, 1, async { 11u64 }).await;
     }
     assert_eq!(reader.get::<u64>(&relative_key(&reader, 1)).await.unwrap(), Some(11));
     assert_eq!(reader.mode(), Mode::Redis);

@@ -3,12 +3,13 @@
 
 mod support;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use cache_runtime::__private::{
-    always, get_or_compute, Call, KeyBuilder, OkOnly, Plain, Sharing, Spec, Tags,
+    always, get_or_compute, Cacheable, Call, KeyBuilder, OkOnly, Plain, Sharing, Spec, Tags,
 };
 use cache_runtime::Cache;
 use support::{local_cache, Redis, FORMATS};
@@ -23,20 +24,26 @@ fn call(cache: &Cache, id: u32) -> Call<'_> {
 }
 
 async fn load(cache: &Cache, id: u32, runs: &AtomicU32, delay: Duration) -> u64 {
-    get_or_compute::<Plain, _, _, _, _>(
-        call(cache, id),
-        always,
-        Sharing::none(),
-        Sharing::none(),
-        move || {
-            (Tags::Static(&["load"]), async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(delay).await;
-                u64::from(id) * 10
-            })
-        },
-    )
+    compute::<Plain, _>(cache, id, async move {
+        runs.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(delay).await;
+        u64::from(id) * 10
+    })
     .await
+}
+
+/// The engine on key `id`, tagged `load`, sharing nothing: what a `#[cached]`
+/// function expands to, with `body` as its body.
+async fn compute<M, Out: Cacheable<M>>(cache: &Cache, id: u32, body: impl Future<Output = Out>) -> Out {
+    let miss = move || (Tags::Static(&["load"]), body);
+    get_or_compute::<M, Out, _, _, _>(call(cache, id), always, Sharing::none(), Sharing::none(), miss).await
+}
+
+/// A body that says it runs, then waits for `release` before returning `value`.
+async fn paused(in_body: Arc<Notify>, release: Arc<Notify>, value: String) -> String {
+    in_body.notify_one();
+    release.notified().await;
+    value
 }
 
 async fn caches(redis: &Redis, name: &str) -> Vec<Cache> {
@@ -110,21 +117,13 @@ async fn a_panicking_leader_hands_over_and_leaves_no_lock() {
         let leader = {
             let (cache, entered) = (cache.clone(), entered.clone());
             tokio::spawn(async move {
-                get_or_compute::<Plain, _, _, _, _>(
-                    call(&cache, 2),
-                    always,
-                    Sharing::none(),
-                    Sharing::none(),
-                    move || {
-                        (Tags::Static(&[]), async move {
-                            entered.notify_one();
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            panic!("the body failed");
-                            #[allow(unreachable_code)]
-                            0u64
-                        })
-                    },
-                )
+                compute::<Plain, _>(&cache, 2, async move {
+                    entered.notify_one();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    panic!("the body failed");
+                    #[allow(unreachable_code)]
+                    0u64
+                })
                 .await
             })
         };
@@ -150,20 +149,8 @@ async fn a_fill_computed_before_an_invalidation_is_refused() {
             let reader = {
                 let (cache, in_body, release) = (cache.clone(), in_body.clone(), release.clone());
                 tokio::spawn(async move {
-                    get_or_compute::<Plain, _, _, _, _>(
-                        call(&cache, 3),
-                        always,
-                        Sharing::none(),
-                        Sharing::none(),
-                        move || {
-                            (Tags::Static(&["load"]), async move {
-                                in_body.notify_one();
-                                release.notified().await;
-                                "read before the update".to_owned()
-                            })
-                        },
-                    )
-                    .await
+                    compute::<Plain, _>(&cache, 3, paused(in_body, release, "read before the update".into()))
+                        .await
                 })
             };
             in_body.notified().await;
@@ -193,18 +180,10 @@ async fn errors_pass_through_and_are_not_stored() {
     for cache in caches(&redis, "errors").await {
         let runs = &AtomicU32::new(0);
         for _ in 0..3 {
-            let r: Result<u32, String> = get_or_compute::<OkOnly, _, _, _, _>(
-                call(&cache, 4),
-                always,
-                Sharing::none(),
-                Sharing::none(),
-                move || {
-                    (Tags::Static(&[]), async move {
-                        runs.fetch_add(1, Ordering::SeqCst);
-                        Err("db down".to_owned())
-                    })
-                },
-            )
+            let r: Result<u32, String> = compute::<OkOnly, _>(&cache, 4, async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Err("db down".to_owned())
+            })
             .await;
             assert_eq!(r.unwrap_err(), "db down");
         }
@@ -228,20 +207,7 @@ async fn an_invalidation_by_another_process_refuses_the_fill() {
         let task = {
             let (reader, in_body, release) = (reader.clone(), in_body.clone(), release.clone());
             tokio::spawn(async move {
-                get_or_compute::<Plain, _, _, _, _>(
-                    call(&reader, 5),
-                    always,
-                    Sharing::none(),
-                    Sharing::none(),
-                    move || {
-                        (Tags::Static(&["load"]), async move {
-                            in_body.notify_one();
-                            release.notified().await;
-                            format!("stale {round}")
-                        })
-                    },
-                )
-                .await
+                compute::<Plain, _>(&reader, 5, paused(in_body, release, format!("stale {round}"))).await
             })
         };
         in_body.notified().await;
@@ -267,20 +233,8 @@ async fn a_caller_starting_after_an_invalidation_never_gets_the_older_flight_val
         let leader = {
             let (cache, in_body, release) = (cache.clone(), in_body.clone(), release.clone());
             tokio::spawn(async move {
-                get_or_compute::<Plain, _, _, _, _>(
-                    call(&cache, 6),
-                    always,
-                    Sharing::none(),
-                    Sharing::none(),
-                    move || {
-                        (Tags::Static(&["load"]), async move {
-                            in_body.notify_one();
-                            release.notified().await;
-                            "computed before the update".to_owned()
-                        })
-                    },
-                )
-                .await
+                compute::<Plain, _>(&cache, 6, paused(in_body, release, "computed before the update".into()))
+                    .await
             })
         };
         in_body.notified().await;
@@ -289,14 +243,7 @@ async fn a_caller_starting_after_an_invalidation_never_gets_the_older_flight_val
         let late = {
             let cache = cache.clone();
             tokio::spawn(async move {
-                get_or_compute::<Plain, _, _, _, _>(
-                    call(&cache, 6),
-                    always,
-                    Sharing::none(),
-                    Sharing::none(),
-                    move || (Tags::Static(&["load"]), async move { "computed after the update".to_owned() }),
-                )
-                .await
+                compute::<Plain, _>(&cache, 6, async { "computed after the update".to_owned() }).await
             })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;

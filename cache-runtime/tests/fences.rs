@@ -99,6 +99,16 @@ impl Writer {
             Writer::Process(child) => child.invalidate(kind, id).await,
         }
     }
+
+    /// After a restart: waits (up to 5 s) until the writer reaches Redis again,
+    /// so the next round's invalidation can return Ok rather than be queued.
+    async fn reconnected(&self) {
+        let Writer::Instance(cache) = self else { return };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !cache.health().await.connected && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 fn config(url: &str, prefix: &str) -> CacheConfig {
@@ -202,6 +212,9 @@ async fn rounds(
             let id = k as u32 * 100_000 + round;
             let (ok, stale) = race(redis, reader, writer, kind, fault, id).await;
             tally.count(ok, stale);
+            if fault == Fault::Restart {
+                writer.reconnected().await;
+            }
         }
         println!("{fault:?} {kind:?}: {tally:?}");
         out.push((kind, tally));

@@ -341,8 +341,15 @@ impl Cache {
                 tasks.spawn(async move {
                     let mut stored = 0;
                     for (full, bytes) in &batch {
-                        let write =
-                            Write { full, bytes, ttl, tags: &tags, expected: Some(fence), bump: true };
+                        let write = Write {
+                            full,
+                            bytes,
+                            ttl,
+                            tags: &tags,
+                            expected: Some(fence),
+                            bump: true,
+                            check_only: false,
+                        };
                         stored += u64::from(cache.inner.tiers.write(write).await?);
                     }
                     Ok::<u64, CacheError>(stored)
@@ -419,6 +426,21 @@ impl Cache {
         self.write(&self.full_key(key), &bytes, ttl, &[], Some(fence), false).await
     }
 
+    /// Whether a fill of `full` under `fence` would be stored now (nothing
+    /// covering it was invalidated since), without storing anything.
+    pub(crate) async fn unfenced(&self, full: &str, tags: &[String], fence: FillFence) -> bool {
+        let check = Write {
+            full,
+            bytes: &[],
+            ttl: Duration::from_secs(1),
+            tags,
+            expected: Some(fence),
+            bump: false,
+            check_only: true,
+        };
+        matches!(self.inner.tiers.write(check).await, Ok(true))
+    }
+
     /// What a fill whose read starts now is checked against: no round trip.
     #[inline]
     pub(crate) fn fill_fence(&self, now: Instant) -> FillFence {
@@ -448,7 +470,7 @@ impl Cache {
         expected: Option<FillFence>,
         bump: bool,
     ) -> Result<bool, CacheError> {
-        let write = Write { full, bytes, ttl, tags, expected, bump };
+        let write = Write { full, bytes, ttl, tags, expected, bump, check_only: false };
         self.timed(Op::Set, self.inner.tiers.write(write)).await
     }
 

@@ -211,36 +211,41 @@ where
     cache.record_lookup(false);
 
     let mut started = started;
+    let mut fence = fence;
     let mut reread = false;
     let leader = loop {
         let outcome = match cache.inner.flights.join(full, reread) {
             Role::Leader(leader) => break leader,
             Role::Follower(slot) => flight::follow(slot).await,
-            Role::Reread => {
-                // Rare: a flight stored its value since this caller read.
-                started = std::time::Instant::now();
-                reread = true;
-                if let Ok(Some(raw)) = cache.read(full, started).await {
-                    if let Some(v) = decode_hit(cache, full, raw, &values).await {
-                        return Out::from_cached(v);
-                    }
-                }
-                continue;
-            }
+            Role::Reread => None,
         };
         match outcome {
             Some(Outcome::Value(bytes, at)) if started < at => match codec::decode::<Out::Value>(&bytes) {
                 Ok(v) => return Out::from_cached(v),
                 Err(_) => return miss().1.await,
             },
-            // A result of another type under the same key (two `get_with` callers).
-            Some(Outcome::Shared(shared)) => match (sharing.take)(&shared) {
+            // Checked against the fence after this call began: as good as its own.
+            Some(Outcome::Shared(shared, at)) if started < at => match (sharing.take)(&shared) {
                 Some(out) => return out,
+                // A result of another type under the same key (two `get_with` callers).
                 None => return miss().1.await,
             },
-            // Written after this call began, refused as stale, not shareable, or
-            // abandoned by a cancelled or panicking leader: start over.
-            Some(Outcome::Value(..) | Outcome::Stale | Outcome::Unshared) | None => continue,
+            // Written or checked after this call began, refused as stale, or not
+            // shareable: start over.
+            Some(Outcome::Value(..) | Outcome::Shared(..) | Outcome::Stale | Outcome::Unshared) => continue,
+            // A flight stored its value since this caller read (rare), or its
+            // leader went away, perhaps after storing: read again before leading.
+            None => {
+                started = std::time::Instant::now();
+                // A fill after this read is checked against what is newer than it.
+                fence = cache.fill_fence(started);
+                reread = true;
+                if let Ok(Some(raw)) = cache.read(full, started).await {
+                    if let Some(v) = decode_hit(cache, full, raw, &values).await {
+                        return Out::from_cached(v);
+                    }
+                }
+            }
         }
     };
 
@@ -249,11 +254,39 @@ where
     let (tags, body) = miss();
     let out = body.await;
     let outcome = match store(&call, full, &out, &tags, condition, Some(fence), false).await {
-        Outcome::Unshared => (sharing.share)(&out).map_or(Outcome::Unshared, Outcome::Shared),
+        Outcome::Unshared => share(&call, full, &out, &tags, fence, &sharing, &leader).await,
         outcome => outcome,
     };
     leader.publish(outcome);
     out
+}
+
+/// A result that was not stored, for the callers waiting on `leader`: shared
+/// only if nothing covering the key was invalidated since the leader's read
+/// (one check, made only when someone waits), and then only with callers that
+/// started before the check, as a stored value is.
+async fn share<M, Out: Cacheable<M>>(
+    call: &Call<'_>,
+    full: &str,
+    out: &Out,
+    tags: &Tags,
+    fence: FillFence,
+    sharing: &Sharing<Out>,
+    leader: &flight::Leader<'_>,
+) -> Outcome {
+    if !leader.has_followers() {
+        return Outcome::Unshared;
+    }
+    let Some(shared) = (sharing.share)(out) else {
+        return Outcome::Unshared;
+    };
+    let checking = std::time::Instant::now();
+    let tags = call.spec.tags(call.cache, tags.to_vec());
+    if call.cache.unfenced(full, &tags, fence).await {
+        Outcome::Shared(shared, checking)
+    } else {
+        Outcome::Unshared
+    }
 }
 
 /// Whether building the key failed. Only a hashed part or the marker puts a `#`

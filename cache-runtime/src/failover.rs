@@ -101,6 +101,10 @@ impl Failover {
     /// Reports a call's outcome to the breaker and passes it on.
     fn settle<T>(&self, permit: Permit<'_>, result: Result<T, CacheError>) -> Result<T, CacheError> {
         if let Err(e) = &result {
+            // Redis was never asked: this says nothing of its health either way.
+            if matches!(e, CacheError::NoRuntime) {
+                return result;
+            }
             self.misconfig.report(e);
         }
         let healthy = result.as_ref().map_or_else(|e| !e.is_unavailable(), |_| true);

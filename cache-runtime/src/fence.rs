@@ -118,8 +118,8 @@ end
 ";
 
 // KEYS: fence, entry, body, tag indexes…; ARGV: nonce, bytes, ttl ms, expected
-// id ('' = unfenced), expected seq, bump ('1': fence the key after writing, so
-// fills that read before this write are refused), the body ('' = none: the
+// id ('' = unfenced), expected seq, mode ('1': fence the key after writing, so
+// fills that read before this write are refused; '2': only check), the body ('' = none: the
 // entry holds the value itself), tag names… (one per index).
 // Returns {stored, id, seq}.
 const FILL: &str = r"
@@ -151,6 +151,8 @@ if exp_id ~= '' then
 else
   id, seq = incarnation(ARGV[1])
 end
+-- Mode '2' asks whether the fill would be stored, and stores nothing.
+if ARGV[6] == '2' then return {1, id, seq} end
 -- The body first: a reader that finds the new pointer finds its body.
 if ARGV[7] ~= '' then redis.call('SET', KEYS[3], ARGV[7], 'PX', ttl) end
 redis.call('SET', entry, ARGV[2], 'PX', ttl)
@@ -405,6 +407,8 @@ pub(crate) struct Fill<'a> {
     pub(crate) expected: Option<Fence>,
     /// Refuse the fills of this key that read before this write.
     pub(crate) bump: bool,
+    /// Check `expected` only; store nothing.
+    pub(crate) check_only: bool,
 }
 
 fn parse_id(id: &str) -> u64 {
@@ -450,7 +454,12 @@ impl RedisStore {
             Some(f) => call.arg(f.id),
             None => call.arg(""),
         };
-        call.arg(fill.expected.map_or(0, |f| f.seq)).arg(if fill.bump { "1" } else { "0" });
+        let mode = match (fill.check_only, fill.bump) {
+            (true, _) => "2",
+            (false, true) => "1",
+            (false, false) => "0",
+        };
+        call.arg(fill.expected.map_or(0, |f| f.seq)).arg(mode);
         call.arg(fill.body.unwrap_or_default());
         for (tag, _) in fill.tags {
             call.arg(tag);

@@ -39,8 +39,9 @@ pub(crate) enum Outcome {
     /// their own copy if they started before that.
     Value(Arc<[u8]>, Instant),
     /// A result that was not stored (an `Err`, a `None`, a failed encode), as a
-    /// copy the followers clone theirs from.
-    Shared(Shared),
+    /// copy the followers clone theirs from, and when the fence was checked for
+    /// it: like a value, it goes only to callers that started before that.
+    Shared(Shared, Instant),
     /// A result that was not stored and can't be copied: the followers form a
     /// new flight, so the body still runs once at a time, never as a herd.
     Unshared,
@@ -149,6 +150,11 @@ impl Shard {
 }
 
 impl Leader<'_> {
+    /// Whether anyone waits for this flight (the map holds one receiver).
+    pub(crate) fn has_followers(&self) -> bool {
+        self.tx.receiver_count() > 1
+    }
+
     pub(crate) fn publish(self, outcome: Outcome) {
         let mut shard = self.owner.shard(&self.key);
         if shard.running(&self.key, self.id) {
@@ -157,7 +163,7 @@ impl Leader<'_> {
                     shard.map.insert(self.key.clone(), Flight::Ended { id: self.id });
                     shard.ended.push_back((Instant::now(), self.key.clone(), self.id));
                 }
-                Outcome::Shared(_) | Outcome::Unshared | Outcome::Stale => {
+                Outcome::Shared(..) | Outcome::Unshared | Outcome::Stale => {
                     shard.map.remove(&self.key);
                 }
             }

@@ -41,8 +41,9 @@ impl Cache {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future before it completes stores nothing; another caller
-    /// waiting for the same key takes over and runs its own `init`.
+    /// Dropping the future hands the key to another caller waiting for it,
+    /// which reads the cache again (a fill already sent may have landed) and
+    /// otherwise runs its own `init`.
     pub fn get_with<'a, T, F>(&'a self, key: &'a str, init: F) -> GetWith<'a, T, F, fn(&T) -> bool>
     where
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,

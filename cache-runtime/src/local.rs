@@ -281,6 +281,10 @@ impl LocalTier {
             Some(FillFence::Local(epoch, _)) => Some(epoch),
             None => None,
         };
+        if w.check_only {
+            let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            return Ok(expected.is_some_and(|e| !index.fenced(w.full, w.tags, e)));
+        }
         Ok(self.set(w.full, w.bytes.to_vec(), w.ttl, w.tags, expected, w.bump))
     }
 

@@ -19,6 +19,8 @@ use crate::CacheError;
 /// [`Schema::body`], read on the bulk connection.
 const POINTER: &[u8; 2] = b"\xCBB";
 const POINTER_LEN: usize = POINTER.len() + 8;
+/// The largest string Redis stores (`proto-max-bulk-len`'s default).
+const MAX_STRING: usize = 512 << 20;
 
 fn pointer(size: usize) -> [u8; POINTER_LEN] {
     let mut p = [0; POINTER_LEN];
@@ -189,8 +191,14 @@ impl Store for RedisTier {
             let Some(bytes) = self.redis.get(full).await? else { return Ok(None) };
             match pointed_size(&bytes) {
                 None => Ok(Some(Raw::Owned(bytes))),
-                // Gone with an eviction while its pointer stayed: a miss.
-                Some(size) => Ok(self.redis.get_bulk(&self.schema.body(full), size).await?.map(Raw::Owned)),
+                Some(size) => {
+                    // A size no Redis string can have is not a pointer this cache wrote.
+                    let size = size.min(MAX_STRING);
+                    let body = self.redis.get_bulk(&self.schema.body(full), size).await?;
+                    // Gone with an eviction while its pointer stayed, or replaced by
+                    // another fill since the pointer was read: a miss.
+                    Ok(body.filter(|b| b.len() == size).map(Raw::Owned))
+                }
             }
         })
     }
@@ -224,6 +232,7 @@ impl Store for RedisTier {
                 tags: &tags,
                 expected,
                 bump: w.bump,
+                check_only: w.check_only,
             };
             let (stored, fence) = self.redis.fill(&self.fence_key, fill).await?;
             self.observed.observe(fence);
@@ -263,7 +272,12 @@ impl Store for RedisTier {
     }
 
     fn drop_if_same<'a>(&'a self, full: &'a str, bytes: &'a [u8]) -> BoxFuture<'a, Result<(), CacheError>> {
-        Box::pin(async move { self.redis.drop_if_same(full, bytes).await.map(drop) })
+        Box::pin(async move {
+            // A big value's entry holds its pointer: that is what must still be there.
+            let pointer = pointer(bytes.len());
+            let held = if bytes.len() > self.big_value_bytes { &pointer[..] } else { bytes };
+            self.redis.drop_if_same(full, held).await.map(drop)
+        })
     }
 
     fn exists<'a>(&'a self, full: &'a str) -> BoxFuture<'a, Result<bool, CacheError>> {

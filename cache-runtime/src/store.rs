@@ -65,6 +65,8 @@ pub(crate) struct Write<'a> {
     pub(crate) expected: Option<FillFence>,
     /// Refuse the fills of this key that read before this write.
     pub(crate) bump: bool,
+    /// Only check `expected`: whether a fill would be stored, without storing.
+    pub(crate) check_only: bool,
 }
 
 /// One page of key names (bytes: another client may have written any) and the

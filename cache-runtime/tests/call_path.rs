@@ -289,3 +289,36 @@ async fn a_hit_builds_no_tags() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_is_not_shared_with_a_caller_that_started_after_an_invalidation() {
+    let redis = Redis::start();
+    for cache in both_modes(&redis, "shared_after_invalidation").await {
+        let (in_body, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let leader = {
+            let (cache, in_body, release) = (cache.clone(), in_body.clone(), release.clone());
+            tokio::spawn(async move {
+                let old = async move {
+                    in_body.notify_one();
+                    release.notified().await;
+                    Err::<u32, _>("computed before the update")
+                };
+                cache.try_get_with("user:7", old).await.map_err(|e| *e)
+            })
+        };
+        in_body.notified().await;
+        cache.delete("user:7").await.unwrap();
+        // Starts after the invalidation returned, and joins the leader's flight.
+        let late = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let new = async { Err::<u32, _>("computed after the update") };
+                cache.try_get_with("user:7", new).await.map_err(|e| *e)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        release.notify_one();
+        assert_eq!(leader.await.unwrap(), Err("computed before the update"));
+        assert_eq!(late.await.unwrap(), Err("computed after the update"), "{:?}", cache.mode());
+    }
+}

@@ -3,11 +3,12 @@
 //! and the health, replay and upkeep loops.
 //!
 //! A multiplexed connection's driver is a task on the runtime that connected
-//! it. Had that been the caller's, the connection would die with it: a test
-//! suite (one runtime per `#[tokio::test]`) sharing the global cache would find
-//! every connection dead after the first test. Here callers on any runtime send
-//! to drivers that live as long as the cache. The thread stops when the cache is
-//! dropped.
+//! it, and dies with it: a test suite (one runtime per `#[tokio::test]`)
+//! sharing the global cache finds the connections of the first test's runtime
+//! dead. Connections are made on a caller's runtime when there is one (no hop
+//! between threads on the hit path); `conn.rs` replaces one whose runtime has
+//! gone before the call that found it fails, and makes connections here when
+//! no caller's runtime is at hand. The threads stop when the cache is dropped.
 //!
 //! A second thread carries the connection for big values, so that reading
 //! megabytes there never holds up the small replies the first thread reads.
@@ -41,7 +42,10 @@ impl Thread {
         let (stop, stopped) = oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("cache-runtime-{name}"))
-            .spawn(move || runtime.block_on(async move { drop(stopped.await) }))
+            .spawn(move || {
+                OWN_THREAD.with(|own| own.set(true));
+                runtime.block_on(async move { drop(stopped.await) })
+            })
             .map_err(failed)?;
         Ok(Thread { handle, _stop: stop })
     }
@@ -70,6 +74,15 @@ impl Background {
     ) -> Result<T, CacheError> {
         handle.spawn(fut).await.map_err(|_| CacheError::Unavailable("the cache is shutting down".into()))
     }
+}
+
+thread_local! {
+    static OWN_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this is one of the cache's own threads.
+pub(crate) fn on_own_thread() -> bool {
+    OWN_THREAD.with(std::cell::Cell::get)
 }
 
 /// Whether the caller runs on a Tokio runtime: timers (and so every Redis

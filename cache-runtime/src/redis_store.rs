@@ -152,6 +152,17 @@ impl RedisStore {
         }
     }
 
+    /// After a command failed without reaching Redis: whether the connections
+    /// are back within the first reconnect attempt (at most the operation
+    /// timeout), so that an idempotent command can be sent again. A driver that
+    /// died with its runtime is replaced that fast; a Redis that is down is not.
+    pub(crate) async fn reconnected(&self, e: &CacheError) -> bool {
+        if !e.is_unavailable() || matches!(e, CacheError::Timeout(_) | CacheError::Deferred(_)) {
+            return false;
+        }
+        self.conns.first_attempt(self.op_timeout).await
+    }
+
     /// Reads a big value's body, `size` bytes as its pointer says.
     pub(crate) async fn get_bulk(&self, key: &str, size: usize) -> Result<Option<Vec<u8>>, CacheError> {
         let get = redis::cmd("GET").arg(key).clone();

@@ -188,7 +188,16 @@ impl Store for RedisTier {
     fn get<'a>(&'a self, full: &'a str) -> BoxFuture<'a, Result<Option<Raw>, CacheError>> {
         Box::pin(async move {
             self.same_server().await?;
-            let Some(bytes) = self.redis.get(full).await? else { return Ok(None) };
+            let got = match self.redis.get(full).await {
+                // Its connection died (with the runtime it ran on, say) and was
+                // replaced at once: read again, from a server checked like any other.
+                Err(e) if self.redis.reconnected(&e).await => {
+                    self.same_server().await?;
+                    self.redis.get(full).await
+                }
+                got => got,
+            };
+            let Some(bytes) = got? else { return Ok(None) };
             match pointed_size(&bytes) {
                 None => Ok(Some(Raw::Owned(bytes))),
                 Some(size) => {

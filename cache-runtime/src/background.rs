@@ -1,6 +1,6 @@
-//! A runtime of the cache's own, on one thread, for what must outlive any one
-//! caller's runtime: the drivers of the Redis connections, their reconnects,
-//! and the health, replay and upkeep loops.
+//! Runtimes of the cache's own, on two threads, for what must outlive any one
+//! caller's runtime: the health, replay and upkeep loops, and the connections
+//! made when no caller's runtime is at hand.
 //!
 //! A multiplexed connection's driver is a task on the runtime that connected
 //! it, and dies with it: a test suite (one runtime per `#[tokio::test]`)
@@ -10,8 +10,9 @@
 //! gone before the call that found it fails, and makes connections here when
 //! no caller's runtime is at hand. The threads stop when the cache is dropped.
 //!
-//! A second thread carries the connection for big values, so that reading
-//! megabytes there never holds up the small replies the first thread reads.
+//! A second thread carries the connection for big values when it is made
+//! here, so that reading megabytes never holds up the small replies the first
+//! thread reads.
 
 use std::future::Future;
 

@@ -24,6 +24,7 @@
 use std::any::TypeId;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, LazyLock};
 
 use arc_swap::ArcSwap;
@@ -31,7 +32,34 @@ use serde::de::{self, DeserializeSeed, IntoDeserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// Fingerprints traced so far: read on every encode and decode, written once per type.
-static FINGERPRINTS: LazyLock<ArcSwap<HashMap<TypeId, u64>>> = LazyLock::new(ArcSwap::default);
+static FINGERPRINTS: LazyLock<ArcSwap<Fingerprints>> = LazyLock::new(ArcSwap::default);
+
+type Fingerprints = HashMap<TypeId, u64, BuildHasherDefault<TypeIdHasher>>;
+
+/// A `TypeId` is a hash already: hashing it again (SipHash) would cost every
+/// hit more than the rest of the lookup.
+#[derive(Default)]
+struct TypeIdHasher(u64);
+
+impl Hasher for TypeIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.0 ^= n as u64 ^ (n >> 64) as u64;
+    }
+}
 
 /// Deeper than any real type nests; a guard against types whose every variant recurses.
 const MAX_DEPTH: usize = 96;
@@ -47,7 +75,7 @@ pub(crate) fn of<T: Deserialize<'static>>() -> u64 {
     }
     let fingerprint = compute::<T>();
     FINGERPRINTS.rcu(|map| {
-        let mut map = HashMap::clone(map);
+        let mut map = Fingerprints::clone(map);
         map.insert(id, fingerprint);
         Arc::new(map)
     });

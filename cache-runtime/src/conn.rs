@@ -4,9 +4,11 @@
 //! timeout that order can no longer be trusted (a middlebox may have dropped the
 //! request, so the next reply would answer someone else's question), and after
 //! an I/O error the socket is gone. Either way the connection is poisoned: it is
-//! dropped from its slot, callers fail fast until a background task has
-//! reconnected with jittered exponential backoff, and no caller ever waits on a
-//! reconnect.
+//! dropped from its slot, and callers fail fast until a background task has
+//! reconnected with jittered exponential backoff. Only a read whose connection
+//! failed without a timeout waits, and only for the first reconnect attempt
+//! (at most the operation timeout): a driver that died with its runtime is
+//! replaced that fast, and a Redis that is down fails that attempt as fast.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};

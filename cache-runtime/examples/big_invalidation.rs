@@ -14,14 +14,6 @@ use std::time::{Duration, Instant};
 
 use cache_runtime::{Cache, CacheConfig};
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
-}
-
 /// The longest command in SLOWLOG (everything over 1 ms is logged), and its name.
 async fn longest_command(raw: &mut redis::aio::MultiplexedConnection) -> (Duration, String) {
     let log: Vec<(u64, u64, u64, Vec<Vec<u8>>)> = redis::cmd("SLOWLOG")
@@ -85,8 +77,8 @@ async fn measure(
 
 #[tokio::main]
 async fn main() {
-    let tagged = arg("--tagged", 400_000);
-    let keys = arg("--keys", 1_000_000);
+    let tagged = support::arg("--tagged", 400_000);
+    let keys = support::arg("--keys", 1_000_000);
     let server = support::Redis::spawn_with_args(&[
         "--slowlog-log-slower-than",
         "1000",

@@ -22,14 +22,6 @@ use hdrhistogram::Histogram;
 
 const BIG: usize = (8 << 20) - 4096;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
-}
-
 fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()
 }
@@ -68,14 +60,14 @@ async fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
-    let rounds = arg("--rounds", 10);
+    let rounds = support::arg("--rounds", 10);
     let redis = support::Redis::spawn();
     // Binary: a byte vector is stored at its own size (JSON would triple it).
     let config = CacheConfig::builder()
         .redis_url(redis.url())
         .key_prefix("bigvalues")
         .serialization(Serialization::Binary)
-        .big_value_bytes(arg("--big-value-bytes", 256 << 10) as usize)
+        .big_value_bytes(support::arg("--big-value-bytes", 256 << 10) as usize)
         .build()
         .unwrap();
     let cache = Cache::new(config).await.unwrap();

@@ -89,8 +89,11 @@ pub(crate) fn on_own_thread() -> bool {
 /// Whether the caller runs on a Tokio runtime: timers (and so every Redis
 /// command, each under the operation timeout) need one.
 pub(crate) fn on_runtime() -> Result<(), CacheError> {
-    match Handle::try_current() {
-        Ok(_) => Ok(()),
-        Err(_) => Err(CacheError::NoRuntime),
+    // Every command asks: inside a task the task's id answers with one
+    // thread-local read; only a future driven by `block_on` needs the handle
+    // (an `Arc` clone).
+    if tokio::task::try_id().is_some() || Handle::try_current().is_ok() {
+        return Ok(());
     }
+    Err(CacheError::NoRuntime)
 }

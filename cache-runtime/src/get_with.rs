@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::engine::{get_or_compute, Call, OkOnly, Plain, Sharing, Tags};
+use crate::engine::{get_or_compute, Cacheable, Call, OkOnly, Plain, Sharing, Tags};
 use crate::spec::{Spec, TtlSpec};
 use crate::{Cache, IntoTtl};
 
@@ -69,6 +69,27 @@ impl Cache {
     }
 }
 
+/// The engine call both builders make: the cache's own key, an explicit or
+/// default TTL, the given tags, and results shared by cloning.
+async fn run<M, Out, T, C>(
+    cache: &Cache,
+    key: &str,
+    ttl: Option<Duration>,
+    tags: Vec<String>,
+    condition: C,
+    init: impl Future<Output = Out>,
+) -> Out
+where
+    Out: Cacheable<M, Value = T> + Clone + Send + Sync + 'static,
+    T: Clone + Send + Sync + 'static,
+    C: FnOnce(&T) -> bool,
+{
+    let spec = spec(ttl);
+    let call = Call { cache, spec: &spec, key: cache.inner.schema.entry_key(key) };
+    let miss = move || (Tags::Owned(tags), init);
+    get_or_compute::<M, Out, _, _, _>(call, condition, Sharing::cloned(), Sharing::cloned(), miss).await
+}
+
 fn always<T>(_: &T) -> bool {
     true
 }
@@ -125,19 +146,8 @@ where
     type IntoFuture = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let GetWith { cache, key, init, ttl, tags, condition, .. } = self;
-            let spec = spec(ttl);
-            let call = Call { cache, spec: &spec, key: cache.inner.schema.entry_key(key) };
-            get_or_compute::<Plain, T, _, _, _>(
-                call,
-                condition,
-                Sharing::cloned(),
-                Sharing::cloned(),
-                move || (Tags::Owned(tags), init),
-            )
-            .await
-        })
+        let GetWith { cache, key, init, ttl, tags, condition, .. } = self;
+        Box::pin(run::<Plain, T, T, _>(cache, key, ttl, tags, condition, init))
     }
 }
 
@@ -177,19 +187,8 @@ where
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let GetWith { cache, key, init, ttl, tags, condition, .. } = self.0;
-            let spec = spec(ttl);
-            let call = Call { cache, spec: &spec, key: cache.inner.schema.entry_key(key) };
-            let init = async move { init.await.map_err(Arc::new) };
-            get_or_compute::<OkOnly, Result<T, Arc<E>>, _, _, _>(
-                call,
-                condition,
-                Sharing::cloned(),
-                Sharing::cloned(),
-                move || (Tags::Owned(tags), init),
-            )
-            .await
-        })
+        let GetWith { cache, key, init, ttl, tags, condition, .. } = self.0;
+        let init = async move { init.await.map_err(Arc::new) };
+        Box::pin(run::<OkOnly, Result<T, Arc<E>>, T, _>(cache, key, ttl, tags, condition, init))
     }
 }

@@ -254,6 +254,15 @@ pub fn local_cache(name: &str, format: Serialization) -> Cache {
     Cache::local(config)
 }
 
+/// The number after `name` on the command line (the examples' flags), or `default`.
+pub fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
+}
+
 pub const FORMATS: [Serialization; 3] = [Serialization::Json, Serialization::MsgPack, Serialization::Binary];
 
 tokio::task_local! {

@@ -1,5 +1,5 @@
 //! Load generator: the `#[cached]` paths beside their raw baselines, interleaved
-//! in rounds (A B A B …) so noisy machines compare like with like.
+//! in rounds (A B, B A, …) so noisy machines compare like with like.
 //!
 //! ```text
 //! cargo run --release --example loadgen -- --concurrency 1,16,64,256 --ops 200000 --rounds 5
@@ -493,8 +493,15 @@ fn main() {
                 .map(|_| Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap())
                 .collect();
             let mut runs = vec![0u64; args.scenarios.len()];
-            for _ in 0..args.rounds {
-                for (i, scenario) in args.scenarios.iter().enumerate() {
+            for round in 0..args.rounds {
+                // A B, then B A: neither side always runs first, after the other's tail.
+                let order: Vec<usize> = if round % 2 == 0 {
+                    (0..args.scenarios.len()).collect()
+                } else {
+                    (0..args.scenarios.len()).rev().collect()
+                };
+                for i in order {
+                    let scenario = &args.scenarios[i];
                     if scenario == "stampede" && concurrency != args.concurrency[0] {
                         continue;
                     }

@@ -90,7 +90,8 @@ impl Failover {
         let shared = self.shared.as_deref()?;
         let permit = self.breaker.permit()?;
         if self.pending.is_dirty() {
-            if let Err(e) = self.replay(shared).await {
+            // Boxed: the future of every call holds this rare one's state otherwise.
+            if let Err(e) = Box::pin(self.replay(shared)).await {
                 let _ = self.settle(permit, Err::<(), _>(e));
                 return None;
             }

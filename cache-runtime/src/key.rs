@@ -134,7 +134,8 @@ pub(crate) fn push_decimal(out: &mut String, mut v: u64) {
             break;
         }
     }
-    out.extend(digits[start..].iter().map(|&d| char::from(d)));
+    // One copy, not a push per char.
+    out.push_str(std::str::from_utf8(&digits[start..]).expect("ASCII digits"));
 }
 
 impl<'a> ser::Serializer for PartSerializer<'a> {

@@ -6,10 +6,11 @@
 //! client side and the multi-key writes are Lua scripts or MULTI/EXEC sent as one
 //! pipeline, so nothing needs a connection of its own.
 //!
-//! Each command runs under the operation timeout. A caller dropped mid-command
-//! leaves the connection in sync, because replies are matched to requests by the
-//! connection's own driver task, not by the caller; a command that times out or
-//! hits an I/O error poisons its connection (see `conn.rs`).
+//! Each command runs under the operation timeout: a small one through the
+//! connections' watchdog, a big one under a timer of its own. A caller dropped
+//! mid-command leaves the connection in sync, because replies are matched to
+//! requests by the connection's own driver task, not by the caller; a command
+//! that times out or hits an I/O error poisons its connection (see `conn.rs`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue};
 
 use crate::background::Background;
-use crate::conn::Connections;
+use crate::conn::{Connections, Lease};
 
 use crate::config::CacheConfig;
 use crate::fence::FenceScripts;
@@ -66,21 +67,30 @@ impl RedisStore {
     ) -> Result<Self, CacheError> {
         let runtime = background.handle().clone();
         let client = Client::open(url)?;
-        // No response timeout here: `run` bounds every command with the operation
-        // timeout already, and a second timer per command would cost the hot path.
-        let conn_config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(config.socket_connect_timeout))
-            .set_response_timeout(None);
+        // No response timeout: the watchdog bounds the small commands (see
+        // `conn.rs`) and `run_in` times each big one.
+        let conn_config = AsyncConnectionConfig::new().set_response_timeout(None);
+        let connect_timeout = config.socket_connect_timeout;
         Ok(RedisStore {
             bulk: Connections::new(
                 background.bulk_handle().clone(),
                 client.clone(),
                 conn_config.clone(),
+                connect_timeout,
                 1,
                 misconfig.clone(),
+                None,
             ),
             bulk_queued: AtomicU64::new(0),
-            conns: Connections::new(runtime, client, conn_config, config.connections, misconfig),
+            conns: Connections::new(
+                runtime,
+                client,
+                conn_config,
+                connect_timeout,
+                config.connections,
+                misconfig,
+                Some(config.operation_timeout()),
+            ),
             op_timeout: config.operation_timeout(),
             fences: FenceScripts::new(),
         })
@@ -109,47 +119,61 @@ impl RedisStore {
         self.bulk.revive();
     }
 
-    /// Runs one command under the operation timeout, poisoning its connection
-    /// when the reply stream can no longer be trusted.
+    /// Runs one small command under the operation timeout, poisoning its
+    /// connection when the reply stream can no longer be trusted. It carries no
+    /// timer: the connections' watchdog bounds it (see `conn.rs`), because a
+    /// timer per command costs a Redis hit a tenth of its throughput.
     pub(crate) async fn run<T, F, Fut>(&self, command: F) -> Result<T, CacheError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        self.run_in(Lane::Hot, command).await
+        crate::background::on_runtime()?;
+        let lease = self.conns.lease()?;
+        let result = command(lease.conn()).await;
+        result.map_err(|e| self.failed(&self.conns, &lease, e, self.op_timeout))
     }
 
-    /// [`run`](Self::run) on the connections of `lane`; a big value's timeout
-    /// adds the time its bytes, and those queued ahead of them, take to move.
+    /// [`run`](Self::run) on the connections of `lane`. A big value's command
+    /// has a timer of its own, which adds the time its bytes, and those queued
+    /// ahead of them, take to move.
     pub(crate) async fn run_in<T, F, Fut>(&self, lane: Lane, command: F) -> Result<T, CacheError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
+        let Lane::Bulk(size) = lane else { return self.run(command).await };
         crate::background::on_runtime()?;
-        let (conns, timeout, _queued) = match lane {
-            Lane::Hot => (&self.conns, self.op_timeout, None),
-            Lane::Bulk(size) => {
-                let queued = Queued::new(&self.bulk_queued, size as u64);
-                let transfer = Duration::from_secs_f64(queued.ahead as f64 / BULK_BYTES_PER_SEC as f64);
-                (&self.bulk, self.op_timeout + transfer, Some(queued))
-            }
-        };
-        let lease = conns.lease()?;
-        match tokio::time::timeout(timeout, command(lease.conn.clone())).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
-                let e = CacheError::from(e);
-                if e.is_unavailable() {
-                    conns.poison(&lease);
-                }
-                Err(e)
-            }
+        let queued = Queued::new(&self.bulk_queued, size as u64);
+        let transfer = Duration::from_secs_f64(queued.ahead as f64 / BULK_BYTES_PER_SEC as f64);
+        let timeout = self.op_timeout + transfer;
+        let lease = self.bulk.lease()?;
+        match tokio::time::timeout(timeout, command(lease.conn())).await {
+            Ok(result) => result.map_err(|e| self.failed(&self.bulk, &lease, e, timeout)),
             Err(_) => {
-                conns.poison(&lease);
+                self.bulk.poison(&lease);
                 Err(CacheError::Timeout(timeout))
             }
         }
+    }
+
+    /// The error of a command that failed on `lease`, poisoning the connection
+    /// when it can no longer be trusted.
+    fn failed(
+        &self,
+        conns: &Connections,
+        lease: &Lease,
+        e: redis::RedisError,
+        timeout: Duration,
+    ) -> CacheError {
+        if lease.stalled() {
+            return CacheError::Timeout(timeout);
+        }
+        let e = CacheError::from(e);
+        if e.is_unavailable() {
+            conns.poison(lease);
+        }
+        e
     }
 
     /// After a command failed without reaching Redis: whether the connections

@@ -77,12 +77,11 @@ impl RedisTier {
     /// its fence counter may have gone back under the same incarnation and
     /// entries invalidated since may be back. It gets a new incarnation (every
     /// fill in flight is refused) and the prefix is cleared.
-    #[inline]
     async fn same_server(&self) -> Result<(), CacheError> {
-        let generation = self.redis.generation();
-        if self.checked.load(Ordering::Acquire) == generation {
+        if self.checked_server() {
             return Ok(());
         }
+        let generation = self.redis.generation();
         let mut server = self.server.lock().await;
         if self.checked.load(Ordering::Acquire) == generation {
             return Ok(());
@@ -99,6 +98,32 @@ impl RedisTier {
         *server = Some(run_id);
         self.checked.store(generation, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether [`same_server`](Self::same_server) has checked the connections made so far.
+    #[inline]
+    fn checked_server(&self) -> bool {
+        self.checked.load(Ordering::Acquire) == self.redis.generation()
+    }
+
+    /// A read whose connection failed: read again if it was replaced at once
+    /// (it died with the runtime it ran on, say), from a server checked like any other.
+    async fn get_again(&self, full: &str, e: CacheError) -> Result<Option<Vec<u8>>, CacheError> {
+        if !self.redis.reconnected(&e).await {
+            return Err(e);
+        }
+        self.same_server().await?;
+        self.redis.get(full).await
+    }
+
+    /// The body of a big value whose pointer says it has `size` bytes.
+    async fn get_body(&self, full: &str, size: usize) -> Result<Option<Raw>, CacheError> {
+        // A size no Redis string can have is not a pointer this cache wrote.
+        let size = size.min(MAX_STRING);
+        let body = self.redis.get_bulk(&self.schema.body(full), size).await?;
+        // Gone with an eviction while its pointer stayed, or replaced by
+        // another fill since the pointer was read: a miss.
+        Ok(body.filter(|b| b.len() == size).map(Raw::Owned))
     }
 
     fn tag_indexes(&self, tags: &[String]) -> Vec<(String, String)> {
@@ -186,28 +211,23 @@ impl RedisTier {
 
 impl Store for RedisTier {
     fn get<'a>(&'a self, full: &'a str) -> BoxFuture<'a, Result<Option<Raw>, CacheError>> {
+        // The rare paths are boxed futures of their own, so that the one boxed
+        // per hit stays small.
         Box::pin(async move {
-            self.same_server().await?;
-            let got = match self.redis.get(full).await {
-                // Its connection died (with the runtime it ran on, say) and was
-                // replaced at once: read again, from a server checked like any other.
-                Err(e) if self.redis.reconnected(&e).await => {
-                    self.same_server().await?;
-                    self.redis.get(full).await
-                }
-                got => got,
+            if !self.checked_server() {
+                Box::pin(self.same_server()).await?;
+            }
+            let bytes = match self.redis.get(full).await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => return Ok(None),
+                Err(e) => match Box::pin(self.get_again(full, e)).await? {
+                    Some(bytes) => bytes,
+                    None => return Ok(None),
+                },
             };
-            let Some(bytes) = got? else { return Ok(None) };
             match pointed_size(&bytes) {
                 None => Ok(Some(Raw::Owned(bytes))),
-                Some(size) => {
-                    // A size no Redis string can have is not a pointer this cache wrote.
-                    let size = size.min(MAX_STRING);
-                    let body = self.redis.get_bulk(&self.schema.body(full), size).await?;
-                    // Gone with an eviction while its pointer stayed, or replaced by
-                    // another fill since the pointer was read: a miss.
-                    Ok(body.filter(|b| b.len() == size).map(Raw::Owned))
-                }
+                Some(size) => Box::pin(self.get_body(full, size)).await,
             }
         })
     }

@@ -26,6 +26,8 @@ mod shape;
 const MAGIC: u8 = 0xCA;
 /// Bumped when the header or an encoding changes incompatibly; also part of macro keys.
 pub const WIRE_VERSION: u8 = 2;
+/// [`WIRE_VERSION`] as a key names it, written out so building a key formats nothing.
+pub(crate) const WIRE_KEY_TAG: &str = ":v2";
 /// Where the checksum ends and what it covers (the fingerprint and the payload) begins.
 const CHECKSUM_END: usize = 7;
 const HEADER_LEN: usize = CHECKSUM_END + 8;
@@ -233,6 +235,11 @@ fn checksum(payload: &[u8]) -> [u8; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_tag_names_the_wire_version() {
+        assert_eq!(WIRE_KEY_TAG, format!(":v{WIRE_VERSION}"));
+    }
     use serde::Deserialize;
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::flight::{self, Outcome, Role, Shared};
-use crate::key::{escape_glob, UNCACHEABLE};
+use crate::key::escape_glob;
 use crate::schema::Key;
 use crate::spec::Spec;
 use crate::store::{FillFence, Raw};
@@ -292,7 +292,7 @@ async fn share<M, Out: Cacheable<M>>(
 /// Whether building the key failed. Only a hashed part or the marker puts a `#`
 /// in a key (a scalar's is escaped), so most keys are settled by one `memchr`.
 fn is_uncacheable(key: &Key) -> bool {
-    key.full.contains('#') && key.full.contains(UNCACHEABLE)
+    key.uncacheable
 }
 
 /// Decodes what was read, or clones the value a local-tier entry keeps. The

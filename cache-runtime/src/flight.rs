@@ -25,7 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use xxhash_rust::xxh3::{xxh3_64, Xxh3Builder};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::key::KeyHashing;
 
 const SHARDS: usize = 64;
 
@@ -64,7 +66,7 @@ enum Flight {
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<Arc<str>, Flight, Xxh3Builder>,
+    map: HashMap<Arc<str>, Flight, KeyHashing>,
     /// Ended flights, oldest first, so markers are dropped without a scan.
     ended: VecDeque<(Instant, Arc<str>, u64)>,
 }

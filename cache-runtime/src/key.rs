@@ -38,6 +38,43 @@ fn push_hash<T: Serialize + ?Sized>(out: &mut String, value: &T) {
     }
 }
 
+/// Hashes keys for the in-process maps (the local tier, the flights): one
+/// xxh3 per `write`. The streaming `Xxh3` hasher of xxhash-rust goes through a
+/// buffer, which costs several times the one-shot hash of a short key, and a
+/// local hit hashes its key once or twice. Seeded per process, so which slot
+/// a key lands in can't be chosen from outside.
+#[derive(Clone)]
+pub(crate) struct KeyHashing {
+    seed: u64,
+}
+
+impl Default for KeyHashing {
+    fn default() -> Self {
+        use std::hash::BuildHasher;
+        KeyHashing { seed: std::collections::hash_map::RandomState::new().hash_one(0u64) }
+    }
+}
+
+impl std::hash::BuildHasher for KeyHashing {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(self.seed)
+    }
+}
+
+/// The hasher of [`KeyHashing`].
+pub(crate) struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Marks a key that could not be built; calls carrying it bypass the cache.
 pub(crate) const UNCACHEABLE: &str = "#!uncacheable";
 
@@ -123,19 +160,8 @@ macro_rules! decimal_scalars {
 
 /// Appends `v` in decimal, as `Display` writes it: on a local hit the
 /// formatting machinery would cost more than the rest of the key.
-pub(crate) fn push_decimal(out: &mut String, mut v: u64) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    // One copy, not a push per char.
-    out.push_str(std::str::from_utf8(&digits[start..]).expect("ASCII digits"));
+fn push_decimal(out: &mut String, v: u64) {
+    out.push_str(itoa::Buffer::new().format(v));
 }
 
 impl<'a> ser::Serializer for PartSerializer<'a> {

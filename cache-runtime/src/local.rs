@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use moka::sync::Cache as Moka;
 use moka::Expiry;
-use xxhash_rust::xxh3::Xxh3Builder;
 
 use crate::cache::KeyTtl;
 use crate::fence::WINDOW;
 use crate::flight::Shared;
 use crate::glob;
+use crate::key::KeyHashing;
 use crate::pending::Pending;
 use crate::schema::Schema;
 use crate::store::{BoxFuture, FillFence, KeyPage, Raw, ServerInfo, Store, Write};
@@ -108,7 +108,7 @@ impl Index {
 pub(crate) struct LocalTier {
     // xxh3 rather than SipHash: hashing the key is a tenth of a hit. The flights
     // map hashes the same keys the same way.
-    entries: Moka<Arc<str>, Arc<Entry>, Xxh3Builder>,
+    entries: Moka<Arc<str>, Arc<Entry>, KeyHashing>,
     // One lock orders writes against invalidations: a tagged `set` is either
     // wholly before an invalidation (and removed by it) or wholly after, and a
     // fill's fence check and insert are one step.
@@ -123,7 +123,7 @@ impl LocalTier {
             entries: Moka::builder()
                 .max_capacity(max_entries)
                 .expire_after(PerEntryTtl)
-                .build_with_hasher(Xxh3Builder::new()),
+                .build_with_hasher(KeyHashing::default()),
             index: Mutex::new(Index::default()),
             epoch: AtomicU64::new(0),
             schema,

@@ -13,7 +13,7 @@
 use serde::Serialize;
 
 use crate::codec;
-use crate::key::{escape_glob, push_decimal, push_part as push};
+use crate::key::{escape_glob, push_part as push, UNCACHEABLE};
 use crate::spec::Spec;
 use crate::Cache;
 
@@ -105,6 +105,7 @@ impl Schema {
 pub struct KeyBuilder {
     key: String,
     relative_start: usize,
+    uncacheable: bool,
 }
 
 impl KeyBuilder {
@@ -118,18 +119,18 @@ impl KeyBuilder {
         key.push(':');
         let relative_start = key.len();
         key.push_str(prefix);
-        key.push_str(":v");
-        push_decimal(&mut key, codec::WIRE_VERSION.into());
+        key.push_str(codec::WIRE_KEY_TAG);
         if spec.version != 0 {
             let _ = write!(key, ".{}", spec.version);
         }
-        KeyBuilder { key, relative_start }
+        KeyBuilder { key, relative_start, uncacheable: false }
     }
 
     /// Appends one argument.
     pub fn arg<T: KeyArg + ?Sized>(&mut self, value: &T) {
         self.key.push(':');
         value.push_to(&mut self.key);
+        self.uncacheable |= self.key.ends_with(UNCACHEABLE);
     }
 
     /// Starts a `key = "..."` format.
@@ -145,11 +146,12 @@ impl KeyBuilder {
     /// Appends an interpolated value of a `key` format.
     pub fn part<T: KeyArg + ?Sized>(&mut self, value: &T) {
         value.push_to(&mut self.key);
+        self.uncacheable |= self.key.ends_with(UNCACHEABLE);
     }
 
     /// The finished key.
     pub fn finish(self) -> Key {
-        Key { full: self.key, relative_start: self.relative_start }
+        Key { full: self.key, relative_start: self.relative_start, uncacheable: self.uncacheable }
     }
 }
 
@@ -159,6 +161,8 @@ impl KeyBuilder {
 pub struct Key {
     pub(crate) full: String,
     relative_start: usize,
+    /// An argument could not be made part of it: the call bypasses the cache.
+    pub(crate) uncacheable: bool,
 }
 
 impl Key {
@@ -198,6 +202,6 @@ impl<T: Serialize + ?Sized> KeyArg for T {
 impl Schema {
     /// The key of an entry named by the public API (`get_with` and friends).
     pub(crate) fn entry_key(&self, key: &str) -> Key {
-        Key { full: self.entry(key), relative_start: self.prefix_len() }
+        Key { full: self.entry(key), relative_start: self.prefix_len(), uncacheable: false }
     }
 }

@@ -501,6 +501,22 @@ impl Cache {
         }
     }
 
+    /// Runs `work` (decoding a big value, say) on the thread that reads big
+    /// values, which yields the CPU to the callers' workers; inline where the
+    /// cache has no such thread (local mode) or is shutting down.
+    pub(crate) async fn off_workers<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Option<T> + Send + 'static,
+    ) -> Option<T> {
+        match &self.inner.background {
+            Some(background) => {
+                let bulk = background.bulk_handle();
+                Background::run(bulk, async move { work() }).await.ok().flatten()
+            }
+            None => work(),
+        }
+    }
+
     /// Refuses (and counts) a value over `max_value_bytes`.
     pub(crate) fn check_size(&self, size: usize) -> Result<(), CacheError> {
         let limit = self.inner.config.max_value_bytes;

@@ -68,10 +68,22 @@ pub(crate) struct Connections {
     connect_timeout: Duration,
     /// Where a reconnect refused for its credentials is reported.
     misconfig: Arc<Misconfig>,
+    carries: Carries,
     slots: Vec<Slot>,
     next: AtomicUsize,
     ids: AtomicU64,
     me: Weak<Connections>,
+}
+
+/// What a set of connections carries, which decides where their drivers run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Carries {
+    /// Small commands: drivers on the caller's runtime (no hop between threads
+    /// on a hit), bounded by the watchdog with this timeout.
+    Small(Duration),
+    /// Big values: drivers on the cache's own thread, where parsing megabytes
+    /// takes no time from the caller's workers; each command is timed by its caller.
+    Big,
 }
 
 /// A connection handed to one command, with what is needed to poison it.
@@ -94,9 +106,9 @@ impl Lease {
 }
 
 impl Connections {
-    /// `count` connections to `client`'s server, made on demand. With
-    /// `watched`, a watchdog on `runtime` stops any of them that does not answer
-    /// a ping within that time; without, each command needs a timeout of its own.
+    /// `count` connections to `client`'s server, made on demand. For small
+    /// commands, a watchdog on `runtime` stops any of them that does not answer
+    /// a ping within the timeout; big ones need a timeout of their own.
     pub(crate) fn new(
         runtime: tokio::runtime::Handle,
         client: Client,
@@ -104,7 +116,7 @@ impl Connections {
         connect_timeout: Duration,
         count: usize,
         misconfig: Arc<Misconfig>,
-        watched: Option<Duration>,
+        carries: Carries,
     ) -> Arc<Self> {
         let this = Arc::new_cyclic(|me| Connections {
             runtime,
@@ -112,12 +124,13 @@ impl Connections {
             config,
             connect_timeout,
             misconfig,
+            carries,
             slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
             next: AtomicUsize::new(0),
             ids: AtomicU64::new(0),
             me: me.clone(),
         });
-        if let Some(timeout) = watched {
+        if let Carries::Small(timeout) = carries {
             this.runtime.spawn(watchdog(Arc::downgrade(&this), timeout));
         }
         this
@@ -179,7 +192,10 @@ impl Connections {
         };
         match self.slots[slot].live.load_full() {
             Some(live) => {
-                if live.background && !crate::background::on_own_thread() {
+                if live.background
+                    && matches!(self.carries, Carries::Small(_))
+                    && !crate::background::on_own_thread()
+                {
                     // A caller's runtime is at hand: move the driver onto it.
                     self.rehome(slot);
                 }
@@ -239,8 +255,9 @@ impl Connections {
     /// cache's own thread is for when no caller's runtime is at hand, and a
     /// connection made there moves to the first caller's runtime that leases it
     /// (see `lease`), or is replaced when that runtime has gone (see `redis_store.rs`).
+    /// Big values always live there.
     fn home(&self) -> (tokio::runtime::Handle, bool) {
-        if !crate::background::on_own_thread() {
+        if matches!(self.carries, Carries::Small(_)) && !crate::background::on_own_thread() {
             if let Ok(caller) = tokio::runtime::Handle::try_current() {
                 return (caller, false);
             }

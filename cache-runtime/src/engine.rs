@@ -311,11 +311,8 @@ async fn decode_hit<V: DeserializeOwned + Send + 'static>(
 ) -> Option<V> {
     match raw {
         Raw::Owned(bytes) if bytes.len() > cache.config().big_value_bytes() => {
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                return cache.decode_or_drop(full, &bytes);
-            };
             let (owner, key) = (cache.clone(), full.to_owned());
-            runtime.spawn_blocking(move || owner.decode_or_drop::<V>(&key, &bytes)).await.ok().flatten()
+            cache.off_workers(move || owner.decode_or_drop::<V>(&key, &bytes)).await
         }
         raw => decode_or_reuse(cache, full, &raw, values),
     }

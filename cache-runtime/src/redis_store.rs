@@ -20,7 +20,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue};
 
 use crate::background::Background;
-use crate::conn::{Connections, Lease};
+use crate::conn::{Carries, Connections, Lease};
 
 use crate::config::CacheConfig;
 use crate::fence::FenceScripts;
@@ -79,7 +79,7 @@ impl RedisStore {
                 connect_timeout,
                 1,
                 misconfig.clone(),
-                None,
+                Carries::Big,
             ),
             bulk_queued: AtomicU64::new(0),
             conns: Connections::new(
@@ -89,7 +89,7 @@ impl RedisStore {
                 connect_timeout,
                 config.connections,
                 misconfig,
-                Some(config.operation_timeout()),
+                Carries::Small(config.operation_timeout()),
             ),
             op_timeout: config.operation_timeout(),
             fences: FenceScripts::new(),

@@ -1,7 +1,7 @@
 //! Checks that involve the function and the options together; on success, the
 //! shape of the function that expansion needs.
 
-use syn::{FnArg, GenericParam, ItemFn, Pat, ReturnType, Type};
+use syn::{FnArg, GenericParam, ItemFn, Pat, Receiver, ReceiverKind, ReturnType, Type};
 
 use crate::args::Args;
 use crate::format::{self, Segment};
@@ -50,7 +50,7 @@ pub(crate) fn check(args: &Args, func: &ItemFn) -> syn::Result<Shape> {
     for input in &sig.inputs {
         match input {
             // `&self`, `&mut self`, and their long forms `self: &Self`, `self: &'a mut Self`.
-            FnArg::Receiver(r) if matches!(&*r.ty, Type::Reference(_)) => receiver = Some(r.clone()),
+            FnArg::Receiver(r) if by_reference(r) => receiver = Some(r.clone()),
             FnArg::Receiver(r) => {
                 return Err(syn::Error::new_spanned(
                     r,
@@ -165,4 +165,13 @@ fn mentions_self(tokens: proc_macro2::TokenStream) -> bool {
         proc_macro2::TokenTree::Group(g) => mentions_self(g.stream()),
         _ => false,
     })
+}
+
+/// `&self`, `&mut self`, or a long form whose type is a reference (`self: &Self`).
+fn by_reference(r: &Receiver) -> bool {
+    match &r.kind {
+        ReceiverKind::Reference(..) => true,
+        ReceiverKind::Typed(_, ty) => matches!(**ty, Type::Reference(_)),
+        _ => false,
+    }
 }

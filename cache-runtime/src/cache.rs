@@ -414,6 +414,7 @@ impl Cache {
 
     /// Stores `value` under `key` as a fill: refused (`Ok(false)`) if anything
     /// covering `key` was invalidated after `fence` was taken.
+    #[cfg(feature = "http")]
     pub(crate) async fn fill<T: Storable + ?Sized>(
         &self,
         key: &str,

@@ -57,6 +57,7 @@ pub fn matches(pattern: &[u8], text: &[u8]) -> bool {
 
 /// Keys of every common shape and first character: a pattern matching all of
 /// them selects everything, whatever its spelling (`[!-~]*`, `[^#]*` …).
+#[cfg(feature = "http")]
 const PROBES: &[&str] = &[
     "a",
     "Z",
@@ -85,10 +86,12 @@ const PROBES: &[&str] = &[
 /// Whether a glob (relative to a cache's prefix) selects everything rather than
 /// something: it names nothing (only `*`, `?`, negated classes and the `:`
 /// separator: `*`, `?*`, `*:*`, `[^x]*`), or it matches keys of every shape.
+#[cfg(feature = "http")]
 pub fn matches_everything(pattern: &[u8]) -> bool {
     names_nothing(pattern) || PROBES.iter().all(|key| matches(pattern, key.as_bytes()))
 }
 
+#[cfg(feature = "http")]
 fn names_nothing(pattern: &[u8]) -> bool {
     let (mut i, mut star) = (0, false);
     while i < pattern.len() {
@@ -290,7 +293,7 @@ mod lua {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "http"))]
 mod everything {
     use super::matches_everything;
 

@@ -247,11 +247,11 @@ fn etag_of(body: &[u8]) -> String {
     format!("\"{:032x}\"", xxhash_rust::xxh3::xxh3_128(body))
 }
 
-/// `If-None-Match` against `etag` by the weak comparison RFC 9110 §13.1.2 asks for.
-fn none_match_hits(request: &HeaderMap, etag: &[u8]) -> bool {
+/// The request's `If-None-Match` lines against `etag`, by the weak comparison RFC 9110 §13.1.2 asks for.
+fn none_match_hits(if_none_match: &[HeaderValue], etag: &[u8]) -> bool {
     let opaque = |tag: &[u8]| tag.strip_prefix(b"W/").map_or(tag, |t| t).to_vec();
     let ours = opaque(etag);
-    request.get_all(header::IF_NONE_MATCH).iter().any(|line| {
+    if_none_match.iter().any(|line| {
         let mut rest = line.as_bytes();
         loop {
             rest = rest.trim_ascii_start();
@@ -320,7 +320,8 @@ where
     S::Future: Send + 'static,
 {
     let key = config.key(&req);
-    let validators = req.headers().clone();
+    let if_none_match: Vec<HeaderValue> =
+        req.headers().get_all(header::IF_NONE_MATCH).iter().cloned().collect();
     let spec =
         Spec { name: "http", prefix: None, ttl: Some(TtlSpec::Fixed(config.ttl)), profile: None, version: 0 };
     let cache = &config.cache;
@@ -358,15 +359,15 @@ where
     .await;
     let ran_here = request.is_none();
     match fetched {
-        Fetched::Stored(stored) => Ok(rebuild(stored, &validators, if ran_here { "miss" } else { "hit" })),
+        Fetched::Stored(stored) => Ok(rebuild(stored, &if_none_match, if ran_here { "miss" } else { "hit" })),
         Fetched::Uncacheable => {
             if let Some(response) = passed.into_inner().unwrap_or_else(|e| e.into_inner()) {
                 return Ok(response);
             }
             match request {
                 Some((mut inner, req)) => inner.call(req).await,
-                // The handler ran here, yet its response went nowhere: unreachable
-                // unless it panicked, which unwinds past this point.
+                // Not reached: a handler run here leaves its response either
+                // stored (`Fetched::Stored`) or in `passed`.
                 None => Ok(Response::builder()
                     .status(StatusCode::INTERNAL_SERVER_ERROR)
                     .body(Body::empty())
@@ -480,7 +481,11 @@ impl HttpBody for Replay {
 
 /// The response `stored` describes, or a `304 Not Modified` when the request's
 /// `If-None-Match` names its `ETag`.
-fn rebuild(stored: StoredResponse, request: &HeaderMap, cache_status: &'static str) -> Response<Body> {
+fn rebuild(
+    stored: StoredResponse,
+    if_none_match: &[HeaderValue],
+    cache_status: &'static str,
+) -> Response<Body> {
     let mut headers = HeaderMap::with_capacity(stored.headers.len() + 1);
     for (name, value) in stored.headers {
         // Written from a `HeaderMap`, so they parse; a foreign entry's odd header is dropped.
@@ -490,7 +495,7 @@ fn rebuild(stored: StoredResponse, request: &HeaderMap, cache_status: &'static s
     }
     headers.insert("x-cache", HeaderValue::from_static(cache_status));
     let not_modified =
-        headers.get(header::ETAG).is_some_and(|etag| none_match_hits(request, etag.as_bytes()));
+        headers.get(header::ETAG).is_some_and(|etag| none_match_hits(if_none_match, etag.as_bytes()));
     let (status, body) = if not_modified {
         // What RFC 9110 §15.4.5 has a 304 repeat; the rest describes a body it doesn't have.
         let keep = [

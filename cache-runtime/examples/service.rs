@@ -87,10 +87,9 @@ async fn put_mission(
     let mission = Mission { id: id.clone(), name: update.name, status: update.status };
     app.db.store(mission.clone());
     // The write lands first, then the entries that could show the old mission go.
-    if let Err(e) = app.cache.invalidate_tags([format!("mission:{id}")]).await {
+    if let Err(e) = app.cache.invalidate_tags([format!("mission:{id}"), "mission-list".to_owned()]).await {
         tracing::warn!(error = %e, "invalidation queued for replay");
     }
-    let _ = app.cache.delete_pattern("http:*").await;
     Json(mission)
 }
 
@@ -130,7 +129,8 @@ pub fn app_with(state: Arc<AppState>, admin: impl FnOnce(ManagementApi) -> Manag
     let management = admin(management);
     let missions = Router::new()
         .route("/missions", get(list_missions))
-        .layer(ResponseCacheLayer::new(cache.clone()))
+        // The list goes with every mission (the `missions` group) and with any one mission's update.
+        .layer(ResponseCacheLayer::new(cache.clone()).tags(["missions", "mission-list"]))
         .route("/missions/{id}", get(get_mission).put(put_mission))
         .with_state(state);
     missions.nest("/api/cache", management.router()).merge(metrics_router(cache))

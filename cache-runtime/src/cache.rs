@@ -412,21 +412,6 @@ impl Cache {
         self.timed(op, self.inner.tiers.invalidate(what)).await
     }
 
-    /// Stores `value` under `key` as a fill: refused (`Ok(false)`) if anything
-    /// covering `key` was invalidated after `fence` was taken.
-    #[cfg(feature = "http")]
-    pub(crate) async fn fill<T: Storable + ?Sized>(
-        &self,
-        key: &str,
-        value: &T,
-        ttl: Duration,
-        fence: FillFence,
-    ) -> Result<bool, CacheError> {
-        let bytes = codec::encode(self.inner.config.serialization, value)?;
-        self.check_size(bytes.len())?;
-        self.write(&self.full_key(key), &bytes, ttl, &[], Some(fence), false).await
-    }
-
     /// Whether a fill of `full` under `fence` would be stored now (nothing
     /// covering it was invalidated since), without storing anything.
     pub(crate) async fn unfenced(&self, full: &str, tags: &[String], fence: FillFence) -> bool {

@@ -16,7 +16,7 @@ use crate::key::escape_glob;
 use crate::schema::Key;
 use crate::spec::Spec;
 use crate::store::{FillFence, Raw};
-use crate::{codec, Cache, CacheError};
+use crate::{codec, Cache, CacheError, Serialization};
 
 /// A call's tags: literal ones cost no allocation on a hit.
 pub enum Tags {
@@ -173,8 +173,32 @@ pub struct Call<'a> {
 /// local tier, so its hits skip the decode.
 ///
 /// `miss` is called only when the body must run, so a hit neither builds the
-/// tags nor the body's future.
+/// tags nor the body's future. Values are stored in the cache's configured
+/// serialization.
 pub async fn get_or_compute<M, Out, C, B, Fut>(
+    call: Call<'_>,
+    condition: C,
+    sharing: Sharing<Out>,
+    values: Sharing<Out::Value>,
+    miss: B,
+) -> Out
+where
+    Out: Cacheable<M>,
+    C: FnOnce(&Out::Value) -> bool,
+    B: FnOnce() -> (Tags, Fut),
+    Fut: Future<Output = Out>,
+{
+    let format = call.cache.config().serialization;
+    get_or_compute_as(format, call, condition, sharing, values, miss).await
+}
+
+/// [`get_or_compute`], storing values in `format` whatever the cache's
+/// configured serialization: for values whose encoding is not the caller's
+/// choice (a cached HTTP response is bytes, which JSON would write as an array
+/// of numbers). Readers decode by the format an entry's header names, so
+/// entries of both kinds live side by side.
+pub async fn get_or_compute_as<M, Out, C, B, Fut>(
+    format: Serialization,
     call: Call<'_>,
     condition: C,
     sharing: Sharing<Out>,
@@ -253,7 +277,7 @@ where
     // read, so the miss path is one GET and one write.
     let (tags, body) = miss();
     let out = body.await;
-    let outcome = match store(&call, full, &out, &tags, condition, Some(fence), false).await {
+    let outcome = match store(&call, format, &out, &tags, condition, Some(fence), false).await {
         Outcome::Unshared => share(&call, full, &out, &tags, fence, &sharing, &leader).await,
         outcome => outcome,
     };
@@ -350,12 +374,12 @@ where
     if is_uncacheable(&call.key) {
         return body.await;
     }
-    let full = call.key.full.as_str();
     // Fenced like a fill, and fencing the key: fills that read before this one
     // wrote can't put an older value back.
     let fence = call.cache.fill_fence(std::time::Instant::now());
     let out = body.await;
-    drop(store(&call, full, &out, &tags, condition, Some(fence), true).await);
+    let format = call.cache.config().serialization;
+    drop(store(&call, format, &out, &tags, condition, Some(fence), true).await);
     out
 }
 
@@ -371,7 +395,7 @@ pub async fn invalidate_all(cache: &Cache, spec: &Spec) -> Result<u64, CacheErro
 
 async fn store<M, Out, C>(
     call: &Call<'_>,
-    full: &str,
+    format: Serialization,
     out: &Out,
     tags: &Tags,
     condition: C,
@@ -382,11 +406,11 @@ where
     Out: Cacheable<M>,
     C: FnOnce(&Out::Value) -> bool,
 {
-    let cache = call.cache;
+    let (cache, full) = (call.cache, call.key.full.as_str());
     let Some(value) = out.stored() else {
         return Outcome::Unshared;
     };
-    let bytes = match codec::encode(cache.config().serialization, value) {
+    let bytes = match codec::encode(format, value) {
         Ok(bytes) => bytes,
         Err(e) => {
             cache.record_fault("encode", full, &e);

@@ -144,6 +144,17 @@ async fn missions_are_cached_and_invalidated_over_http() {
     assert_eq!(second.json::<Value>().await.unwrap().as_array().unwrap().len(), 3);
     let authorized = app.http.get(format!("{}/missions", app.base)).bearer_auth("user").send().await.unwrap();
     assert!(authorized.headers().get("x-cache").is_none(), "requests with Authorization bypass the cache");
+
+    // An update drops the cached list through its tag.
+    app.call("PUT", "/missions/m2", Some(json!({"name": "Relay rebuilt", "status": "done"}))).await;
+    let after = app.http.get(format!("{}/missions", app.base)).send().await.unwrap();
+    assert_eq!(after.headers()["x-cache"], "miss");
+    let list = after.json::<Value>().await.unwrap();
+    assert_eq!(list[1]["name"], "Relay rebuilt", "no stale list after the update");
+    let (status, _) = app.call("POST", "/api/cache/invalidate/missions", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let again = app.http.get(format!("{}/missions", app.base)).send().await.unwrap();
+    assert_eq!(again.headers()["x-cache"], "miss", "the missions group drops the cached list too");
 }
 
 #[tokio::test]

@@ -1,3 +1,4 @@
+#![cfg(feature = "yaml")]
 //! The shipped `config/settings.yaml` loads, and file errors name the file.
 
 use std::time::Duration;

@@ -688,23 +688,31 @@ fn show(v: &serde_json::Value) -> String {
 }
 
 fn check_prefix(key: &str, prefix: String) -> Result<String, CacheError> {
-    if prefix.is_empty() || prefix.contains(['*', '?', '[', ']', '\\', ':', ' ', '#']) {
+    if !prefix_ok(&prefix) {
         return Err(CacheError::config(key, &prefix, PREFIX_RULE));
     }
     Ok(prefix)
 }
 
+fn prefix_ok(prefix: &str) -> bool {
+    !prefix.is_empty() && !prefix.contains(['*', '?', '[', ']', '\\', ':', ' ', '#'])
+}
+
 const PREFIX_RULE: &str = "must be non-empty, without `:`, `#`, spaces or glob characters";
 
 fn check_namespace(key: &str, ns: String) -> Result<String, CacheError> {
-    let valid = ns
-        .chars()
-        .enumerate()
-        .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()));
-    if ns.is_empty() || !valid {
+    if !namespace_ok(&ns) {
         return Err(CacheError::config(key, &ns, NAMESPACE_RULE));
     }
     Ok(ns)
+}
+
+fn namespace_ok(ns: &str) -> bool {
+    !ns.is_empty()
+        && ns
+            .chars()
+            .enumerate()
+            .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
 }
 
 const NAMESPACE_RULE: &str = "must be a Prometheus name: letters, digits and `_`";
@@ -722,7 +730,7 @@ mod wire {
 
     use serde::de::{self, Deserialize, Deserializer, IntoDeserializer, Unexpected, Visitor};
 
-    use super::{check_namespace, check_prefix, Secret};
+    use super::{namespace_ok, prefix_ok, Secret};
     use crate::CacheError;
 
     /// A checked setting and the value it leaves in the config.
@@ -879,12 +887,10 @@ mod wire {
     impl<'de> Deserialize<'de> for Prefix {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             let text = String::deserialize(d)?;
-            match check_prefix("", text) {
-                Ok(text) => Ok(Prefix(text)),
-                Err(CacheError::Config { value, .. }) => {
-                    Err(de::Error::invalid_value(Unexpected::Str(&value), &super::PREFIX_RULE))
-                }
-                Err(e) => Err(de::Error::custom(e)),
+            if prefix_ok(&text) {
+                Ok(Prefix(text))
+            } else {
+                Err(de::Error::invalid_value(Unexpected::Str(&text), &super::PREFIX_RULE))
             }
         }
     }
@@ -902,12 +908,10 @@ mod wire {
     impl<'de> Deserialize<'de> for Namespace {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             let text = String::deserialize(d)?;
-            match check_namespace("", text) {
-                Ok(text) => Ok(Namespace(text)),
-                Err(CacheError::Config { value, .. }) => {
-                    Err(de::Error::invalid_value(Unexpected::Str(&value), &super::NAMESPACE_RULE))
-                }
-                Err(e) => Err(de::Error::custom(e)),
+            if namespace_ok(&text) {
+                Ok(Namespace(text))
+            } else {
+                Err(de::Error::invalid_value(Unexpected::Str(&text), &super::NAMESPACE_RULE))
             }
         }
     }

@@ -96,6 +96,24 @@ impl FromStr for Serialization {
     }
 }
 
+/// Read by name, with the aliases of [`FromStr`], so a settings section can say
+/// `serialization: msgpack`.
+impl<'de> serde::Deserialize<'de> for Serialization {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl serde::de::Visitor<'_> for NameVisitor {
+            type Value = Serialization;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("one of json, msgpack, bincode (binary, postcard and pickle are aliases)")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Serialization, E> {
+                name.parse().map_err(|_| E::invalid_value(serde::de::Unexpected::Str(name), &self))
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
+    }
+}
+
 /// A value the cache can store: it serializes, and the shape of the type it is
 /// read back as is known, to be written into the entry's header.
 ///

@@ -1,11 +1,14 @@
-//! Configuration: a builder, the environment, and the `REDIS:` section of a settings file.
+//! Configuration: one table of settings, from which the defaults, the keys of a
+//! settings section (read through serde, from any format) and the environment
+//! variables all come.
 
 use std::collections::HashMap;
 use std::fmt;
+#[cfg(feature = "yaml")]
 use std::path::Path;
 use std::time::Duration;
 
-use serde_yaml::Value;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 
 use crate::{CacheError, Serialization};
 
@@ -68,77 +71,243 @@ impl fmt::Debug for Secret {
 }
 
 /// A named bundle of TTL, prefix and tags that `#[cached(profile = "...")]` refers to.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// In a settings section it is an entry of `profiles`: `{ttl, prefix, tags}`, each
+/// optional, any other key refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Profile {
     /// Time to live of entries made under this profile.
+    #[serde(default, deserialize_with = "wire::optional::<wire::Secs, _>")]
     pub ttl: Option<Duration>,
     /// The key prefix of functions using this profile (their name when absent).
+    #[serde(default, deserialize_with = "wire::optional::<wire::Prefix, _>")]
     pub prefix: Option<String>,
     /// Tags added to every entry made under this profile.
+    #[serde(default)]
     pub tags: Vec<String>,
 }
 
-/// Everything a [`Cache`](crate::Cache) is built from.
-///
-/// Keys that are read but not acted on yet are marked so on their accessor.
-#[derive(Debug, Clone)]
-pub struct CacheConfig {
-    pub(crate) redis: Option<RedisTarget>,
-    pub(crate) key_prefix: String,
-    pub(crate) default_ttl: Duration,
-    pub(crate) serialization: Serialization,
-    pub(crate) track_stats: bool,
-    pub(crate) metrics_namespace: String,
-    pub(crate) connections: usize,
-    pub(crate) max_connections: usize,
-    pub(crate) socket_timeout: Duration,
-    pub(crate) operation_timeout: Duration,
-    pub(crate) socket_connect_timeout: Duration,
-    pub(crate) retry_on_timeout: bool,
-    pub(crate) health_check_interval: Duration,
-    pub(crate) named_ttls: HashMap<String, Duration>,
-    pub(crate) profiles: HashMap<String, Profile>,
-    pub(crate) local_max_entries: u64,
-    pub(crate) max_value_bytes: usize,
-    pub(crate) big_value_bytes: usize,
-    pub(crate) warmup_enabled: bool,
-    pub(crate) warmup_batch_size: usize,
-    pub(crate) warmup_concurrency: usize,
-    pub(crate) circuit_breaker_enabled: bool,
-    pub(crate) circuit_breaker_threshold: u32,
-    pub(crate) circuit_breaker_timeout: Duration,
-    pub(crate) admin_token: Option<Secret>,
+/// Declares every plain setting once: its field, default, key in a settings
+/// section (plus an alias), the type that reads and checks it, and its
+/// environment variable. The Redis target (`url` or `host`/`port`/`db`/`password`),
+/// the `<name>_ttl` keys and `profiles` are read beside them, in [`CacheConfig::read`].
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        $field:ident: $ty:ty = $default:expr, read as $wire:ty
+            $(, alias $alias:literal)? $(, env $env:literal)?;
+    )*) => {
+        /// Everything a [`Cache`](crate::Cache) is built from.
+        ///
+        /// Built with [`builder`](Self::builder), read from the environment with
+        /// [`from_env`](Self::from_env), or deserialized from the `REDIS:` section
+        /// of the app's settings, whatever loads them (figment, config, TOML, JSON,
+        /// YAML): the keys are those of the README's Configuration table, any other
+        /// key is refused, durations are seconds (`5`, `0.25`, `"30"`). Through
+        /// [`from_value`](Self::from_value) or
+        /// [`from_settings_file`](Self::from_settings_file) an error names the key and
+        /// the value as [`CacheError::Config`].
+        #[derive(Debug, Clone)]
+        pub struct CacheConfig {
+            pub(crate) redis: Option<RedisTarget>,
+            pub(crate) named_ttls: HashMap<String, Duration>,
+            pub(crate) profiles: HashMap<String, Profile>,
+            $( $(#[doc = $doc])* pub(crate) $field: $ty, )*
+        }
+
+        impl Default for CacheConfig {
+            fn default() -> Self {
+                CacheConfig {
+                    redis: None,
+                    named_ttls: HashMap::new(),
+                    profiles: HashMap::new(),
+                    $( $field: $default, )*
+                }
+            }
+        }
+
+        /// A key of the settings section, told apart as it is read so that an
+        /// unknown one fails where it stands (the error then carries its path).
+        #[allow(non_camel_case_types)]
+        enum Key {
+            $( $field, )*
+            url,
+            host,
+            port,
+            db,
+            password,
+            profiles,
+            NamedTtl(String),
+        }
+
+        const KEYS: &[&str] = &[
+            $( stringify!($field), )*
+            "url", "host", "port", "db", "password", "profiles", "<name>_ttl",
+        ];
+
+        impl Key {
+            fn parse(key: &str) -> Option<Key> {
+                Some(match key {
+                    $( stringify!($field) $(| $alias)? => Key::$field, )*
+                    "url" => Key::url,
+                    "host" => Key::host,
+                    "port" => Key::port,
+                    "db" => Key::db,
+                    "password" => Key::password,
+                    "profiles" => Key::profiles,
+                    _ => Key::NamedTtl(key.strip_suffix("_ttl").filter(|name| !name.is_empty())?.to_owned()),
+                })
+            }
+        }
+
+        impl CacheConfig {
+            /// Reads the value of `key` from `map` into `self` (or into `redis`, which
+            /// is only complete once every key is read).
+            fn read<'de, A: MapAccess<'de>>(
+                &mut self,
+                key: Key,
+                map: &mut A,
+                redis: &mut RedisParts,
+            ) -> Result<(), A::Error> {
+                match key {
+                    $( Key::$field => self.$field = wire::Wire::value(map.next_value::<$wire>()?), )*
+                    Key::url => redis.url = Some(map.next_value()?),
+                    Key::host => redis.host = Some(map.next_value()?),
+                    Key::port => redis.port = Some(map.next_value()?),
+                    Key::db => redis.db = Some(map.next_value()?),
+                    Key::password => redis.password = map.next_value::<wire::MaybeSecret>()?.0,
+                    Key::profiles => self.profiles = map.next_value()?,
+                    Key::NamedTtl(name) => {
+                        self.named_ttls.insert(name, wire::Wire::value(map.next_value::<wire::Secs>()?));
+                    }
+                }
+                Ok(())
+            }
+
+            /// The environment variables of the plain settings.
+            fn read_env(&mut self, var: &impl Fn(&str) -> Option<String>) -> Result<(), CacheError> {
+                $($(
+                    if let Some(text) = var($env) {
+                        self.$field = wire::Wire::value(wire::from_env::<$wire>($env, &text)?);
+                    }
+                )?)*
+                Ok(())
+            }
+        }
+    };
 }
 
-impl Default for CacheConfig {
-    fn default() -> Self {
-        CacheConfig {
-            redis: None,
-            key_prefix: "cache".into(),
-            default_ttl: Duration::from_secs(300),
-            serialization: Serialization::Json,
-            track_stats: true,
-            metrics_namespace: "cache".into(),
-            connections: 1,
-            max_connections: 50,
-            socket_timeout: Duration::from_secs(5),
-            operation_timeout: Duration::from_millis(250),
-            socket_connect_timeout: Duration::from_secs(5),
-            retry_on_timeout: true,
-            health_check_interval: Duration::from_secs(30),
-            named_ttls: HashMap::new(),
-            profiles: HashMap::new(),
-            local_max_entries: 100_000,
-            max_value_bytes: 8 << 20,
-            big_value_bytes: 256 << 10,
-            warmup_enabled: true,
-            warmup_batch_size: 100,
-            warmup_concurrency: 5,
-            circuit_breaker_enabled: true,
-            circuit_breaker_threshold: 5,
-            circuit_breaker_timeout: Duration::from_secs(60),
-            admin_token: None,
+settings! {
+    /// Every key lives under `{key_prefix}:`.
+    key_prefix: String = "cache".into(), read as wire::Prefix, alias "prefix", env "CACHE_KEY_PREFIX";
+    /// The TTL of a call that gives none.
+    default_ttl: Duration = Duration::from_secs(300), read as wire::Secs, env "CACHE_DEFAULT_TTL";
+    /// The format new entries are written in.
+    serialization: Serialization = Serialization::Json, read as Serialization, env "CACHE_SERIALIZATION";
+    /// Whether hits and misses are counted.
+    track_stats: bool = true, read as wire::Flag, env "CACHE_TRACK_STATS";
+    /// Metric names are `{metrics_namespace}_cache_*`.
+    metrics_namespace: String = "cache".into(), read as wire::Namespace, env "CACHE_METRICS_NAMESPACE";
+    /// The bearer token of the management API's admin routes.
+    admin_token: Option<Secret> = None, read as wire::MaybeSecret, env "CACHE_ADMIN_TOKEN";
+    /// Multiplexed Redis connections, used in round robin.
+    connections: usize = 1, read as wire::Positive<usize>;
+    /// Accepted for settings files written for a connection pool; no pool is kept.
+    max_connections: usize = 50, read as wire::Positive<usize>;
+    /// Caps `operation_timeout`.
+    socket_timeout: Duration = Duration::from_secs(5), read as wire::Secs;
+    /// The most one cache call spends on Redis before it falls back.
+    operation_timeout: Duration = Duration::from_millis(250), read as wire::Secs;
+    /// How long connecting to Redis may take.
+    socket_connect_timeout: Duration = Duration::from_secs(5), read as wire::Secs;
+    /// Accepted for settings files written for a retrying client; nothing is retried.
+    retry_on_timeout: bool = true, read as wire::Flag;
+    /// How often Redis is PINGed and an open breaker probed.
+    health_check_interval: Duration = Duration::from_secs(30), read as wire::Secs;
+    /// The most entries the local tier holds.
+    local_max_entries: u64 = 100_000, read as wire::Positive<u64>;
+    /// Larger encoded values are not stored.
+    max_value_bytes: usize = 8 << 20, read as wire::Positive<usize>;
+    /// Larger encoded values travel on a connection of their own.
+    big_value_bytes: usize = 256 << 10, read as wire::Positive<usize>;
+    /// Whether `Cache::warm` writes anything.
+    warmup_enabled: bool = true, read as wire::Flag;
+    /// Entries one warm-up task writes per batch.
+    warmup_batch_size: usize = 100, read as wire::Positive<usize>;
+    /// Warm-up tasks running at once.
+    warmup_concurrency: usize = 5, read as wire::Positive<usize>;
+    /// Whether failures open the circuit breaker.
+    circuit_breaker_enabled: bool = true, read as wire::Flag;
+    /// Consecutive failures that open the breaker.
+    circuit_breaker_threshold: u32 = 5, read as wire::Positive<u32>;
+    /// How long the breaker stays open before one probe is let through.
+    circuit_breaker_timeout: Duration = Duration::from_secs(60), read as wire::Secs;
+}
+
+/// The Redis keys of a settings section: `url` wins over `host`, whose
+/// `port`, `db` and `password` default to 6379, 0 and none.
+#[derive(Default)]
+struct RedisParts {
+    url: Option<String>,
+    host: Option<String>,
+    port: Option<u16>,
+    db: Option<i64>,
+    password: Option<Secret>,
+}
+
+impl RedisParts {
+    fn target(self) -> Option<RedisTarget> {
+        match (self.url, self.host) {
+            (Some(url), _) => Some(RedisTarget::url(url)),
+            (None, Some(host)) => Some(RedisTarget::host(
+                &host,
+                self.port.unwrap_or(6379),
+                self.db.unwrap_or(0),
+                self.password.as_ref().map(Secret::expose),
+            )),
+            (None, None) => None,
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a setting's name")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
+                Key::parse(key).ok_or_else(|| E::unknown_field(key, KEYS))
+            }
+        }
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
+/// The contents of the `REDIS:` section (not the whole settings document): what
+/// is absent keeps its default, an unknown key is an error.
+impl<'de> Deserialize<'de> for CacheConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SectionVisitor;
+        impl<'de> Visitor<'de> for SectionVisitor {
+            type Value = CacheConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("the cache's settings section (a map of settings)")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<CacheConfig, A::Error> {
+                let mut config = CacheConfig::default();
+                let mut redis = RedisParts::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    config.read(key, &mut map, &mut redis)?;
+                }
+                config.redis = redis.target();
+                Ok(config)
+            }
+        }
+        deserializer.deserialize_map(SectionVisitor)
     }
 }
 
@@ -156,12 +325,15 @@ impl CacheConfig {
         CacheConfig::default().with_env()
     }
 
-    /// Applies the environment variables of [`from_env`](Self::from_env) on top of `self`.
+    /// Applies the environment variables of [`from_env`](Self::from_env) on top of `self`,
+    /// so a deployment can override what a settings file says; an empty variable counts
+    /// as unset.
     pub fn with_env(self) -> Result<Self, CacheError> {
         self.with_vars(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
     }
 
     fn with_vars(mut self, var: impl Fn(&str) -> Option<String>) -> Result<Self, CacheError> {
+        // A whole target replaces the settings file's: mixing its host with another port is never meant.
         if let Some(url) = var("REDIS_URL") {
             self.redis = Some(RedisTarget::url(url));
         } else if let Some(host) = var("REDIS_HOST") {
@@ -171,28 +343,42 @@ impl CacheConfig {
             self.redis =
                 Some(RedisTarget::host(&host, port.unwrap_or(6379), db.unwrap_or(0), password.as_deref()));
         }
-        if let Some(v) = var("CACHE_DEFAULT_TTL") {
-            self.default_ttl = parse_ttl("CACHE_DEFAULT_TTL", &v)?;
-        }
-        if let Some(v) = var("CACHE_SERIALIZATION") {
-            self.serialization = v.parse().map_err(|e| CacheError::config("CACHE_SERIALIZATION", &v, e))?;
-        }
-        if let Some(v) = var("CACHE_TRACK_STATS") {
-            self.track_stats = parse_bool("CACHE_TRACK_STATS", &v)?;
-        }
-        if let Some(v) = var("CACHE_METRICS_NAMESPACE") {
-            self.metrics_namespace = check_namespace("CACHE_METRICS_NAMESPACE", v)?;
-        }
-        if let Some(v) = var("CACHE_KEY_PREFIX") {
-            self.key_prefix = check_prefix("CACHE_KEY_PREFIX", v)?;
-        }
-        if let Some(v) = var("CACHE_ADMIN_TOKEN") {
-            self.admin_token = Some(Secret(v));
-        }
+        self.read_env(&var)?;
         Ok(self)
     }
 
-    /// Loads the `REDIS:` section of a settings file such as `config/settings.yaml`.
+    /// Reads the cache's settings section from a tree the app already loaded (with
+    /// figment, config, a TOML or JSON file, ...). Unlike deserializing directly, an
+    /// error is a [`CacheError::Config`] naming the key's path in the section and the
+    /// value found there (a password's or token's value is shown as `***`).
+    pub fn from_value(section: serde_json::Value) -> Result<Self, CacheError> {
+        Self::from_section(section, None)
+    }
+
+    fn from_section(section: serde_json::Value, name: Option<&str>) -> Result<Self, CacheError> {
+        serde_path_to_error::deserialize(&section).map_err(|e| {
+            let path: Vec<String> = e
+                .path()
+                .iter()
+                .map(|segment| match segment {
+                    serde_path_to_error::Segment::Map { key } => key.clone(),
+                    _ => "?".to_owned(),
+                })
+                .collect();
+            let key = name.map(str::to_owned).into_iter().chain(path.iter().cloned()).collect::<Vec<_>>();
+            let key = if key.is_empty() { "<section>".to_owned() } else { key.join(".") };
+            let value = if path.last().is_some_and(|k| k == "password" || k == "admin_token") {
+                "***".to_owned()
+            } else {
+                path.iter().try_fold(&section, |v, k| v.get(k.as_str())).map(show).unwrap_or_default()
+            };
+            CacheError::Config { key, value, reason: e.into_inner().to_string() }
+        })
+    }
+
+    /// Loads the `REDIS:` (or `redis:`) section of a YAML settings file such as
+    /// `config/settings.yaml`; other sections are the app's and are left alone.
+    #[cfg(feature = "yaml")]
     pub fn from_settings_file(path: impl AsRef<Path>) -> Result<Self, CacheError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)
@@ -205,85 +391,17 @@ impl CacheConfig {
         })
     }
 
-    /// Parses the `REDIS:` section of settings YAML; every key is checked, none ignored.
+    /// Parses the `REDIS:` section of settings YAML, as
+    /// [`from_settings_file`](Self::from_settings_file) does.
+    #[cfg(feature = "yaml")]
     pub fn from_settings_str(yaml: &str) -> Result<Self, CacheError> {
         let settings = |message: String| CacheError::Settings { path: "<string>".into(), message };
-        let doc: Value = serde_yaml::from_str(yaml).map_err(|e| settings(e.to_string()))?;
-        let section = doc
-            .get("REDIS")
-            .or_else(|| doc.get("redis"))
+        let mut doc: serde_json::Value = yaml_serde::from_str(yaml).map_err(|e| settings(e.to_string()))?;
+        let (name, section) = ["REDIS", "redis"]
+            .into_iter()
+            .find_map(|name| Some((name, doc.get_mut(name)?.take())))
             .ok_or_else(|| settings("no `REDIS:` section".into()))?;
-        let map = section.as_mapping().ok_or_else(|| settings("`REDIS:` is not a mapping".into()))?;
-        let mut config = CacheConfig::default();
-        let (mut host, mut port, mut db, mut password) = (None, 6379u16, 0i64, None);
-        for (k, v) in map {
-            let key =
-                k.as_str().ok_or_else(|| CacheError::config(&show(k), show(v), "keys must be strings"))?;
-            let key_path = format!("REDIS.{key}");
-            let key_path = key_path.as_str();
-            match key {
-                "url" => config.redis = Some(RedisTarget::url(yaml_str(key_path, v)?)),
-                "host" => host = Some(yaml_str(key_path, v)?),
-                "port" => port = yaml_num(key_path, v)?,
-                "db" => db = yaml_num(key_path, v)?,
-                "password" => password = (!v.is_null()).then(|| secret_str(key_path, v)).transpose()?,
-                "key_prefix" | "prefix" => {
-                    config.key_prefix = check_prefix(key_path, yaml_str(key_path, v)?)?
-                }
-                "serialization" => {
-                    let s = yaml_str(key_path, v)?;
-                    config.serialization = s.parse().map_err(|e| CacheError::config(key_path, &s, e))?;
-                }
-                "track_stats" => config.track_stats = yaml_bool(key_path, v)?,
-                "metrics_namespace" => {
-                    config.metrics_namespace = check_namespace(key_path, yaml_str(key_path, v)?)?
-                }
-                "connections" => config.connections = positive(key_path, v, yaml_num(key_path, v)?)?,
-                "max_connections" => config.max_connections = positive(key_path, v, yaml_num(key_path, v)?)?,
-                "max_value_bytes" => config.max_value_bytes = positive(key_path, v, yaml_num(key_path, v)?)?,
-                "big_value_bytes" => config.big_value_bytes = positive(key_path, v, yaml_num(key_path, v)?)?,
-                "local_max_entries" => {
-                    config.local_max_entries = positive(key_path, v, yaml_num(key_path, v)?)?
-                }
-                "socket_timeout" => config.socket_timeout = yaml_secs(key_path, v)?,
-                "operation_timeout" => config.operation_timeout = yaml_secs(key_path, v)?,
-                "socket_connect_timeout" => config.socket_connect_timeout = yaml_secs(key_path, v)?,
-                "retry_on_timeout" => config.retry_on_timeout = yaml_bool(key_path, v)?,
-                "health_check_interval" => config.health_check_interval = yaml_secs(key_path, v)?,
-                "default_ttl" => config.default_ttl = yaml_secs(key_path, v)?,
-                "warmup_enabled" => config.warmup_enabled = yaml_bool(key_path, v)?,
-                "warmup_batch_size" => {
-                    config.warmup_batch_size = positive(key_path, v, yaml_num(key_path, v)?)?
-                }
-                "warmup_concurrency" => {
-                    config.warmup_concurrency = positive(key_path, v, yaml_num(key_path, v)?)?
-                }
-                "circuit_breaker_enabled" => config.circuit_breaker_enabled = yaml_bool(key_path, v)?,
-                "circuit_breaker_threshold" => {
-                    config.circuit_breaker_threshold = positive(key_path, v, yaml_num(key_path, v)?)?
-                }
-                "circuit_breaker_timeout" => config.circuit_breaker_timeout = yaml_secs(key_path, v)?,
-                "profiles" => config.profiles = yaml_profiles(v)?,
-                "admin_token" => {
-                    config.admin_token =
-                        (!v.is_null()).then(|| secret_str(key_path, v).map(Secret)).transpose()?
-                }
-                named if named.ends_with("_ttl") && named.len() > 4 => {
-                    config.named_ttls.insert(named[..named.len() - 4].to_owned(), yaml_secs(key_path, v)?);
-                }
-                _ => {
-                    return Err(CacheError::config(
-                        key_path,
-                        show(v),
-                        "unknown key (see CacheConfig's documentation for the keys read)",
-                    ))
-                }
-            }
-        }
-        if let (None, Some(host)) = (&config.redis, host) {
-            config.redis = Some(RedisTarget::host(&host, port, db, password.as_deref()));
-        }
-        Ok(config)
+        Self::from_section(section, Some(name))
     }
 
     /// The management API's admin token (`admin_token`, `CACHE_ADMIN_TOKEN`).
@@ -319,16 +437,21 @@ impl CacheConfig {
     pub fn connections(&self) -> usize {
         self.connections
     }
-    /// The seeds' pool size. Read but not acted on: commands are multiplexed over
-    /// [`connections`](Self::connections) sockets, so no pool is kept.
+    /// The pool size a settings file written for a pooled client gives (`max_connections`).
+    ///
+    /// Accepted and ignored: commands are pipelined over
+    /// [`connections`](Self::connections) multiplexed sockets, so there is no pool to
+    /// bound, and refusing the key would break the settings files that carry it.
     pub fn max_connections(&self) -> usize {
         self.max_connections
     }
-    /// How long a Redis command may take before it fails.
+    /// The ceiling of [`operation_timeout`](Self::operation_timeout): a settings file
+    /// that lowers `socket_timeout` below it shortens every cache call's wait on Redis.
     pub fn socket_timeout(&self) -> Duration {
         self.socket_timeout
     }
-    /// The most one cache call may spend on Redis before the call falls back (default 250 ms).
+    /// The most one cache call may spend on Redis before the call falls back (default 250 ms,
+    /// never more than [`socket_timeout`](Self::socket_timeout)).
     pub fn operation_timeout(&self) -> Duration {
         self.operation_timeout.min(self.socket_timeout)
     }
@@ -336,7 +459,12 @@ impl CacheConfig {
     pub fn socket_connect_timeout(&self) -> Duration {
         self.socket_connect_timeout
     }
-    /// Read but not acted on yet: a timed-out cache call is never retried today.
+    /// Whether a settings file asked for timed-out commands to be retried (`retry_on_timeout`).
+    ///
+    /// Accepted and ignored: a call that times out falls back at once (the local tier,
+    /// or the function's body) and its connection is rebuilt; a retry would make the
+    /// caller wait past [`operation_timeout`](Self::operation_timeout), the bound the
+    /// cache promises.
     pub fn retry_on_timeout(&self) -> bool {
         self.retry_on_timeout
     }
@@ -549,130 +677,322 @@ impl CacheConfigBuilder {
     }
 }
 
-fn show(v: &Value) -> String {
-    serde_yaml::to_string(v).map(|s| s.trim_end().to_owned()).unwrap_or_else(|_| format!("{v:?}"))
+/// A value as the error shows it: scalars as JSON (`"abc"`, `-1`), containers
+/// elided, since they may hold a secret further down.
+fn show(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(_) => "{…}".into(),
+        serde_json::Value::Array(_) => "[…]".into(),
+        scalar => scalar.to_string(),
+    }
 }
 
 fn check_prefix(key: &str, prefix: String) -> Result<String, CacheError> {
-    if prefix.is_empty() || prefix.contains(['*', '?', '[', ']', '\\', ':', ' ', '#']) {
-        return Err(CacheError::config(
-            key,
-            &prefix,
-            "must be non-empty, without `:`, `#`, spaces or glob characters",
-        ));
+    if !prefix_ok(&prefix) {
+        return Err(CacheError::config(key, &prefix, PREFIX_RULE));
     }
     Ok(prefix)
 }
 
+fn prefix_ok(prefix: &str) -> bool {
+    !prefix.is_empty() && !prefix.contains(['*', '?', '[', ']', '\\', ':', ' ', '#'])
+}
+
+const PREFIX_RULE: &str = "must be non-empty, without `:`, `#`, spaces or glob characters";
+
 fn check_namespace(key: &str, ns: String) -> Result<String, CacheError> {
-    let valid = ns
-        .chars()
-        .enumerate()
-        .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()));
-    if ns.is_empty() || !valid {
-        return Err(CacheError::config(key, &ns, "must be a Prometheus name: letters, digits and `_`"));
+    if !namespace_ok(&ns) {
+        return Err(CacheError::config(key, &ns, NAMESPACE_RULE));
     }
     Ok(ns)
 }
+
+fn namespace_ok(ns: &str) -> bool {
+    !ns.is_empty()
+        && ns
+            .chars()
+            .enumerate()
+            .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
+}
+
+const NAMESPACE_RULE: &str = "must be a Prometheus name: letters, digits and `_`";
 
 fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, CacheError> {
     v.trim().parse().map_err(|_| CacheError::config(key, v, "expected a whole number"))
 }
 
-fn parse_bool(key: &str, v: &str) -> Result<bool, CacheError> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(CacheError::config(key, v, "expected true or false")),
+/// The types settings are read as: each checks its value, so a section that
+/// deserializes is valid, whichever format or environment variable it came from.
+mod wire {
+    use std::fmt;
+    use std::marker::PhantomData;
+    use std::time::Duration;
+
+    use serde::de::{self, Deserialize, Deserializer, IntoDeserializer, Unexpected, Visitor};
+
+    use super::{namespace_ok, prefix_ok, Secret};
+    use crate::CacheError;
+
+    /// A checked setting and the value it leaves in the config.
+    pub(super) trait Wire: de::DeserializeOwned {
+        type Value;
+        fn value(self) -> Self::Value;
     }
-}
 
-fn parse_ttl(key: &str, v: &str) -> Result<Duration, CacheError> {
-    let secs: f64 = v.trim().parse().map_err(|_| CacheError::config(key, v, "expected seconds"))?;
-    secs_to_duration(key, v, secs)
-}
-
-fn secs_to_duration(key: &str, shown: impl fmt::Display, secs: f64) -> Result<Duration, CacheError> {
-    if secs.is_finite() && secs > 0.0 && secs < 1e12 {
-        Ok(Duration::from_secs_f64(secs))
-    } else {
-        Err(CacheError::config(key, shown, "expected a positive number of seconds"))
+    /// Reads an environment variable through the same checks as the settings
+    /// section; the value shown in an error is the variable's text.
+    pub(super) fn from_env<W: Wire>(name: &str, text: &str) -> Result<W, CacheError> {
+        let text_de: de::value::StrDeserializer<'_, de::value::Error> = text.into_deserializer();
+        W::deserialize(text_de).map_err(|e| CacheError::config(name, text, e.to_string()))
     }
-}
 
-/// A secret's value is never part of the error: a password YAML read as a
-/// number would otherwise end up in a log.
-fn secret_str(key: &str, v: &Value) -> Result<String, CacheError> {
-    v.as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| CacheError::config(key, "***", "expected a string (quote it in the settings file)"))
-}
-
-fn yaml_str(key: &str, v: &Value) -> Result<String, CacheError> {
-    v.as_str().map(str::to_owned).ok_or_else(|| CacheError::config(key, show(v), "expected a string"))
-}
-
-fn yaml_bool(key: &str, v: &Value) -> Result<bool, CacheError> {
-    v.as_bool().ok_or_else(|| CacheError::config(key, show(v), "expected true or false"))
-}
-
-fn yaml_num<T: TryFrom<u64>>(key: &str, v: &Value) -> Result<T, CacheError> {
-    v.as_u64()
-        .and_then(|n| T::try_from(n).ok())
-        .ok_or_else(|| CacheError::config(key, show(v), "expected a whole number in range"))
-}
-
-fn positive<T: Default + PartialEq>(key: &str, v: &Value, n: T) -> Result<T, CacheError> {
-    if n == T::default() {
-        return Err(CacheError::config(key, show(v), "must be at least 1"));
+    /// `null` or absent is `None`; anything else must read as `W`.
+    pub(super) fn optional<'de, W: Wire, D: Deserializer<'de>>(d: D) -> Result<Option<W::Value>, D::Error> {
+        Ok(Option::<W>::deserialize(d)?.map(W::value))
     }
-    Ok(n)
-}
 
-fn yaml_secs(key: &str, v: &Value) -> Result<Duration, CacheError> {
-    let secs = v.as_f64().ok_or_else(|| CacheError::config(key, show(v), "expected seconds"))?;
-    secs_to_duration(key, show(v), secs)
-}
+    /// Seconds as a number (`5`, `0.25`) or as text (`"30"`, from the environment
+    /// or a loader that keeps strings), positive and finite.
+    pub(super) struct Secs(Duration);
 
-fn yaml_profiles(v: &Value) -> Result<HashMap<String, Profile>, CacheError> {
-    let map =
-        v.as_mapping().ok_or_else(|| CacheError::config("REDIS.profiles", show(v), "expected a mapping"))?;
-    let mut profiles = HashMap::new();
-    for (name, body) in map {
-        let name = yaml_str("REDIS.profiles", name)?;
-        let fields = body.as_mapping().ok_or_else(|| {
-            CacheError::config(&format!("REDIS.profiles.{name}"), show(body), "expected a mapping")
-        })?;
-        let mut profile = Profile::default();
-        for (k, v) in fields {
-            let key = format!("REDIS.profiles.{name}.{}", show(k));
-            match k.as_str() {
-                Some("ttl") => profile.ttl = Some(yaml_secs(&key, v)?),
-                Some("prefix") => profile.prefix = Some(check_prefix(&key, yaml_str(&key, v)?)?),
-                Some("tags") => {
-                    let seq = v
-                        .as_sequence()
-                        .ok_or_else(|| CacheError::config(&key, show(v), "expected a list"))?;
-                    profile.tags = seq.iter().map(|t| yaml_str(&key, t)).collect::<Result<_, _>>()?;
+    impl Wire for Secs {
+        type Value = Duration;
+        fn value(self) -> Duration {
+            self.0
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Secs {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct SecsVisitor;
+            impl SecsVisitor {
+                fn secs<E: de::Error>(self, secs: f64, shown: Unexpected<'_>) -> Result<Secs, E> {
+                    if secs.is_finite() && secs > 0.0 && secs < 1e12 {
+                        Ok(Secs(Duration::from_secs_f64(secs)))
+                    } else {
+                        Err(E::invalid_value(shown, &self))
+                    }
                 }
-                _ => {
-                    return Err(CacheError::config(
-                        &key,
-                        show(v),
-                        "unknown key (expected ttl, prefix or tags)",
+            }
+            impl Visitor<'_> for SecsVisitor {
+                type Value = Secs;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a positive number of seconds")
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Secs, E> {
+                    self.secs(v as f64, Unexpected::Unsigned(v))
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Secs, E> {
+                    self.secs(v as f64, Unexpected::Signed(v))
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Secs, E> {
+                    self.secs(v, Unexpected::Float(v))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Secs, E> {
+                    match v.trim().parse::<f64>() {
+                        Ok(secs) => self.secs(secs, Unexpected::Str(v)),
+                        Err(_) => Err(E::invalid_value(Unexpected::Str(v), &self)),
+                    }
+                }
+            }
+            d.deserialize_any(SecsVisitor)
+        }
+    }
+
+    /// `true`/`false`, or as text also `yes`/`no`, `on`/`off`, `1`/`0` (as the
+    /// environment writes them).
+    pub(super) struct Flag(bool);
+
+    impl Wire for Flag {
+        type Value = bool;
+        fn value(self) -> bool {
+            self.0
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Flag {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct FlagVisitor;
+            impl Visitor<'_> for FlagVisitor {
+                type Value = Flag;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("true or false")
+                }
+                fn visit_bool<E: de::Error>(self, v: bool) -> Result<Flag, E> {
+                    Ok(Flag(v))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Flag, E> {
+                    match v.trim().to_ascii_lowercase().as_str() {
+                        "1" | "true" | "yes" | "on" => Ok(Flag(true)),
+                        "0" | "false" | "no" | "off" => Ok(Flag(false)),
+                        _ => Err(E::invalid_value(Unexpected::Str(v), &self)),
+                    }
+                }
+            }
+            d.deserialize_any(FlagVisitor)
+        }
+    }
+
+    /// A whole number of at least 1 that fits `T`; numeric text is read too.
+    pub(super) struct Positive<T>(T);
+
+    impl<T: TryFrom<u64>> Wire for Positive<T> {
+        type Value = T;
+        fn value(self) -> T {
+            self.0
+        }
+    }
+
+    impl<'de, T: TryFrom<u64>> Deserialize<'de> for Positive<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct PositiveVisitor<T>(PhantomData<T>);
+            impl<T: TryFrom<u64>> Visitor<'_> for PositiveVisitor<T> {
+                type Value = Positive<T>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    write!(f, "a whole number from 1 to {}::MAX", std::any::type_name::<T>())
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Positive<T>, E> {
+                    match T::try_from(v) {
+                        Ok(n) if v > 0 => Ok(Positive(n)),
+                        _ => Err(E::invalid_value(Unexpected::Unsigned(v), &self)),
+                    }
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Positive<T>, E> {
+                    match u64::try_from(v) {
+                        Ok(v) => self.visit_u64(v),
+                        Err(_) => Err(E::invalid_value(Unexpected::Signed(v), &self)),
+                    }
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Positive<T>, E> {
+                    match v.trim().parse::<u64>() {
+                        Ok(n) => self.visit_u64(n),
+                        Err(_) => Err(E::invalid_value(Unexpected::Str(v), &self)),
+                    }
+                }
+            }
+            d.deserialize_any(PositiveVisitor(PhantomData))
+        }
+    }
+
+    /// A key prefix: non-empty, without `:`, `#`, spaces or glob characters.
+    pub(super) struct Prefix(String);
+
+    impl Wire for Prefix {
+        type Value = String;
+        fn value(self) -> String {
+            self.0
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Prefix {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let text = String::deserialize(d)?;
+            if prefix_ok(&text) {
+                Ok(Prefix(text))
+            } else {
+                Err(de::Error::invalid_value(Unexpected::Str(&text), &super::PREFIX_RULE))
+            }
+        }
+    }
+
+    /// A Prometheus metric namespace.
+    pub(super) struct Namespace(String);
+
+    impl Wire for Namespace {
+        type Value = String;
+        fn value(self) -> String {
+            self.0
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Namespace {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let text = String::deserialize(d)?;
+            if namespace_ok(&text) {
+                Ok(Namespace(text))
+            } else {
+                Err(de::Error::invalid_value(Unexpected::Str(&text), &super::NAMESPACE_RULE))
+            }
+        }
+    }
+
+    impl Wire for crate::Serialization {
+        type Value = Self;
+        fn value(self) -> Self {
+            self
+        }
+    }
+
+    /// A password or token: a string, or `null` for none. Its value never enters
+    /// an error message, where a log would keep it.
+    pub(super) struct MaybeSecret(pub(super) Option<Secret>);
+
+    impl Wire for MaybeSecret {
+        type Value = Option<Secret>;
+        fn value(self) -> Option<Secret> {
+            self.0
+        }
+    }
+
+    impl<'de> Deserialize<'de> for MaybeSecret {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct SecretVisitor;
+            impl SecretVisitor {
+                fn refuse<E: de::Error>(self) -> Result<MaybeSecret, E> {
+                    Err(E::custom(
+                        "expected a string (quote it in the settings file); the value is not shown",
                     ))
                 }
             }
+            impl<'de> Visitor<'de> for SecretVisitor {
+                type Value = MaybeSecret;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a string, or null for none")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<MaybeSecret, E> {
+                    Ok(MaybeSecret(Some(Secret(v.to_owned()))))
+                }
+                fn visit_none<E: de::Error>(self) -> Result<MaybeSecret, E> {
+                    Ok(MaybeSecret(None))
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<MaybeSecret, E> {
+                    Ok(MaybeSecret(None))
+                }
+                fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<MaybeSecret, D::Error> {
+                    d.deserialize_any(self)
+                }
+                fn visit_bool<E: de::Error>(self, _: bool) -> Result<MaybeSecret, E> {
+                    self.refuse()
+                }
+                fn visit_i64<E: de::Error>(self, _: i64) -> Result<MaybeSecret, E> {
+                    self.refuse()
+                }
+                fn visit_u64<E: de::Error>(self, _: u64) -> Result<MaybeSecret, E> {
+                    self.refuse()
+                }
+                fn visit_i128<E: de::Error>(self, _: i128) -> Result<MaybeSecret, E> {
+                    self.refuse()
+                }
+                fn visit_u128<E: de::Error>(self, _: u128) -> Result<MaybeSecret, E> {
+                    self.refuse()
+                }
+                fn visit_f64<E: de::Error>(self, _: f64) -> Result<MaybeSecret, E> {
+                    self.refuse()
+                }
+                fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<MaybeSecret, E> {
+                    self.refuse()
+                }
+            }
+            d.deserialize_option(SecretVisitor)
         }
-        profiles.insert(name, profile);
     }
-    Ok(profiles)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[cfg(feature = "yaml")]
     const SEED: &str = r#"
 APP:
   name: neuralblitz
@@ -700,6 +1020,7 @@ REDIS:
 "#;
 
     #[test]
+    #[cfg(feature = "yaml")]
     fn reads_every_key_of_the_seed_settings() {
         let c = CacheConfig::from_settings_str(SEED).unwrap();
         assert_eq!(c.redis().unwrap().as_str(), "redis://redis:6379/0");
@@ -717,6 +1038,7 @@ REDIS:
     }
 
     #[test]
+    #[cfg(feature = "yaml")]
     fn the_admin_token_is_read_from_the_settings_file_and_never_printed() {
         let c = CacheConfig::from_settings_str("REDIS:\n  admin_token: \"hunter2-admin\"\n").unwrap();
         assert_eq!(c.admin_token(), Some("hunter2-admin"));
@@ -731,6 +1053,7 @@ REDIS:
     }
 
     #[test]
+    #[cfg(feature = "yaml")]
     fn errors_name_the_key_and_the_value() {
         let err = CacheConfig::from_settings_str("REDIS:\n  hots: redis\n").unwrap_err().to_string();
         assert!(err.contains("REDIS.hots") && err.contains("redis"), "{err}");

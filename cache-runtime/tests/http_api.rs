@@ -298,7 +298,7 @@ async fn metrics_move_and_the_deployment_files_name_real_metrics() {
 
     // Every metric the alert rules and the dashboard query exists in this scrape.
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let alerts: serde_yaml::Value = serde_yaml::from_str(
+    let alerts: yaml_serde::Value = yaml_serde::from_str(
         &std::fs::read_to_string(format!("{root}/deploy/prometheus/alerts.yml")).unwrap(),
     )
     .unwrap();
@@ -324,8 +324,8 @@ async fn metrics_move_and_the_deployment_files_name_real_metrics() {
             );
         }
     }
-    let compose: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(format!("{root}/docker-compose.yml")).unwrap())
+    let compose: yaml_serde::Value =
+        yaml_serde::from_str(&std::fs::read_to_string(format!("{root}/docker-compose.yml")).unwrap())
             .unwrap();
     assert_eq!(compose["services"]["redis"]["image"], "redis:7-alpine");
     let redis_conf = std::fs::read_to_string(format!("{root}/config/redis.conf")).unwrap();

@@ -12,11 +12,12 @@
 //!
 //! Small commands carry no timer of their own: a timer per command cost a
 //! Redis hit about a tenth of its throughput. A watchdog pings every
-//! connection used since its last look instead; replies come back in order,
-//! so a ping that is not answered within the operation timeout means no
+//! connection used since its last two looks instead; replies come back in
+//! order, so a ping that is not answered within the operation timeout means no
 //! command sent before it will be either. It then stops the connection's
 //! driver, which fails every command waiting on it at once. A command on a
-//! stalled connection so waits at most the timeout plus one watchdog tick.
+//! stalled connection so waits at most the timeout plus about one watchdog
+//! tick (a quarter of the timeout).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -44,6 +45,10 @@ struct Live {
     driver: AbortHandle,
     /// Set by every lease, cleared by every watchdog look: an idle connection is not pinged.
     used: AtomicBool,
+    /// Whether the watchdog's previous look found it used. A command leased
+    /// just before a look may send its request just after that look's ping:
+    /// the next look pings again, so no request goes unwatched.
+    used_before: AtomicBool,
     /// A watchdog ping is under way.
     pinging: AtomicBool,
     /// The watchdog stopped it for not answering: its commands' errors are timeouts.
@@ -243,6 +248,7 @@ impl Connections {
             background,
             driver,
             used: AtomicBool::new(false),
+            used_before: AtomicBool::new(false),
             pinging: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
         };
@@ -364,7 +370,7 @@ async fn open(
     }
 }
 
-/// Every quarter of `timeout`, pings each connection used since the last look
+/// Every quarter of `timeout`, pings each connection used since the last two looks
 /// (one ping at a time per connection); one that does not answer within
 /// `timeout` is stalled: its driver is stopped and its slot reconnects.
 async fn watchdog(me: Weak<Connections>, timeout: Duration) {
@@ -375,9 +381,17 @@ async fn watchdog(me: Weak<Connections>, timeout: Duration) {
         let Some(this) = me.upgrade() else { return };
         for (index, slot) in this.slots.iter().enumerate() {
             let Some(live) = slot.live.load_full() else { continue };
-            if !live.used.swap(false, Ordering::Relaxed) || live.pinging.swap(true, Ordering::AcqRel) {
+            // A ping under way covers what was sent before it; what was sent
+            // after it is left marked for the next look.
+            if live.pinging.load(Ordering::Acquire) {
                 continue;
             }
+            let used = live.used.swap(false, Ordering::Relaxed);
+            let used_before = live.used_before.swap(used, Ordering::Relaxed);
+            if !(used || used_before) {
+                continue;
+            }
+            live.pinging.store(true, Ordering::Release);
             let me = me.clone();
             tokio::spawn(async move {
                 let mut conn = live.conn.clone();

@@ -195,6 +195,34 @@ async fn a_paused_redis_costs_a_caller_at_most_the_operation_timeout() {
 }
 
 #[tokio::test]
+async fn a_lone_command_on_a_stopped_redis_times_out_without_other_traffic() {
+    // Small commands carry no timer: the connection watchdog must notice a
+    // single stuck command on an otherwise idle cache, and say it timed out.
+    let redis = Redis::spawn();
+    let cache =
+        Cache::new(config(redis.url()).circuit_breaker_enabled(false).build().unwrap()).await.unwrap();
+    cache.set("k", &1u32).await.unwrap();
+    redis.pause();
+    let started = Instant::now();
+    let got = cache.get::<u32>("k").await;
+    let took = started.elapsed();
+    redis.resume();
+    assert!(matches!(got, Err(CacheError::Timeout(_))), "{got:?}");
+    // The timeout plus a watchdog tick or two, with room for a busy machine.
+    assert!(took < OP_TIMEOUT * 3, "the stuck command took {took:?} with the timeout at {OP_TIMEOUT:?}");
+    // The connection was replaced: the next command is answered.
+    let mut answered = None;
+    for _ in 0..50 {
+        if let Ok(v) = cache.get::<u32>("k").await {
+            answered = v;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(answered, Some(1));
+}
+
+#[tokio::test]
 async fn a_black_hole_and_a_cut_reply_never_return_wrong_data() {
     let redis = Redis::spawn();
     let proxy = Proxy::start(redis.port()).await;

@@ -1,0 +1,263 @@
+//! The types settings are read as: each checks its value, so a section that
+//! deserializes is valid, whichever format or environment variable it came from.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use serde::de::{self, Deserialize, Deserializer, IntoDeserializer, Unexpected, Visitor};
+
+use super::{namespace_ok, prefix_ok, Secret};
+use crate::CacheError;
+
+/// A checked setting and the value it leaves in the config.
+pub(super) trait Wire: de::DeserializeOwned {
+    type Value;
+    fn value(self) -> Self::Value;
+}
+
+/// Reads an environment variable through the same checks as the settings
+/// section; the value shown in an error is the variable's text.
+pub(super) fn from_env<W: Wire>(name: &str, text: &str) -> Result<W, CacheError> {
+    let text_de: de::value::StrDeserializer<'_, de::value::Error> = text.into_deserializer();
+    W::deserialize(text_de).map_err(|e| CacheError::config(name, text, e.to_string()))
+}
+
+/// `null` or absent is `None`; anything else must read as `W`.
+pub(super) fn optional<'de, W: Wire, D: Deserializer<'de>>(d: D) -> Result<Option<W::Value>, D::Error> {
+    Ok(Option::<W>::deserialize(d)?.map(W::value))
+}
+
+/// Seconds as a number (`5`, `0.25`) or as text (`"30"`, from the environment
+/// or a loader that keeps strings), positive and finite.
+pub(super) struct Secs(Duration);
+
+impl Wire for Secs {
+    type Value = Duration;
+    fn value(self) -> Duration {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Secs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SecsVisitor;
+        impl SecsVisitor {
+            fn secs<E: de::Error>(self, secs: f64, shown: Unexpected<'_>) -> Result<Secs, E> {
+                if secs.is_finite() && secs > 0.0 && secs < 1e12 {
+                    Ok(Secs(Duration::from_secs_f64(secs)))
+                } else {
+                    Err(E::invalid_value(shown, &self))
+                }
+            }
+        }
+        impl Visitor<'_> for SecsVisitor {
+            type Value = Secs;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a positive number of seconds")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Secs, E> {
+                self.secs(v as f64, Unexpected::Unsigned(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Secs, E> {
+                self.secs(v as f64, Unexpected::Signed(v))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Secs, E> {
+                self.secs(v, Unexpected::Float(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Secs, E> {
+                match v.trim().parse::<f64>() {
+                    Ok(secs) => self.secs(secs, Unexpected::Str(v)),
+                    Err(_) => Err(E::invalid_value(Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(SecsVisitor)
+    }
+}
+
+/// `true`/`false`, or as text also `yes`/`no`, `on`/`off`, `1`/`0` (as the
+/// environment writes them).
+pub(super) struct Flag(bool);
+
+impl Wire for Flag {
+    type Value = bool;
+    fn value(self) -> bool {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Flag {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct FlagVisitor;
+        impl Visitor<'_> for FlagVisitor {
+            type Value = Flag;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true or false")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Flag, E> {
+                Ok(Flag(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Flag, E> {
+                match v.trim().to_ascii_lowercase().as_str() {
+                    "1" | "true" | "yes" | "on" => Ok(Flag(true)),
+                    "0" | "false" | "no" | "off" => Ok(Flag(false)),
+                    _ => Err(E::invalid_value(Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(FlagVisitor)
+    }
+}
+
+/// A whole number of at least 1 that fits `T`; numeric text is read too.
+pub(super) struct Positive<T>(T);
+
+impl<T: TryFrom<u64>> Wire for Positive<T> {
+    type Value = T;
+    fn value(self) -> T {
+        self.0
+    }
+}
+
+impl<'de, T: TryFrom<u64>> Deserialize<'de> for Positive<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PositiveVisitor<T>(PhantomData<T>);
+        impl<T: TryFrom<u64>> Visitor<'_> for PositiveVisitor<T> {
+            type Value = Positive<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a whole number from 1 to {}::MAX", std::any::type_name::<T>())
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Positive<T>, E> {
+                match T::try_from(v) {
+                    Ok(n) if v > 0 => Ok(Positive(n)),
+                    _ => Err(E::invalid_value(Unexpected::Unsigned(v), &self)),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Positive<T>, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::invalid_value(Unexpected::Signed(v), &self)),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Positive<T>, E> {
+                match v.trim().parse::<u64>() {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::invalid_value(Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(PositiveVisitor(PhantomData))
+    }
+}
+
+/// A key prefix: non-empty, without `:`, `#`, spaces or glob characters.
+pub(super) struct Prefix(String);
+
+impl Wire for Prefix {
+    type Value = String;
+    fn value(self) -> String {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if prefix_ok(&text) {
+            Ok(Prefix(text))
+        } else {
+            Err(de::Error::invalid_value(Unexpected::Str(&text), &super::PREFIX_RULE))
+        }
+    }
+}
+
+/// A Prometheus metric namespace.
+pub(super) struct Namespace(String);
+
+impl Wire for Namespace {
+    type Value = String;
+    fn value(self) -> String {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Namespace {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if namespace_ok(&text) {
+            Ok(Namespace(text))
+        } else {
+            Err(de::Error::invalid_value(Unexpected::Str(&text), &super::NAMESPACE_RULE))
+        }
+    }
+}
+
+impl Wire for crate::Serialization {
+    type Value = Self;
+    fn value(self) -> Self {
+        self
+    }
+}
+
+/// A password or token: a string, or `null` for none. Its value never enters
+/// an error message, where a log would keep it.
+pub(super) struct MaybeSecret(pub(super) Option<Secret>);
+
+impl Wire for MaybeSecret {
+    type Value = Option<Secret>;
+    fn value(self) -> Option<Secret> {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for MaybeSecret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SecretVisitor;
+        impl SecretVisitor {
+            fn refuse<E: de::Error>(self) -> Result<MaybeSecret, E> {
+                Err(E::custom("expected a string (quote it in the settings file); the value is not shown"))
+            }
+        }
+        impl<'de> Visitor<'de> for SecretVisitor {
+            type Value = MaybeSecret;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, or null for none")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MaybeSecret, E> {
+                Ok(MaybeSecret(Some(Secret(v.to_owned()))))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<MaybeSecret, E> {
+                Ok(MaybeSecret(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<MaybeSecret, E> {
+                Ok(MaybeSecret(None))
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<MaybeSecret, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<MaybeSecret, E> {
+                self.refuse()
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<MaybeSecret, E> {
+                self.refuse()
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<MaybeSecret, E> {
+                self.refuse()
+            }
+            fn visit_i128<E: de::Error>(self, _: i128) -> Result<MaybeSecret, E> {
+                self.refuse()
+            }
+            fn visit_u128<E: de::Error>(self, _: u128) -> Result<MaybeSecret, E> {
+                self.refuse()
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<MaybeSecret, E> {
+                self.refuse()
+            }
+            fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<MaybeSecret, E> {
+                self.refuse()
+            }
+        }
+        d.deserialize_option(SecretVisitor)
+    }
+}

@@ -211,15 +211,18 @@ async fn a_lone_command_on_a_stopped_redis_times_out_without_other_traffic() {
     // The timeout plus a watchdog tick or two, with room for a busy machine.
     assert!(took < OP_TIMEOUT * 3, "the stuck command took {took:?} with the timeout at {OP_TIMEOUT:?}");
     // The connection was replaced: the next command is answered.
-    let mut answered = None;
-    for _ in 0..50 {
-        if let Ok(v) = cache.get::<u32>("k").await {
-            answered = v;
-            break;
+    assert_eq!(read_once_reconnected(&cache, "k", 50).await, Some(1));
+}
+
+/// `key`'s value once a read succeeds, trying every 20 ms at most `tries` times.
+async fn read_once_reconnected(cache: &Cache, key: &str, tries: u32) -> Option<u32> {
+    for _ in 0..tries {
+        if let Ok(v) = cache.get::<u32>(key).await {
+            return v;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(answered, Some(1));
+    None
 }
 
 #[tokio::test]
@@ -273,15 +276,7 @@ async fn client_kill_is_survived() {
         .query_async(&mut raw)
         .await
         .unwrap();
-    let mut value = None;
-    for _ in 0..20 {
-        if let Ok(v) = cache.get::<u32>("k").await {
-            value = v;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(value, Some(7));
+    assert_eq!(read_once_reconnected(&cache, "k", 20).await, Some(7));
     assert_eq!(cache.mode(), Mode::Redis);
 }
 

@@ -1,21 +1,4 @@
-//! Cache-aside for async Rust services: Redis with an in-process fallback tier,
-//! tag and pattern invalidation, and stampede protection.
-//!
-//! ```no_run
-//! use cache_runtime::{cached, CacheConfig};
-//!
-//! #[cached(ttl = 60, prefix = "missions", tags = ["missions"])]
-//! async fn get_mission(id: u64) -> String {
-//!     format!("mission {id}")
-//! }
-//!
-//! # async fn demo() -> Result<(), cache_runtime::CacheError> {
-//! cache_runtime::init(CacheConfig::from_env()?).await?;
-//! let first = get_mission(7).await; // runs the body and stores the result
-//! let again = get_mission(7).await; // served from the cache
-//! get_mission_invalidate(7).await?;
-//! # Ok(()) }
-//! ```
+#![doc = include_str!("../../README.md")]
 
 mod access;
 mod background;

@@ -19,6 +19,7 @@ mod glob;
 pub mod http;
 mod key;
 mod local;
+pub mod macro_options;
 mod metrics;
 mod misconfig;
 mod pending;
@@ -35,7 +36,11 @@ pub mod __private;
 
 pub use breaker::BreakerState;
 pub use cache::{get_cache, init, Cache, KeyTtl, Mode, Set};
-/// Rewrites an `async fn` into a cache-aside call; see the crate documentation.
+/// Rewrites an `async fn` into a cache-aside call: a hit returns the stored
+/// value, a miss runs the body once per key in this process and stores its
+/// result, a cache fault returns the body's own result. [`macro_options`] has
+/// every option with an example that runs, and the companion functions
+/// (`_invalidate`, `_invalidate_all`, `_key`, `_refresh`) it generates.
 #[doc(inline)]
 pub use cache_macros::cached;
 pub use codec::Serialization;

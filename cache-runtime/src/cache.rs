@@ -69,6 +69,21 @@ impl KeyTtl {
 }
 
 /// A cache: cheap to clone, `Send + Sync`; clones share everything.
+///
+/// # Cancel safety
+///
+/// Every method's future can be dropped at any `.await` without leaving a
+/// connection out of sync: replies are matched to requests by the connection's
+/// own driver task, so a command already sent completes in Redis (and counts as
+/// sent) whether or not anyone waits for it. What a dropped call did or did not
+/// do is said under each method.
+///
+/// While invalidations are queued ([`CacheError::Deferred`]), the first call
+/// that finds Redis usable replays the queue before its own command. A call
+/// dropped during that replay drops the part of the queue it had taken: those
+/// invalidations are applied to this process's local tier but may never reach
+/// Redis. Don't put a short timeout around cache calls during an outage;
+/// `operation_timeout` already bounds them.
 #[derive(Clone)]
 pub struct Cache {
     pub(crate) inner: Arc<Inner>,
@@ -113,7 +128,13 @@ impl Cache {
     /// [`CacheError::Auth`] for a wrong or missing password,
     /// [`CacheError::Permission`] when the ACL user lacks a command or key pattern
     /// the cache uses (each is tried once here), and [`CacheError::Config`] for a
-    /// URL that can't be used.
+    /// URL that can't be used. [`CacheError::NoRuntime`] when the cache's own
+    /// threads can't be started.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes leaves no cache behind: the
+    /// upkeep loops are spawned only once the connection check is done.
     pub async fn new(config: CacheConfig) -> Result<Cache, CacheError> {
         let Some(target) = config.redis().cloned() else {
             tracing::info!(prefix = %config.key_prefix, "no Redis configured: cache runs in local mode");
@@ -195,6 +216,22 @@ impl Cache {
     /// Reads `key`; `None` when it is missing, expired, unreadable (an unreadable
     /// entry is removed, counted and logged) or written for another shape of `T`
     /// (counted, and left for the next write to replace).
+    ///
+    /// # Errors
+    ///
+    /// Only while Redis serves (breaker closed): [`CacheError::Timeout`] or
+    /// [`CacheError::Redis`] when it does not answer in time or fails,
+    /// [`CacheError::Auth`] or [`CacheError::Permission`] when it starts refusing
+    /// the cache's credentials or commands, and [`CacheError::NoRuntime`] outside a
+    /// Tokio runtime. These count towards the breaker; once it is open, calls are
+    /// answered by the local tier and do not fail.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads change nothing: dropping the future is safe, and the connection
+    /// stays usable (replies are matched by its driver, not by the caller). See
+    /// [`Cache`] for the one exception, a call that was replaying queued
+    /// invalidations.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, CacheError> {
         let full = self.full_key(key);
         let raw = self.read(&full, Instant::now()).await?;
@@ -206,34 +243,125 @@ impl Cache {
     /// Writes `key`; `.ttl(..)` and `.tags(..)` refine it before it is awaited.
     ///
     /// The entry records the shape of the type it is read back as ([`Storable`]):
-    /// a [`get`](Self::get) of a type of another shape is a miss.
+    /// a [`get`](Self::get) of a type of another shape is a miss. A `set` also
+    /// refuses the fills of `key` that read before it, so a slower computation
+    /// can't put an older value back over it.
     ///
-    /// ```no_run
-    /// # async fn demo(cache: cache_runtime::Cache) -> Result<(), cache_runtime::CacheError> {
-    /// cache.set("missions:123", &"launch").ttl(60).tags(["missions", "queue"]).await?;
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), cache_runtime::CacheError> {
+    /// # let cache = cache_runtime::Cache::local(Default::default());
+    /// cache.set("missions:123", "launch").ttl(60).tags(["missions", "queue"]).await?;
+    /// assert_eq!(cache.get::<String>("missions:123").await?.as_deref(), Some("launch"));
+    /// assert_eq!(cache.invalidate_tags(["queue"]).await?, 1);
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// Before anything is sent: [`CacheError::InvalidArgument`] for a zero TTL,
+    /// [`CacheError::Encode`] for a value the format can't hold (a NaN in JSON),
+    /// [`CacheError::TooLarge`] over `max_value_bytes`. While Redis serves, the
+    /// errors of [`get`](Self::get); during an outage the value goes to the local
+    /// tier and only this process sees it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Nothing happens until the [`Set`] is awaited. Dropped while awaited, the
+    /// write may or may not have been applied; it is one command, so never half
+    /// of it. A big value's body is written before its entry: a drop between the
+    /// two leaves a body nothing points to, which lives out its TTL.
     pub fn set<'a, T: Storable + ?Sized + Sync>(&'a self, key: &'a str, value: &'a T) -> Set<'a, T> {
         Set { cache: self, key, value, ttl: None, tags: Vec::new() }
     }
 
-    /// Deletes `key`; whether it existed.
+    /// Deletes `key`; whether it existed. Fills of `key` that read before the
+    /// delete are refused, so the old value can't come back.
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::Deferred`] when Redis can't take it now (breaker open,
+    /// timeout, connection lost): it was applied to this process's local tier and
+    /// queued, not applied to Redis, where other processes may still read the
+    /// entry until the queue is replayed (every 200 ms, and before this process
+    /// reads from Redis again). An error Redis answered with
+    /// ([`CacheError::Permission`], [`CacheError::Auth`], [`CacheError::Redis`])
+    /// is returned and not queued, since replaying it would fail forever, as is
+    /// [`CacheError::NoRuntime`] outside a Tokio runtime.
+    ///
+    /// # Cancel safety
+    ///
+    /// The local tier is updated at the first poll. Dropped after that, the
+    /// delete may or may not have reached Redis (one script: all of it or none),
+    /// and it is not queued: queueing happens only when the call returns
+    /// `Deferred`. Repeat it if you need it to have happened.
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
         Ok(self.invalidate(Op::Delete, Pending::Key(self.full_key(key))).await? > 0)
     }
 
     /// Whether `key` holds a live entry.
+    ///
+    /// # Errors
+    ///
+    /// Only while Redis serves (breaker closed): [`CacheError::Timeout`] or
+    /// [`CacheError::Redis`] when it does not answer in time or fails,
+    /// [`CacheError::Auth`] or [`CacheError::Permission`] when it starts refusing
+    /// the cache's credentials or commands, and [`CacheError::NoRuntime`] outside a
+    /// Tokio runtime. These count towards the breaker; once it is open, calls are
+    /// answered by the local tier and do not fail.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads change nothing: dropping the future is safe, and the connection
+    /// stays usable (replies are matched by its driver, not by the caller). See
+    /// [`Cache`] for the one exception, a call that was replaying queued
+    /// invalidations.
     pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
         self.inner.tiers.exists(&self.full_key(key)).await
     }
 
     /// How long `key` has left.
+    ///
+    /// # Errors
+    ///
+    /// Only while Redis serves (breaker closed): [`CacheError::Timeout`] or
+    /// [`CacheError::Redis`] when it does not answer in time or fails,
+    /// [`CacheError::Auth`] or [`CacheError::Permission`] when it starts refusing
+    /// the cache's credentials or commands, and [`CacheError::NoRuntime`] outside a
+    /// Tokio runtime. These count towards the breaker; once it is open, calls are
+    /// answered by the local tier and do not fail.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads change nothing: dropping the future is safe, and the connection
+    /// stays usable (replies are matched by its driver, not by the caller). See
+    /// [`Cache`] for the one exception, a call that was replaying queued
+    /// invalidations.
     pub async fn ttl(&self, key: &str) -> Result<KeyTtl, CacheError> {
         self.inner.tiers.ttl(&self.full_key(key)).await
     }
 
     /// Deletes every key matching the Redis glob `pattern` (relative to the prefix);
-    /// how many were deleted. Uses SCAN, never KEYS.
+    /// how many were deleted. Uses SCAN, never KEYS, and UNLINKs in batches, so
+    /// a pattern over millions of keys doesn't block Redis.
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::InvalidArgument`] for an empty pattern, before anything is
+    /// sent: [`clear`](Self::clear) says "everything" explicitly.
+    /// [`CacheError::Deferred`] when Redis can't take it now: applied to this
+    /// process's local tier and queued, not applied to Redis, where other
+    /// processes may still read what it covers until the queue is replayed
+    /// (every 200 ms). An error Redis answered with is returned and not queued, as
+    /// is [`CacheError::NoRuntime`]; see [`delete`](Self::delete).
+    ///
+    /// # Cancel safety
+    ///
+    /// The local tier is updated at the first poll. In Redis the pattern is
+    /// fenced first (fills that read before it are refused), then matching keys
+    /// are deleted batch by batch: dropped mid-way, keys not deleted yet stay
+    /// readable until their TTL or a later invalidation covering them. A dropped
+    /// call is not queued.
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
         if pattern.is_empty() {
             return Err(CacheError::InvalidArgument(
@@ -246,6 +374,22 @@ impl Cache {
 
     /// Deletes every entry carrying any of `tags`; how many were deleted. Once it
     /// returns, no entry written before it with one of these tags is alive.
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::Deferred`] when Redis can't take it now: applied to this
+    /// process's local tier and queued, not applied to Redis, where other
+    /// processes may still read what it covers until the queue is replayed
+    /// (every 200 ms). An error Redis answered with is returned and not queued, as
+    /// is [`CacheError::NoRuntime`]; see [`delete`](Self::delete).
+    ///
+    /// # Cancel safety
+    ///
+    /// The local tier is updated at the first poll. In Redis each tag's index
+    /// is fenced and set aside in one script, then its entries are deleted 500 at
+    /// a time: dropped mid-way, the entries not deleted yet stay readable until
+    /// their TTL or the next invalidation of the tag, which finishes the drain
+    /// first. A dropped call is not queued.
     pub async fn invalidate_tags<I, S>(&self, tags: I) -> Result<u64, CacheError>
     where
         I: IntoIterator<Item = S>,
@@ -255,13 +399,39 @@ impl Cache {
         self.invalidate(Op::InvalidateTags, Pending::Tags(tags)).await
     }
 
-    /// Deletes every entry under this cache's prefix (and its tag index); never FLUSHDB.
+    /// Deletes every entry under this cache's prefix (and its tag index); never
+    /// FLUSHDB, so other prefixes and other applications on the same Redis keep
+    /// their keys.
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::Deferred`] when Redis can't take it now: applied to this
+    /// process's local tier and queued, not applied to Redis, where other
+    /// processes may still read what it covers until the queue is replayed
+    /// (every 200 ms). An error Redis answered with is returned and not queued, as
+    /// is [`CacheError::NoRuntime`]; see [`delete`](Self::delete).
+    ///
+    /// # Cancel safety
+    ///
+    /// The local tier is emptied at the first poll. In Redis every fill in flight
+    /// is refused first, then the prefix is scanned and deleted in batches:
+    /// dropped mid-way, entries not deleted yet stay readable until their TTL or
+    /// a later invalidation covering them. A dropped call is not queued.
     pub async fn clear(&self) -> Result<u64, CacheError> {
         self.invalidate(Op::Clear, Pending::Everything).await
     }
 
     /// Counts, sizes and server facts. Counting keys scans the prefix: not for hot
     /// paths. A Redis fault degrades the answer (`connected: false`) instead of failing it.
+    ///
+    /// # Errors
+    ///
+    /// None today: a Redis fault gives `connected: false` and the local tier's
+    /// counts. The `Result` leaves room for failures that can't be degraded.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads only: dropping it is safe (see [`Cache`] for a replay in progress).
     pub async fn stats(&self) -> Result<CacheStats, CacheError> {
         let pattern = self.inner.schema.all_entries();
         let tiers = &self.inner.tiers;
@@ -295,6 +465,10 @@ impl Cache {
     /// Whether the store answers, and how fast: one PING, no scan. Never fails: a
     /// failure is the answer. A credentials or permission problem Redis reported
     /// makes it `unhealthy` with the cause until a check of the cache's access passes.
+    ///
+    /// # Cancel safety
+    ///
+    /// One PING: dropping it is safe (see [`Cache`] for a replay in progress).
     pub async fn health(&self) -> Health {
         self.inner.tiers.health().await
     }
@@ -304,6 +478,20 @@ impl Cache {
     /// `warmup_batch_size` at a time. Returns how many were written: an entry whose
     /// key was invalidated after this call began is not. Does nothing when
     /// `warmup_enabled` is off. The duration lands in `*_cache_warmup_duration_seconds`.
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::Encode`] or [`CacheError::TooLarge`] for any entry, before
+    /// anything is written: every entry is encoded first. Then the first write
+    /// error (those of [`set`](Self::set)) ends the call and aborts the batches
+    /// still running; entries already written stay. [`CacheError::InvalidArgument`]
+    /// if a warm-up task panicked.
+    ///
+    /// # Cancel safety
+    ///
+    /// The batches run on spawned tasks owned by the call: dropping it aborts
+    /// them. Entries already written stay, the rest are not written, and the
+    /// count is lost; warming again rewrites them all.
     pub async fn warm<K, V, I>(
         &self,
         entries: I,
@@ -373,6 +561,23 @@ impl Cache {
     /// `cursor` (0 to start); the cursor of the next page is 0 at the end. Names
     /// are listed escaped, since another client may have written bytes that are
     /// not UTF-8: `\\` for a backslash, `\xNN` for such a byte.
+    ///
+    /// # Errors
+    ///
+    /// Only while Redis serves (breaker closed): [`CacheError::Timeout`] or
+    /// [`CacheError::Redis`] when it does not answer in time or fails,
+    /// [`CacheError::Auth`] or [`CacheError::Permission`] when it starts refusing
+    /// the cache's credentials or commands, and [`CacheError::NoRuntime`] outside a
+    /// Tokio runtime. These count towards the breaker; once it is open, calls are
+    /// answered by the local tier and do not fail.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads change nothing: dropping the future is safe, and the connection
+    /// stays usable (replies are matched by its driver, not by the caller). See
+    /// [`Cache`] for the one exception, a call that was replaying queued
+    /// invalidations.
+    /// Resume from the last cursor returned.
     pub async fn scan_keys(
         &self,
         pattern: &str,
@@ -392,6 +597,14 @@ impl Cache {
 
     /// Sets the gauges that need Redis (keys, memory) and the local tier's size.
     /// Runs a SCAN over the prefix: call it from a background task, not per request.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`stats`](Self::stats): none today.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before the scan ends, the gauges keep their previous values.
     pub async fn refresh_gauges(&self) -> Result<(), CacheError> {
         let stats = self.stats().await?;
         let m = &self.inner.metrics;
@@ -545,7 +758,8 @@ impl Cache {
     }
 }
 
-/// A pending write made by [`Cache::set`]; await it to store the value.
+/// A pending write made by [`Cache::set`]; await it to store the value. See
+/// that method for its errors and cancel safety.
 #[must_use = "a Set does nothing until awaited"]
 pub struct Set<'a, T: ?Sized> {
     cache: &'a Cache,
@@ -598,7 +812,19 @@ static GLOBAL: OnceLock<Cache> = OnceLock::new();
 
 /// Builds the process-wide cache that `#[cached]` functions use by default.
 ///
-/// Fails if it was already set (by an earlier `init` or a `get_cache` before it).
+/// Fails if it was already set (by an earlier `init` or a `get_cache` before it):
+/// functions already called would otherwise have used another cache than the one
+/// configured.
+///
+/// # Errors
+///
+/// Those of [`Cache::new`], and [`CacheError::InvalidArgument`] when the global
+/// cache is already set.
+///
+/// # Cancel safety
+///
+/// The global cache is set only when the new cache is built: dropping the
+/// future before that leaves it unset, and `init` can be called again.
 pub async fn init(config: CacheConfig) -> Result<&'static Cache, CacheError> {
     let cache = Cache::new(config).await?;
     GLOBAL

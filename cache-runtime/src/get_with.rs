@@ -29,21 +29,34 @@ impl Cache {
     /// tier clones the value the entry's first hit decoded (hence `T: Clone`);
     /// a Redis hit decodes.
     ///
-    /// ```no_run
-    /// # async fn demo(cache: cache_runtime::Cache) {
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// # let cache = cache_runtime::Cache::local(Default::default());
     /// let name: String = cache
     ///     .get_with("mission:7:name", async { "Apollo".to_owned() })
     ///     .ttl(60)
     ///     .tags(["missions"])
     ///     .await;
+    /// let again: String = cache.get_with("mission:7:name", async { unreachable!("a hit") }).await;
+    /// assert_eq!((name.as_str(), again.as_str()), ("Apollo", "Apollo"));
     /// # }
     /// ```
     ///
+    /// # Errors
+    ///
+    /// None: a cache fault (Redis down, a value that can't be encoded, a
+    /// decode failure) is counted and logged, and `init`'s result is returned.
+    /// Outside a Tokio runtime `init` runs without the cache.
+    ///
     /// # Cancel safety
     ///
-    /// Dropping the future hands the key to another caller waiting for it,
-    /// which reads the cache again (a fill already sent may have landed) and
-    /// otherwise runs its own `init`.
+    /// Dropping the future drops `init` with it. If this caller was running
+    /// `init` for the key, another caller waiting for it takes over: it reads
+    /// the cache again (a fill already sent may have landed) and otherwise runs
+    /// its own `init`. A waiting caller that is dropped affects no one. A fill
+    /// sent before the drop is still applied, under the fence taken before the
+    /// read, so it can't resurrect an invalidated value.
     pub fn get_with<'a, T, F>(&'a self, key: &'a str, init: F) -> GetWith<'a, T, F, fn(&T) -> bool>
     where
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
@@ -55,6 +68,27 @@ impl Cache {
     /// Like [`get_with`](Self::get_with) for an `init` that can fail: an `Err` is
     /// not cached, and the callers that waited for it get the same error (an
     /// `Arc` of it) instead of each running `init` again.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// # let cache = cache_runtime::Cache::local(Default::default());
+    /// let failed = cache.try_get_with::<u32, _, _>("mission:7:crew", async { Err("db down") }).await;
+    /// assert_eq!(*failed.unwrap_err(), "db down");
+    /// let crew = cache.try_get_with::<u32, &str, _>("mission:7:crew", async { Ok(3) }).await;
+    /// assert_eq!(crew.unwrap(), 3, "the error was not cached");
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Only `init`'s own error, as an `Arc<E>`: shared with the callers that
+    /// waited for this run when nothing covering the key was invalidated since it
+    /// began. Cache faults are not errors, as for [`get_with`](Self::get_with).
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`get_with`](Self::get_with).
     pub fn try_get_with<'a, T, E, F>(
         &'a self,
         key: &'a str,
@@ -94,7 +128,8 @@ fn always<T>(_: &T) -> bool {
     true
 }
 
-/// A pending [`Cache::get_with`]; await it for the value.
+/// A pending [`Cache::get_with`]; await it for the value. See that method for
+/// its errors and cancel safety.
 #[must_use = "a GetWith does nothing until awaited"]
 pub struct GetWith<'a, T, F, C> {
     cache: &'a Cache,
@@ -152,6 +187,7 @@ where
 }
 
 /// A pending [`Cache::try_get_with`]; await it for the value or the shared error.
+/// See that method for its errors and cancel safety.
 #[must_use = "a TryGetWith does nothing until awaited"]
 pub struct TryGetWith<'a, T, E, F, C>(GetWith<'a, T, F, C>, PhantomData<fn() -> E>);
 

@@ -1,21 +1,4 @@
-//! Cache-aside for async Rust services: Redis with an in-process fallback tier,
-//! tag and pattern invalidation, and stampede protection.
-//!
-//! ```no_run
-//! use cache_runtime::{cached, CacheConfig};
-//!
-//! #[cached(ttl = 60, prefix = "missions", tags = ["missions"])]
-//! async fn get_mission(id: u64) -> String {
-//!     format!("mission {id}")
-//! }
-//!
-//! # async fn demo() -> Result<(), cache_runtime::CacheError> {
-//! cache_runtime::init(CacheConfig::from_env()?).await?;
-//! let first = get_mission(7).await; // runs the body and stores the result
-//! let again = get_mission(7).await; // served from the cache
-//! get_mission_invalidate(7).await?;
-//! # Ok(()) }
-//! ```
+#![doc = include_str!("../../README.md")]
 
 mod access;
 mod background;
@@ -36,6 +19,7 @@ mod glob;
 pub mod http;
 mod key;
 mod local;
+pub mod macro_options;
 mod metrics;
 mod misconfig;
 mod pending;
@@ -52,7 +36,11 @@ pub mod __private;
 
 pub use breaker::BreakerState;
 pub use cache::{get_cache, init, Cache, KeyTtl, Mode, Set};
-/// Rewrites an `async fn` into a cache-aside call; see the crate documentation.
+/// Rewrites an `async fn` into a cache-aside call: a hit returns the stored
+/// value, a miss runs the body once per key in this process and stores its
+/// result, a cache fault returns the body's own result. [`macro_options`] has
+/// every option with an example that runs, and the companion functions
+/// (`_invalidate`, `_invalidate_all`, `_key`, `_refresh`) it generates.
 #[doc(inline)]
 pub use cache_macros::cached;
 pub use codec::Serialization;

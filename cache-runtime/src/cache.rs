@@ -80,10 +80,10 @@ impl KeyTtl {
 ///
 /// While invalidations are queued ([`CacheError::Deferred`]), the first call
 /// that finds Redis usable replays the queue before its own command. A call
-/// dropped during that replay drops the part of the queue it had taken: those
-/// invalidations are applied to this process's local tier but may never reach
-/// Redis. Don't put a short timeout around cache calls during an outage;
-/// `operation_timeout` already bounds them.
+/// dropped during that replay puts back what it had not applied yet, and the
+/// next call replays it (invalidations are idempotent, so one cut off
+/// mid-command is simply applied again); nothing is served from Redis until
+/// the queue is empty.
 #[derive(Clone)]
 pub struct Cache {
     pub(crate) inner: Arc<Inner>,

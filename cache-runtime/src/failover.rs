@@ -124,25 +124,26 @@ impl Failover {
     async fn replay(&self, shared: &dyn Store) -> Result<(), CacheError> {
         let _one_at_a_time = self.pending.replaying.lock().await;
         loop {
-            let batch = self.pending.take();
-            if batch.is_empty() {
+            // Whatever is not applied when this ends, by an error or because the
+            // caller's future was dropped here, goes back to the log.
+            let mut replay = self.pending.replay();
+            if replay.len() == 0 {
                 return Ok(());
             }
-            for (i, entry) in batch.iter().enumerate() {
+            while let Some(entry) = replay.next() {
                 if let Err(e) = shared.invalidate(entry).await {
-                    let mut rest = batch[i..].to_vec();
                     // An error the store answered with would fail this entry forever and
                     // hold back every one after it: a clear of the prefix covers it instead.
-                    if !e.is_unavailable() && rest[0] != Pending::Everything {
+                    if !e.is_unavailable() && *entry != Pending::Everything {
                         tracing::error!(error = %e, "a queued invalidation was refused: replaying a clear of the prefix instead");
-                        rest[0] = Pending::Everything;
+                        replay.replace_next(Pending::Everything);
                     }
-                    self.pending.restore(rest);
                     return Err(e);
                 }
+                replay.applied();
             }
             tracing::info!(
-                replayed = batch.len(),
+                replayed = replay.len(),
                 "invalidations made during the outage replayed into Redis"
             );
         }

@@ -54,8 +54,15 @@ impl PendingLog {
         self.dirty.store(true, Ordering::Release);
     }
 
+    /// Takes everything pending for a replay. Whatever the replay has not
+    /// marked applied when it ends (an error, or its future dropped mid-way)
+    /// goes back to the log, ahead of anything queued since.
+    pub(crate) fn replay(&self) -> Replay<'_> {
+        Replay { log: self, batch: self.take(), applied: 0 }
+    }
+
     /// Takes everything pending; put back what could not be replayed with [`restore`](Self::restore).
-    pub(crate) fn take(&self) -> Vec<Pending> {
+    fn take(&self) -> Vec<Pending> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let taken = std::mem::take(&mut *entries);
         if taken.is_empty() {
@@ -64,7 +71,7 @@ impl PendingLog {
         taken
     }
 
-    pub(crate) fn restore(&self, unreplayed: Vec<Pending>) {
+    fn restore(&self, unreplayed: Vec<Pending>) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let newer = std::mem::replace(&mut *entries, unreplayed);
         entries.extend(newer);
@@ -73,5 +80,101 @@ impl PendingLog {
 
     pub(crate) fn len(&self) -> usize {
         self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// A replay under way: the entries taken from the log, of which the first
+/// `applied` reached the shared store. Invalidations are idempotent, so an
+/// entry whose command was cut off is put back and applied again.
+pub(crate) struct Replay<'a> {
+    log: &'a PendingLog,
+    batch: Vec<Pending>,
+    applied: usize,
+}
+
+impl Replay<'_> {
+    /// How many entries were taken.
+    pub(crate) fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// The next entry to apply, if any.
+    pub(crate) fn next(&self) -> Option<&Pending> {
+        self.batch.get(self.applied)
+    }
+
+    /// The entry [`next`](Self::next) gave reached the shared store.
+    pub(crate) fn applied(&mut self) {
+        self.applied += 1;
+    }
+
+    /// Replaces the next entry (with one that covers it) before it is put back.
+    pub(crate) fn replace_next(&mut self, entry: Pending) {
+        if let Some(next) = self.batch.get_mut(self.applied) {
+            *next = entry;
+        }
+    }
+}
+
+impl Drop for Replay<'_> {
+    fn drop(&mut self) {
+        if self.applied < self.batch.len() {
+            let rest = self.batch.split_off(self.applied);
+            self.log.restore(rest);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> Pending {
+        Pending::Key(k.to_owned())
+    }
+
+    #[test]
+    fn a_replay_cut_off_puts_back_what_it_did_not_apply_ahead_of_newer_entries() {
+        let log = PendingLog::new();
+        for k in ["a", "b", "c"] {
+            log.push(key(k));
+        }
+        {
+            let mut replay = log.replay();
+            assert_eq!(replay.next(), Some(&key("a")));
+            replay.applied();
+            // Queued while the replay runs.
+            log.push(key("d"));
+            // Dropped here, as a caller's future is when it is cancelled mid-replay.
+        }
+        assert!(log.is_dirty());
+        assert_eq!(log.take(), vec![key("b"), key("c"), key("d")]);
+    }
+
+    #[test]
+    fn a_finished_replay_puts_nothing_back_and_the_log_comes_clean() {
+        let log = PendingLog::new();
+        log.push(key("a"));
+        {
+            let mut replay = log.replay();
+            while replay.next().is_some() {
+                replay.applied();
+            }
+        }
+        assert!(log.is_dirty(), "clean only once a take finds nothing");
+        assert_eq!(log.replay().len(), 0);
+        assert!(!log.is_dirty());
+    }
+
+    #[test]
+    fn a_refused_entry_goes_back_as_the_entry_that_covers_it() {
+        let log = PendingLog::new();
+        log.push(key("a"));
+        log.push(key("b"));
+        {
+            let mut replay = log.replay();
+            replay.replace_next(Pending::Everything);
+        }
+        assert_eq!(log.take(), vec![Pending::Everything, key("b")]);
     }
 }

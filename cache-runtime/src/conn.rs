@@ -11,16 +11,18 @@
 //! replaced that fast, and a Redis that is down fails that attempt as fast.
 //!
 //! Small commands carry no timer of their own: a timer per command cost a
-//! Redis hit about a tenth of its throughput. A watchdog pings every
-//! connection used since its last two looks instead; replies come back in
-//! order, so a ping that is not answered within the operation timeout means no
-//! command sent before it will be either. It then stops the connection's
-//! driver, which fails every command waiting on it at once. A command on a
-//! stalled connection so waits at most the timeout plus about one watchdog
-//! tick (a quarter of the timeout).
+//! Redis hit about a tenth of its throughput. A watchdog pings, every quarter
+//! of the operation timeout, each connection a command is waiting on (in its
+//! slot, or retired from it by a reconnect); replies come back in order, so a
+//! ping that is not answered within the timeout means no command sent before
+//! it will be either. It then stops the connection's driver, which fails every
+//! command waiting on it at once. A command on a stalled connection so waits
+//! at most the timeout and two watchdog ticks: one and a half times the timeout.
+//! The driver stops when its runtime next runs: a connection shared with a
+//! runtime that is blocked waits for it.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -43,14 +45,6 @@ struct Live {
     background: bool,
     /// Stops the driver: every command waiting on the connection fails at once.
     driver: AbortHandle,
-    /// Set by every lease, cleared by every watchdog look: an idle connection is not pinged.
-    used: AtomicBool,
-    /// Whether the watchdog's previous look found it used. A command leased
-    /// just before a look may send its request just after that look's ping:
-    /// the next look pings again, so no request goes unwatched.
-    used_before: AtomicBool,
-    /// A watchdog ping is under way.
-    pinging: AtomicBool,
     /// The watchdog stopped it for not answering: its commands' errors are timeouts.
     stalled: AtomicBool,
 }
@@ -75,6 +69,9 @@ pub(crate) struct Connections {
     misconfig: Arc<Misconfig>,
     carries: Carries,
     slots: Vec<Slot>,
+    /// Connections taken out of their slot (replaced or poisoned) while
+    /// commands may still wait on them: watched until the last lease ends.
+    retired: Mutex<Vec<Arc<Live>>>,
     next: AtomicUsize,
     ids: AtomicU64,
     me: Weak<Connections>,
@@ -131,6 +128,7 @@ impl Connections {
             misconfig,
             carries,
             slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
+            retired: Mutex::new(Vec::new()),
             next: AtomicUsize::new(0),
             ids: AtomicU64::new(0),
             me: me.clone(),
@@ -204,11 +202,6 @@ impl Connections {
                     // A caller's runtime is at hand: move the driver onto it.
                     self.rehome(slot);
                 }
-                // Read first: under load the flag is already set, and a load
-                // leaves the cache line shared between cores.
-                if !live.used.load(Ordering::Relaxed) {
-                    live.used.store(true, Ordering::Relaxed);
-                }
                 Ok(Lease { live, slot })
             }
             None => {
@@ -225,12 +218,14 @@ impl Connections {
 
     fn poison_slot(&self, index: usize, id: u64) {
         let slot = &self.slots[index];
-        let current = slot.live.load();
-        if current.as_ref().is_some_and(|live| live.id == id) {
-            slot.live.compare_and_swap(&*current, None);
-            tracing::debug!(slot = index, "redis connection poisoned: reconnecting");
+        let current = slot.live.load_full();
+        if let Some(live) = current.filter(|live| live.id == id) {
+            let previous = slot.live.compare_and_swap(&Some(live.clone()), None);
+            if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, &live)) {
+                tracing::debug!(slot = index, "redis connection poisoned: reconnecting");
+                self.retire(live);
+            }
         }
-        drop(current);
         self.reconnect(index);
     }
 
@@ -242,17 +237,17 @@ impl Connections {
 
     fn install(&self, slot: usize, (conn, driver): (MultiplexedConnection, AbortHandle), background: bool) {
         let id = self.ids.fetch_add(1, Ordering::AcqRel);
-        let live = Live {
-            conn,
-            id,
-            background,
-            driver,
-            used: AtomicBool::new(false),
-            used_before: AtomicBool::new(false),
-            pinging: AtomicBool::new(false),
-            stalled: AtomicBool::new(false),
-        };
-        self.slots[slot].live.store(Some(Arc::new(live)));
+        let live = Live { conn, id, background, driver, stalled: AtomicBool::new(false) };
+        if let Some(replaced) = self.slots[slot].live.swap(Some(Arc::new(live))) {
+            self.retire(replaced);
+        }
+    }
+
+    /// Keeps watching a connection out of its slot while commands wait on it.
+    fn retire(&self, live: Arc<Live>) {
+        if Arc::strong_count(&live) > 1 {
+            self.retired.lock().unwrap_or_else(|e| e.into_inner()).push(live);
+        }
     }
 
     /// Where a connection made now should live, and whether that is the cache's
@@ -280,11 +275,11 @@ impl Connections {
         let me = self.me.clone();
         let (home, background) = self.home();
         home.spawn(async move {
+            let _done = Reconnecting { me: me.clone(), slot };
             let Some(this) = me.upgrade() else { return };
             if let Ok(opened) = this.open().await {
                 this.install(slot, opened, background);
             }
-            this.slots[slot].reconnecting.store(false, Ordering::Release);
         });
     }
 
@@ -314,6 +309,7 @@ impl Connections {
         let me = self.me.clone();
         let (home, background) = self.home();
         let reconnect = async move {
+            let _done = Reconnecting { me: me.clone(), slot };
             let mut attempt = 0u32;
             loop {
                 // Ends with the cache: only a weak reference is held between attempts.
@@ -321,7 +317,6 @@ impl Connections {
                 match this.open().await {
                     Ok(opened) => {
                         this.install(slot, opened, background);
-                        this.slots[slot].reconnecting.store(false, Ordering::Release);
                         tracing::info!(slot, attempts = attempt + 1, "reconnected to Redis");
                         return;
                     }
@@ -338,6 +333,22 @@ impl Connections {
         };
         // Logged where the caller's events go, not only to the global subscriber.
         home.spawn(reconnect.with_current_subscriber());
+    }
+}
+
+/// Clears a slot's `reconnecting` flag when its reconnect ends, however it
+/// ends: a task dropped with the runtime it ran on would otherwise leave the
+/// slot marked for good, and no later reconnect would start.
+struct Reconnecting {
+    me: Weak<Connections>,
+    slot: usize,
+}
+
+impl Drop for Reconnecting {
+    fn drop(&mut self) {
+        if let Some(this) = self.me.upgrade() {
+            this.slots[self.slot].reconnecting.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -370,9 +381,12 @@ async fn open(
     }
 }
 
-/// Every quarter of `timeout`, pings each connection used since the last two looks
-/// (one ping at a time per connection); one that does not answer within
-/// `timeout` is stalled: its driver is stopped and its slot reconnects.
+/// Every quarter of `timeout`, pings each connection a command is waiting on
+/// (a lease is alive: `run` holds one for the whole command), in its slot or
+/// retired from it; one whose ping is not answered within `timeout` is
+/// stalled: its driver is stopped and its slot reconnects. A request sent just
+/// after a look's ping is covered by the next look's, so a stuck command
+/// waits at most `timeout` and two ticks.
 async fn watchdog(me: Weak<Connections>, timeout: Duration) {
     let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -380,36 +394,42 @@ async fn watchdog(me: Weak<Connections>, timeout: Duration) {
         tick.tick().await;
         let Some(this) = me.upgrade() else { return };
         for (index, slot) in this.slots.iter().enumerate() {
-            let Some(live) = slot.live.load_full() else { continue };
-            // A ping under way covers what was sent before it; what was sent
-            // after it is left marked for the next look.
-            if live.pinging.load(Ordering::Acquire) {
-                continue;
-            }
-            let used = live.used.swap(false, Ordering::Relaxed);
-            let used_before = live.used_before.swap(used, Ordering::Relaxed);
-            if !(used || used_before) {
-                continue;
-            }
-            live.pinging.store(true, Ordering::Release);
-            let me = me.clone();
-            tokio::spawn(async move {
-                let mut conn = live.conn.clone();
-                let ping = redis::cmd("PING");
-                let ping = ping.query_async::<()>(&mut conn);
-                let answered = tokio::time::timeout(timeout, ping).await;
-                live.pinging.store(false, Ordering::Release);
-                if answered.is_err() {
-                    live.stalled.store(true, Ordering::Release);
-                    live.driver.abort();
-                    if let Some(this) = me.upgrade() {
-                        tracing::debug!(slot = index, ?timeout, "redis connection stalled");
-                        this.poison_slot(index, live.id);
-                    }
+            if let Some(live) = slot.live.load_full() {
+                // Held by the slot and by `live` here: any more are leases.
+                if Arc::strong_count(&live) > 2 {
+                    ping(&me, &live, Some(index), timeout);
                 }
-            });
+            }
+        }
+        let retired: Vec<Arc<Live>> = {
+            let mut retired = this.retired.lock().unwrap_or_else(|e| e.into_inner());
+            // Held by the list alone: no command waits on it any more.
+            retired.retain(|live| Arc::strong_count(live) > 1);
+            retired.clone()
+        };
+        for live in &retired {
+            ping(&me, live, None, timeout);
         }
     }
+}
+
+/// One watchdog ping of `live`, which sits in `slot` unless it was retired.
+fn ping(me: &Weak<Connections>, live: &Arc<Live>, slot: Option<usize>, timeout: Duration) {
+    // Only the connection and a weak reference: a ping under way does not
+    // count as a lease at the next look.
+    let (mut conn, weak, me) = (live.conn.clone(), Arc::downgrade(live), me.clone());
+    tokio::spawn(async move {
+        let ping = redis::cmd("PING");
+        let answered = tokio::time::timeout(timeout, ping.query_async::<()>(&mut conn)).await;
+        let Some(live) = weak.upgrade() else { return };
+        if answered.is_err() && !live.stalled.swap(true, Ordering::AcqRel) {
+            live.driver.abort();
+            tracing::debug!(?slot, ?timeout, "redis connection stalled");
+            if let (Some(index), Some(this)) = (slot, me.upgrade()) {
+                this.poison_slot(index, live.id);
+            }
+        }
+    });
 }
 
 /// Full jitter: uniform in [0, min(MAX, MIN·2^attempt)], so reconnecting clients spread out.

@@ -379,6 +379,25 @@ async fn etags_revalidate_until_the_response_changes() {
 }
 
 #[tokio::test]
+async fn a_cached_error_is_never_answered_as_not_modified() {
+    let redis = Redis::start();
+    let cache = redis.cache("rc_etag_404", Serialization::Json).await;
+    let app = Router::new()
+        .route("/gone", get(|| async { (StatusCode::NOT_FOUND, "no such mission") }))
+        .layer(ResponseCacheLayer::new(cache.clone()));
+    let (status, ..) = send(&app, "/gone", &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Served from the cache now, ETag and all: `*` matches any current
+    // representation, yet a 404 stays a 404 (RFC 9110 §13.2.1).
+    let (status, headers, body) = send(&app, "/gone", &[("if-none-match", "*")]).await;
+    assert_eq!(x_cache(&headers), "hit");
+    assert_eq!((status, &body[..]), (StatusCode::NOT_FOUND, &b"no such mission"[..]));
+    let etag = headers[header::ETAG].to_str().unwrap().to_owned();
+    let (status, ..) = send(&app, "/gone", &[("if-none-match", &etag)]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
 async fn a_cache_fault_serves_the_handlers_own_response() {
     let mut redis = Redis::spawn();
     let config = redis.config("rc_fault").operation_timeout(Duration::from_millis(100)).build().unwrap();

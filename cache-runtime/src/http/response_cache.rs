@@ -494,8 +494,11 @@ fn rebuild(
         }
     }
     headers.insert("x-cache", HeaderValue::from_static(cache_status));
-    let not_modified =
-        headers.get(header::ETAG).is_some_and(|etag| none_match_hits(if_none_match, etag.as_bytes()));
+    // A precondition applies only where the response would be a 2xx (RFC 9110
+    // §13.2.1): a cached 404 is served as a 404, never as "not modified".
+    let success = (200..300).contains(&stored.status);
+    let not_modified = success
+        && headers.get(header::ETAG).is_some_and(|etag| none_match_hits(if_none_match, etag.as_bytes()));
     let (status, body) = if not_modified {
         // What RFC 9110 §15.4.5 has a 304 repeat; the rest describes a body it doesn't have.
         let keep = [

@@ -142,11 +142,17 @@ impl Cache {
         };
         let metrics = Metrics::for_config(&config);
         let misconfig = Arc::new(Misconfig::new(metrics.config_errors.clone()));
+        // Named by its settings key, whichever of the file, the environment or
+        // the builder it came from (`REDIS_URL` is the variable for `url`).
+        let refused = |reason: String| CacheError::config("url", &target, reason);
+        if target.as_str().starts_with("rediss://") {
+            return Err(refused("TLS (`rediss://`) is not supported by this build; use `redis://`".into()));
+        }
         let background = Background::start()?;
         let runtime = background.handle().clone();
         let store = RedisStore::new(&config, target.as_str(), misconfig.clone(), &background).map_err(
             |e| match e {
-                CacheError::Redis(e) => CacheError::config("REDIS_URL", &target, e.to_string()),
+                CacheError::Redis(e) => refused(e.to_string()),
                 other => other,
             },
         )?;

@@ -19,7 +19,9 @@ pub struct RedisTarget {
 }
 
 impl RedisTarget {
-    /// A target from a `redis://` or `rediss://` URL.
+    /// A target from a `redis://` URL (`redis://user:password@host:port/db`).
+    /// TLS (`rediss://`) is refused by [`Cache::new`](crate::Cache::new): this
+    /// build connects over TCP and Unix sockets only.
     pub fn url(url: impl Into<String>) -> Self {
         RedisTarget { url: url.into() }
     }
@@ -367,10 +369,30 @@ impl CacheConfig {
                 .collect();
             let key = name.map(str::to_owned).into_iter().chain(path.iter().cloned()).collect::<Vec<_>>();
             let key = if key.is_empty() { "<section>".to_owned() } else { key.join(".") };
-            let value = if path.last().is_some_and(|k| k == "password" || k == "admin_token") {
-                "***".to_owned()
-            } else {
-                path.iter().try_fold(&section, |v, k| v.get(k.as_str())).map(show).unwrap_or_default()
+            if path.is_empty() {
+                // The section itself is not a map: serde's message would quote
+                // it whole, and it may be a URL with a password in it.
+                let reason = "expected a map of settings (`url: ...`, `default_ttl: ...`)".to_owned();
+                return CacheError::Config { key, value: String::new(), reason };
+            }
+            // Only a known, non-secret setting's value is shown: a misspelt key
+            // (`redis_password: ...`) may hold a secret as well as a known one.
+            let shown = match path.as_slice() {
+                [.., last] if last == "password" || last == "admin_token" => None,
+                [profiles, _, field] if profiles == "profiles" => {
+                    ["ttl", "prefix", "tags"].contains(&field.as_str()).then_some(())
+                }
+                [.., last] => Key::parse(last).map(|_| ()),
+                [] => None,
+            };
+            let value = match shown {
+                Some(()) => {
+                    path.iter().try_fold(&section, |v, k| v.get(k.as_str())).map(show).unwrap_or_default()
+                }
+                None if path.last().is_some_and(|k| k == "password" || k == "admin_token") => {
+                    "***".to_owned()
+                }
+                None => String::new(),
             };
             CacheError::Config { key, value, reason: e.into_inner().to_string() }
         })
@@ -790,8 +812,14 @@ REDIS:
     #[test]
     #[cfg(feature = "yaml")]
     fn errors_name_the_key_and_the_value() {
-        let err = CacheConfig::from_settings_str("REDIS:\n  hots: redis\n").unwrap_err().to_string();
-        assert!(err.contains("REDIS.hots") && err.contains("redis"), "{err}");
+        // An unknown key is named, its value is not: a misspelt key may hold a secret.
+        let err =
+            CacheConfig::from_settings_str("REDIS:\n  redis_pasword: hunter2\n").unwrap_err().to_string();
+        assert!(err.contains("REDIS.redis_pasword") && !err.contains("hunter2"), "{err}");
+        // A section that is not a map is not quoted back either.
+        let err =
+            CacheConfig::from_settings_str("REDIS: redis://:hunter2@cache:6379\n").unwrap_err().to_string();
+        assert!(err.contains("REDIS") && !err.contains("hunter2"), "{err}");
         let err = CacheConfig::from_settings_str("REDIS:\n  port: lots\n").unwrap_err().to_string();
         assert!(err.contains("REDIS.port") && err.contains("lots"), "{err}");
         let err = CacheConfig::from_settings_str("REDIS:\n  default_ttl: -1\n").unwrap_err().to_string();

@@ -208,6 +208,16 @@ async fn a_malformed_url_is_a_config_error() {
 }
 
 #[tokio::test]
+async fn a_tls_url_is_refused_with_the_reason_and_no_password() {
+    let config =
+        cache_runtime::CacheConfig::builder().redis_url("rediss://app:hunter2@cache:6380/0").build().unwrap();
+    let err = Cache::new(config).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, cache_runtime::CacheError::Config { .. }), "{err}");
+    assert!(text.contains("TLS") && text.contains("`url`") && !text.contains("hunter2"), "{text}");
+}
+
+#[tokio::test]
 async fn warming_writes_in_batches_and_can_be_turned_off() {
     let redis = Redis::start();
     let config = redis.config("warm").warmup(100, 2).build().unwrap();

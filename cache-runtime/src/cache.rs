@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use crate::background::Background;
 use crate::breaker::{Breaker, BreakerState};
@@ -408,8 +409,27 @@ impl Cache {
 
     /// Runs an invalidation on both tiers, timed. `Ok` means Redis applied it;
     /// [`CacheError::Deferred`] that it is queued (see `failover.rs`).
+    ///
+    /// Each runs in an INFO span, `cache.invalidate`, with the operation, how
+    /// many keys, tags or patterns it names (never the names: they can carry
+    /// user ids) and, once known, how many entries it deleted.
     async fn invalidate(&self, op: Op, what: Pending) -> Result<u64, CacheError> {
-        self.timed(op, self.inner.tiers.invalidate(what)).await
+        let arguments = match &what {
+            Pending::Key(_) | Pending::Pattern(_) => 1,
+            Pending::Tags(tags) => tags.len(),
+            Pending::Everything => 0,
+        };
+        let span = tracing::info_span!(
+            "cache.invalidate",
+            operation = op.as_str(),
+            arguments,
+            deleted = tracing::field::Empty,
+        );
+        let result = self.timed(op, self.inner.tiers.invalidate(what)).instrument(span.clone()).await;
+        if let Ok(n) = &result {
+            span.record("deleted", n);
+        }
+        result
     }
 
     /// Whether a fill of `full` under `fence` would be stored now (nothing

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::field::Empty;
-use tracing::{debug_span, Instrument, Span};
+use tracing::level_filters::LevelFilter;
+use tracing::{debug_span, Instrument, Level, Span};
 
 use crate::flight::{self, Outcome, Role, Shared};
 use crate::key::escape_glob;
@@ -213,13 +214,29 @@ where
     B: FnOnce() -> (Tags, Fut),
     Fut: Future<Output = Out>,
 {
-    let span = described(debug_span!("cache.call", function = Empty, key = Empty, outcome = Empty), &call);
-    if span.is_disabled() {
+    if !debugging() {
         return lookup(format, call, condition, sharing, values, miss).await.0;
     }
-    let (out, traced) = lookup(format, call, condition, sharing, values, miss).instrument(span.clone()).await;
-    span.record("outcome", traced.as_str());
-    out
+    // Boxed: the span's state stays out of the future every hit builds.
+    Box::pin(async move {
+        let span =
+            described(debug_span!("cache.call", function = Empty, key = Empty, outcome = Empty), &call);
+        if span.is_disabled() {
+            return lookup(format, call, condition, sharing, values, miss).await.0;
+        }
+        let (out, traced) =
+            lookup(format, call, condition, sharing, values, miss).instrument(span.clone()).await;
+        span.record("outcome", traced.as_str());
+        out
+    })
+    .await
+}
+
+/// Whether DEBUG spans can be wanted at all: one relaxed load, so a service
+/// at INFO pays nothing more for the call spans.
+#[inline]
+fn debugging() -> bool {
+    tracing::level_filters::STATIC_MAX_LEVEL >= Level::DEBUG && LevelFilter::current() >= Level::DEBUG
 }
 
 /// Names the call on `span`. The fields are filled in only when a subscriber
@@ -437,13 +454,20 @@ where
     B: FnOnce() -> (Tags, Fut),
     Fut: Future<Output = Out>,
 {
-    let span = described(debug_span!("cache.refresh", function = Empty, key = Empty, outcome = Empty), &call);
-    if span.is_disabled() {
+    if !debugging() {
         return write_through(call, condition, run).await.0;
     }
-    let (out, traced) = write_through(call, condition, run).instrument(span.clone()).await;
-    span.record("outcome", traced.as_str());
-    out
+    Box::pin(async move {
+        let span =
+            described(debug_span!("cache.refresh", function = Empty, key = Empty, outcome = Empty), &call);
+        if span.is_disabled() {
+            return write_through(call, condition, run).await.0;
+        }
+        let (out, traced) = write_through(call, condition, run).instrument(span.clone()).await;
+        span.record("outcome", traced.as_str());
+        out
+    })
+    .await
 }
 
 async fn write_through<M, Out, C, B, Fut>(call: Call<'_>, condition: C, run: B) -> (Out, Traced)

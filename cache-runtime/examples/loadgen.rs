@@ -22,6 +22,10 @@
 //! concurrency 64 over 1,000 keys with 5 ms bodies and a 1 s TTL, while another
 //! instance invalidates keys the readers never read at 0, 10, 100 and 1,000 per
 //! second; per rate it prints the hit rate, body runs and refused fills.
+//!
+//! `--subscriber info` installs a `tracing_subscriber::fmt` subscriber at INFO,
+//! as a service would run: the cache's DEBUG call spans are then filtered out,
+//! and the hit figures show what that filtering costs.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -139,6 +143,7 @@ struct Args {
     ops: u64,
     rounds: usize,
     scenarios: Vec<String>,
+    subscriber: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -149,6 +154,7 @@ fn parse_args() -> Args {
         scenarios: ["raw_get", "cached_redis_hit", "moka_get", "cached_local_hit", "mix_90_10", "stampede"]
             .map(String::from)
             .to_vec(),
+        subscriber: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -161,7 +167,10 @@ fn parse_args() -> Args {
             "--ops" => args.ops = value.parse().expect("--ops N"),
             "--rounds" => args.rounds = value.parse().expect("--rounds N"),
             "--scenarios" => args.scenarios = value.split(',').map(String::from).collect(),
-            other => panic!("unknown flag {other} (--concurrency, --ops, --rounds, --scenarios)"),
+            "--subscriber" => args.subscriber = Some(value),
+            other => {
+                panic!("unknown flag {other} (--concurrency, --ops, --rounds, --scenarios, --subscriber)")
+            }
         }
     }
     args
@@ -442,6 +451,10 @@ fn baselines_of(scenario: &str) -> &'static [&'static str] {
 
 fn main() {
     let args = parse_args();
+    if let Some(level) = &args.subscriber {
+        let filter = tracing_subscriber::EnvFilter::new(level);
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     FRESH.store(now.as_micros() as u64 * 1_000, Ordering::Relaxed);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();

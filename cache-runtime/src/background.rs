@@ -27,14 +27,15 @@ pub(crate) struct Background {
 }
 
 /// One thread running a runtime until the cache is dropped.
-struct Thread {
+pub(crate) struct Thread {
     handle: Handle,
     /// Dropped with the cache: the thread's runtime then stops.
     _stop: oneshot::Sender<()>,
 }
 
 impl Thread {
-    fn start(name: &str) -> Result<Thread, CacheError> {
+    /// Starts the thread `cache-runtime-{name}`; `bulk` runs at a lower priority.
+    pub(crate) fn start(name: &str) -> Result<Thread, CacheError> {
         let failed = |e: std::io::Error| {
             CacheError::Unavailable(format!("could not start the cache's {name} thread: {e}"))
         };
@@ -53,6 +54,11 @@ impl Thread {
             })
             .map_err(failed)?;
         Ok(Thread { handle, _stop: stop })
+    }
+
+    /// Where tasks for this thread's runtime are spawned.
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
     }
 }
 

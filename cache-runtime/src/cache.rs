@@ -7,8 +7,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
+use tracing::instrument::WithSubscriber;
+use tracing::Instrument;
 
-use crate::background::Background;
+use crate::background::{Background, Thread};
 use crate::breaker::{Breaker, BreakerState};
 use crate::codec::{self, Storable};
 use crate::config::CacheConfig;
@@ -99,6 +101,8 @@ pub(crate) struct Inner {
     pub(crate) flights: Flights,
     /// The runtime the Redis connections and upkeep loops live on, when Redis is configured.
     background: Option<Background>,
+    /// In local mode, the thread the gauge refresh runs on (Redis mode uses `background`).
+    upkeep: Option<Thread>,
 }
 
 impl AsRef<Cache> for Cache {
@@ -164,6 +168,7 @@ impl Cache {
             tracing::info!(redis = %target, prefix = %cache.inner.config.key_prefix, "cache runs in redis mode");
         }
         Failover::spawn_loops(&cache.inner.tiers, cache.inner.config.health_check_interval, &runtime);
+        cache.spawn_gauge_loop(&runtime);
         Ok(cache)
     }
 
@@ -172,7 +177,37 @@ impl Cache {
         let metrics = Metrics::for_config(&config);
         let misconfig = Arc::new(Misconfig::new(metrics.config_errors.clone()));
         let schema = Schema::new(&config.key_prefix);
-        Cache::assemble(config, schema, metrics, misconfig, None)
+        let mut cache = Cache::assemble(config, schema, metrics, misconfig, None);
+        match Thread::start("upkeep") {
+            Ok(upkeep) => {
+                let runtime = upkeep.handle().clone();
+                // Nothing else holds the new cache yet.
+                if let Some(inner) = Arc::get_mut(&mut cache.inner) {
+                    inner.upkeep = Some(upkeep);
+                }
+                cache.spawn_gauge_loop(&runtime);
+            }
+            Err(e) => tracing::warn!(error = %e, "cache gauges are refreshed only by refresh_gauges"),
+        }
+        cache
+    }
+
+    /// Refreshes the gauges every `metrics_refresh_interval` on `runtime`, a
+    /// runtime of the cache's own: holding only a weak reference, the loop
+    /// ends with the cache.
+    fn spawn_gauge_loop(&self, runtime: &tokio::runtime::Handle) {
+        let cache = Arc::downgrade(&self.inner);
+        let every = self.inner.config.metrics_refresh_interval;
+        let refresh = async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = cache.upgrade() else { return };
+                if let Err(e) = (Cache { inner }).refresh_gauges().await {
+                    tracing::debug!(error = %e, "cache gauges not refreshed");
+                }
+            }
+        };
+        runtime.spawn(refresh.with_current_subscriber());
     }
 
     fn assemble(
@@ -197,6 +232,7 @@ impl Cache {
                 metrics,
                 // A marker outlives any read that can still be running (reads time out).
                 background,
+                upkeep: None,
                 flights: Flights::new(config.operation_timeout() * 2 + Duration::from_millis(100)),
                 schema,
                 config,
@@ -602,7 +638,9 @@ impl Cache {
     }
 
     /// Sets the gauges that need Redis (keys, memory) and the local tier's size.
-    /// Runs a SCAN over the prefix: call it from a background task, not per request.
+    /// Runs a SCAN over the prefix. The cache already runs it every
+    /// `metrics_refresh_interval` on a thread of its own; call it to see the
+    /// gauges current now (before a scrape in a test, say), not per request.
     ///
     /// # Errors
     ///
@@ -627,8 +665,27 @@ impl Cache {
 
     /// Runs an invalidation on both tiers, timed. `Ok` means Redis applied it;
     /// [`CacheError::Deferred`] that it is queued (see `failover.rs`).
+    ///
+    /// Each runs in an INFO span, `cache.invalidate`, with the operation, how
+    /// many keys, tags or patterns it names (never the names: they can carry
+    /// user ids) and, once known, how many entries it deleted.
     async fn invalidate(&self, op: Op, what: Pending) -> Result<u64, CacheError> {
-        self.timed(op, self.inner.tiers.invalidate(what)).await
+        let arguments = match &what {
+            Pending::Key(_) | Pending::Pattern(_) => 1,
+            Pending::Tags(tags) => tags.len(),
+            Pending::Everything => 0,
+        };
+        let span = tracing::info_span!(
+            "cache.invalidate",
+            operation = op.as_str(),
+            arguments,
+            deleted = tracing::field::Empty,
+        );
+        let result = self.timed(op, self.inner.tiers.invalidate(what)).instrument(span.clone()).await;
+        if let Ok(n) = &result {
+            span.record("deleted", n);
+        }
+        result
     }
 
     /// Whether a fill of `full` under `fence` would be stored now (nothing

@@ -227,6 +227,8 @@ settings! {
     retry_on_timeout: bool = true, read as wire::Flag;
     /// How often Redis is PINGed and an open breaker probed.
     health_check_interval: Duration = Duration::from_secs(30), read as wire::Secs;
+    /// How often the cache sets its gauges (keys, memory, size): each refresh SCANs the prefix.
+    metrics_refresh_interval: Duration = Duration::from_secs(15), read as wire::Secs;
     /// The most entries the local tier holds.
     local_max_entries: u64 = 100_000, read as wire::Positive<u64>;
     /// Larger encoded values are not stored.
@@ -494,6 +496,11 @@ impl CacheConfig {
     pub fn health_check_interval(&self) -> Duration {
         self.health_check_interval
     }
+    /// How often the cache's own thread sets the gauges that need a scan
+    /// (keys, memory, local size): a scrape between two refreshes sees the last one.
+    pub fn metrics_refresh_interval(&self) -> Duration {
+        self.metrics_refresh_interval
+    }
     /// The TTL registered under `name` (`quantum_state_ttl: 300` registers `quantum_state`).
     pub fn named_ttl(&self, name: &str) -> Option<Duration> {
         self.named_ttls.get(name).copied()
@@ -631,6 +638,11 @@ impl CacheConfigBuilder {
         self.config.health_check_interval = every;
         self
     }
+    /// Sets how often the gauges are refreshed; shorter costs a SCAN of the prefix more often.
+    pub fn metrics_refresh_interval(mut self, every: Duration) -> Self {
+        self.config.metrics_refresh_interval = every;
+        self
+    }
     /// Turns the circuit breaker on or off.
     pub fn circuit_breaker_enabled(mut self, on: bool) -> Self {
         self.config.circuit_breaker_enabled = on;
@@ -686,6 +698,7 @@ impl CacheConfigBuilder {
             ("socket_timeout", c.socket_timeout),
             ("operation_timeout", c.operation_timeout),
             ("health_check_interval", c.health_check_interval),
+            ("metrics_refresh_interval", c.metrics_refresh_interval),
             ("socket_connect_timeout", c.socket_connect_timeout),
         ] {
             if d.is_zero() {

@@ -10,6 +10,9 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tracing::field::Empty;
+use tracing::level_filters::LevelFilter;
+use tracing::{debug_span, Instrument, Level, Span};
 
 use crate::flight::{self, Outcome, Role, Shared};
 use crate::key::escape_glob;
@@ -211,9 +214,89 @@ where
     B: FnOnce() -> (Tags, Fut),
     Fut: Future<Output = Out>,
 {
+    if !debugging() {
+        return lookup(format, call, condition, sharing, values, miss).await.0;
+    }
+    // Boxed: the span's state stays out of the future every hit builds.
+    Box::pin(async move {
+        let span =
+            described(debug_span!("cache.call", function = Empty, key = Empty, outcome = Empty), &call);
+        if span.is_disabled() {
+            return lookup(format, call, condition, sharing, values, miss).await.0;
+        }
+        let (out, traced) =
+            lookup(format, call, condition, sharing, values, miss).instrument(span.clone()).await;
+        span.record("outcome", traced.as_str());
+        out
+    })
+    .await
+}
+
+/// Whether DEBUG spans can be wanted at all: one relaxed load, so a service
+/// at INFO pays nothing more for the call spans.
+#[inline]
+fn debugging() -> bool {
+    tracing::level_filters::STATIC_MAX_LEVEL >= Level::DEBUG && LevelFilter::current() >= Level::DEBUG
+}
+
+/// Names the call on `span`. The fields are filled in only when a subscriber
+/// wants the span: a hit at INFO pays one level check, never a copy of the key.
+fn described(span: Span, call: &Call<'_>) -> Span {
+    if !span.is_disabled() {
+        span.record("function", call.spec.name);
+        span.record("key", call.key.relative());
+    }
+    span
+}
+
+/// How a call ended, for its span's `outcome` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Traced {
+    /// The stored value was returned.
+    Hit,
+    /// The body ran and its result was not stored (not cacheable, or refused by the condition or size).
+    Miss,
+    /// The body ran and its result was stored.
+    Filled,
+    /// The body ran and the fence refused its result: something covering the key was invalidated meanwhile.
+    Refused,
+    /// A cache fault: the body's own result was served.
+    Fault,
+    /// The result of another caller's flight.
+    Shared,
+}
+
+impl Traced {
+    fn as_str(self) -> &'static str {
+        match self {
+            Traced::Hit => "hit",
+            Traced::Miss => "miss",
+            Traced::Filled => "filled",
+            Traced::Refused => "refused",
+            Traced::Fault => "fault",
+            Traced::Shared => "shared",
+        }
+    }
+}
+
+/// The cache-aside path of [`get_or_compute_as`], saying how it ended.
+async fn lookup<M, Out, C, B, Fut>(
+    format: Serialization,
+    call: Call<'_>,
+    condition: C,
+    sharing: Sharing<Out>,
+    values: Sharing<Out::Value>,
+    miss: B,
+) -> (Out, Traced)
+where
+    Out: Cacheable<M>,
+    C: FnOnce(&Out::Value) -> bool,
+    B: FnOnce() -> (Tags, Fut),
+    Fut: Future<Output = Out>,
+{
     let cache = call.cache;
     if is_uncacheable(&call.key) {
-        return miss().1.await;
+        return (miss().1.await, Traced::Miss);
     }
     let full = call.key.full.as_str();
     let started = std::time::Instant::now();
@@ -223,13 +306,13 @@ where
         Ok(Some(raw)) => {
             if let Some(v) = decode_hit(cache, full, raw, &values).await {
                 cache.record_lookup(true);
-                return Out::from_cached(v);
+                return (Out::from_cached(v), Traced::Hit);
             }
         }
         Ok(None) => {}
         Err(e) => {
             cache.record_fault("get", full, &e);
-            return miss().1.await;
+            return (miss().1.await, Traced::Fault);
         }
     }
     cache.record_lookup(false);
@@ -245,14 +328,14 @@ where
         };
         match outcome {
             Some(Outcome::Value(bytes, at)) if started < at => match codec::decode::<Out::Value>(&bytes) {
-                Ok(v) => return Out::from_cached(v),
-                Err(_) => return miss().1.await,
+                Ok(v) => return (Out::from_cached(v), Traced::Shared),
+                Err(_) => return (miss().1.await, Traced::Miss),
             },
             // Checked against the fence after this call began: as good as its own.
             Some(Outcome::Shared(shared, at)) if started < at => match (sharing.take)(&shared) {
-                Some(out) => return out,
+                Some(out) => return (out, Traced::Shared),
                 // A result of another type under the same key (two `get_with` callers).
-                None => return miss().1.await,
+                None => return (miss().1.await, Traced::Miss),
             },
             // Written or checked after this call began, refused as stale, or not
             // shareable: start over.
@@ -266,7 +349,7 @@ where
                 reread = true;
                 if let Ok(Some(raw)) = cache.read(full, started).await {
                     if let Some(v) = decode_hit(cache, full, raw, &values).await {
-                        return Out::from_cached(v);
+                        return (Out::from_cached(v), Traced::Hit);
                     }
                 }
             }
@@ -277,12 +360,13 @@ where
     // read, so the miss path is one GET and one write.
     let (tags, body) = miss();
     let out = body.await;
-    let outcome = match store(&call, format, &out, &tags, condition, Some(fence), false).await {
+    let (outcome, traced) = store(&call, format, &out, &tags, condition, Some(fence), false).await;
+    let outcome = match outcome {
         Outcome::Unshared => share(&call, full, &out, &tags, fence, &sharing, &leader).await,
         outcome => outcome,
     };
     leader.publish(outcome);
-    out
+    (out, traced)
 }
 
 /// A result that was not stored, for the callers waiting on `leader`: shared
@@ -370,17 +454,40 @@ where
     B: FnOnce() -> (Tags, Fut),
     Fut: Future<Output = Out>,
 {
+    if !debugging() {
+        return write_through(call, condition, run).await.0;
+    }
+    Box::pin(async move {
+        let span =
+            described(debug_span!("cache.refresh", function = Empty, key = Empty, outcome = Empty), &call);
+        if span.is_disabled() {
+            return write_through(call, condition, run).await.0;
+        }
+        let (out, traced) = write_through(call, condition, run).instrument(span.clone()).await;
+        span.record("outcome", traced.as_str());
+        out
+    })
+    .await
+}
+
+async fn write_through<M, Out, C, B, Fut>(call: Call<'_>, condition: C, run: B) -> (Out, Traced)
+where
+    Out: Cacheable<M>,
+    C: FnOnce(&Out::Value) -> bool,
+    B: FnOnce() -> (Tags, Fut),
+    Fut: Future<Output = Out>,
+{
     let (tags, body) = run();
     if is_uncacheable(&call.key) {
-        return body.await;
+        return (body.await, Traced::Miss);
     }
     // Fenced like a fill, and fencing the key: fills that read before this one
     // wrote can't put an older value back.
     let fence = call.cache.fill_fence(std::time::Instant::now());
     let out = body.await;
     let format = call.cache.config().serialization;
-    drop(store(&call, format, &out, &tags, condition, Some(fence), true).await);
-    out
+    let (_, traced) = store(&call, format, &out, &tags, condition, Some(fence), true).await;
+    (out, traced)
 }
 
 /// Removes one cached result.
@@ -401,20 +508,20 @@ async fn store<M, Out, C>(
     condition: C,
     fence: Option<FillFence>,
     bump: bool,
-) -> Outcome
+) -> (Outcome, Traced)
 where
     Out: Cacheable<M>,
     C: FnOnce(&Out::Value) -> bool,
 {
     let (cache, full) = (call.cache, call.key.full.as_str());
     let Some(value) = out.stored() else {
-        return Outcome::Unshared;
+        return (Outcome::Unshared, Traced::Miss);
     };
     let bytes = match codec::encode(format, value) {
         Ok(bytes) => bytes,
         Err(e) => {
             cache.record_fault("encode", full, &e);
-            return Outcome::Unshared;
+            return (Outcome::Unshared, Traced::Fault);
         }
     };
     // Followers that started before this instant may share the value (flight.rs).
@@ -429,14 +536,17 @@ where
         let ttl = call.spec.ttl(cache);
         let tags = call.spec.tags(cache, tags.to_vec());
         match cache.write(full, &bytes, ttl, &tags, fence, bump).await {
-            Ok(true) => return Outcome::Value(bytes.into(), writing),
+            Ok(true) => return (Outcome::Value(bytes.into(), writing), Traced::Filled),
             Ok(false) => {
                 cache.inner.counters.fills_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(key = full, "fill refused: invalidated while computing");
-                return Outcome::Stale;
+                return (Outcome::Stale, Traced::Refused);
             }
-            Err(e) => cache.record_fault("set", full, &e),
+            Err(e) => {
+                cache.record_fault("set", full, &e);
+                return (Outcome::Value(bytes.into(), unchecked), Traced::Fault);
+            }
         }
     }
-    Outcome::Value(bytes.into(), unchecked)
+    (Outcome::Value(bytes.into(), unchecked), Traced::Miss)
 }

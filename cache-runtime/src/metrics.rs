@@ -8,9 +8,11 @@
 
 use std::time::Duration;
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::CacheError;
@@ -67,7 +69,34 @@ pub struct Metrics {
     pub(crate) warmup_duration: Histogram,
     pub(crate) ttl_seconds: IntGaugeVec,
     pub(crate) breaker_state: IntGauge,
+    hit_rate: HitRate,
     registry: Registry,
+}
+
+/// `*_cache_hit_rate`, worked out from the two counters when scraped: always
+/// current, and nothing added to the hit path.
+#[derive(Clone)]
+struct HitRate {
+    hits: IntCounter,
+    misses: IntCounter,
+    gauge: Gauge,
+}
+
+impl HitRate {
+    fn get(&self) -> f64 {
+        crate::stats::hit_rate(self.hits.get(), self.misses.get())
+    }
+}
+
+impl Collector for HitRate {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.gauge.set(self.get());
+        self.gauge.collect()
+    }
 }
 
 impl Metrics {
@@ -93,10 +122,21 @@ impl Metrics {
             &["operation"],
         )
         .map_err(err)?;
+        let hits = counter("hits_total", "Cache hits")?;
+        let misses = counter("misses_total", "Cache misses")?;
+        let hit_rate = HitRate {
+            hits: hits.clone(),
+            misses: misses.clone(),
+            gauge: Gauge::with_opts(Opts::new(
+                name("hit_rate"),
+                "Hits over lookups since the cache started, 0 before any lookup",
+            ))
+            .map_err(err)?,
+        };
         let metrics = Metrics {
             namespace: namespace.to_owned(),
-            hits: counter("hits_total", "Cache hits")?,
-            misses: counter("misses_total", "Cache misses")?,
+            hits,
+            misses,
             errors: counter("errors_total", "Cache faults absorbed by falling back to the function")?,
             config_errors: counter(
                 "config_errors_total",
@@ -121,6 +161,7 @@ impl Metrics {
             )
             .map_err(err)?,
             breaker_state: gauge("circuit_breaker_state", "0 closed, 1 open, 2 half-open")?,
+            hit_rate,
             registry: Registry::new(),
         };
         metrics.register(&metrics.registry)?;
@@ -147,7 +188,7 @@ impl Metrics {
 
     /// Registers every metric with `registry` (for example `prometheus::default_registry()`).
     pub fn register(&self, registry: &Registry) -> Result<(), CacheError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+        let collectors: [Box<dyn Collector>; 13] = [
             Box::new(self.hits.clone()),
             Box::new(self.misses.clone()),
             Box::new(self.errors.clone()),
@@ -160,6 +201,7 @@ impl Metrics {
             Box::new(self.warmup_duration.clone()),
             Box::new(self.ttl_seconds.clone()),
             Box::new(self.breaker_state.clone()),
+            Box::new(self.hit_rate.clone()),
         ];
         for c in collectors {
             registry
@@ -187,6 +229,11 @@ impl Metrics {
     /// Misses so far (`*_cache_misses_total`).
     pub fn misses_total(&self) -> u64 {
         self.misses.get()
+    }
+
+    /// Hits over lookups since the cache started (`*_cache_hit_rate`), 0 before any lookup.
+    pub fn hit_rate(&self) -> f64 {
+        self.hit_rate.get()
     }
 
     /// This cache's metrics in the Prometheus text format.
@@ -229,10 +276,18 @@ mod tests {
             "brain_cache_keys_total",
             "brain_cache_memory_bytes",
             "brain_cache_circuit_breaker_state",
+            "brain_cache_hit_rate 1",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
-        assert!(Metrics::new("cache").unwrap().render().contains("\ncache_hits_total 0"));
+        let default = Metrics::new("cache").unwrap();
+        let text = default.render();
+        assert!(text.contains("\ncache_hits_total 0"));
+        assert!(text.contains("\ncache_hit_rate 0\n"), "0 before any lookup:\n{text}");
+        default.hits.inc();
+        default.misses.inc_by(3);
+        assert!(default.render().contains("\ncache_hit_rate 0.25\n"));
+        assert_eq!(default.hit_rate(), 0.25);
         let nb = Metrics::new("neuralblitz").unwrap();
         nb.size_bytes.set(5);
         assert!(nb.render().contains("neuralblitz_cache_size_bytes 5"));

@@ -21,6 +21,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tracing::{Instrument, Span};
 
 use crate::glob::matches_everything;
 use crate::key::push_part;
@@ -258,6 +259,12 @@ async fn health(State(s): State<Arc<Shared>>) -> Reply {
 /// `{"pattern"}`, `{"tags"}`, `{"key"}`, a registered id field, or
 /// `{"invalidate_all": true}`: exactly one, nothing else.
 async fn invalidate(State(s): State<Arc<Shared>>, body: Bytes) -> Reply {
+    let span = tracing::info_span!("cache.api", operation = "invalidate", arguments = tracing::field::Empty);
+    invalidate_by(&s, body, &span).instrument(span.clone()).await
+}
+
+/// The work of [`invalidate`]; `span` learns how many selectors the body gave.
+async fn invalidate_by(s: &Shared, body: Bytes, span: &Span) -> Reply {
     let fields: Map<String, Value> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
     let everything = match fields.get("invalidate_all") {
@@ -269,6 +276,7 @@ async fn invalidate(State(s): State<Arc<Shared>>, body: Bytes) -> Reply {
     };
     let selectors: Vec<(&String, &Value)> =
         fields.iter().filter(|(k, _)| k.as_str() != "invalidate_all").collect();
+    span.record("arguments", selectors.len() + usize::from(everything));
     let cache = &s.api.cache;
     match selectors.as_slice() {
         [] if everything => {
@@ -338,7 +346,8 @@ async fn invalidate_group(
             json!({ "success": false, "message": format!("no group `{group}`; registered: {known:?}") });
         return Err((StatusCode::NOT_FOUND, Json(body)).into_response());
     };
-    let n = what.run(&s.api.cache).await.map_err(|e| ApiError::from(e).into_response())?;
+    let span = tracing::info_span!("cache.api", operation = "invalidate_group", arguments = 1);
+    let n = what.run(&s.api.cache).instrument(span).await.map_err(|e| ApiError::from(e).into_response())?;
     Ok(Json(json!({
         "success": true,
         "keys_deleted": n,
@@ -354,7 +363,8 @@ async fn warm(State(s): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
         });
     };
     let started = Instant::now();
-    let loaded = warmer(s.api.cache.clone()).await?;
+    let span = tracing::info_span!("cache.api", operation = "warm", arguments = 0);
+    let loaded = warmer(s.api.cache.clone()).instrument(span).await?;
     let took = started.elapsed();
     s.api.cache.metrics().observe_warmup(took);
     Ok(Json(json!({
@@ -366,12 +376,14 @@ async fn warm(State(s): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
 }
 
 async fn clear(State(s): State<Arc<Shared>>) -> Reply {
-    let n = s.api.cache.clear().await?;
+    let span = tracing::info_span!("cache.api", operation = "clear", arguments = 0);
+    let n = s.api.cache.clear().instrument(span).await?;
     deleted(n, format!("Cache cleared ({n} keys deleted)"))
 }
 
 async fn delete_key(State(s): State<Arc<Shared>>, Path(key): Path<String>) -> Reply {
-    let existed = s.api.cache.delete(&key).await?;
+    let span = tracing::info_span!("cache.api", operation = "delete_key", arguments = 1);
+    let existed = s.api.cache.delete(&key).instrument(span).await?;
     let message = if existed { format!("Key '{key}' deleted") } else { format!("Key '{key}' did not exist") };
     Ok(Json(json!({ "success": true, "keys_deleted": u64::from(existed), "message": message })))
 }

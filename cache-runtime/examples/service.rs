@@ -9,7 +9,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -145,20 +145,6 @@ pub fn seed(db: &Db) {
     }
 }
 
-static GAUGES: OnceLock<()> = OnceLock::new();
-
-/// Refreshes the Redis-backed gauges every 15 s, off the request path.
-pub fn spawn_gauges(cache: Cache) {
-    GAUGES.get_or_init(|| {
-        tokio::spawn(async move {
-            loop {
-                let _ = cache.refresh_gauges().await;
-                tokio::time::sleep(Duration::from_secs(15)).await;
-            }
-        });
-    });
-}
-
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -172,7 +158,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cache = Cache::new(config).await?;
     let state = Arc::new(AppState { db: Db::default(), cache: cache.clone() });
     seed(&state.db);
-    spawn_gauges(cache);
     let addr = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:8000".into());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("missions service on http://{addr} (mode {})", state.cache.mode().as_str());

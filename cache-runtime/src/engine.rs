@@ -428,19 +428,14 @@ async fn share<M, Out: Cacheable<M>>(
     }
 }
 
-/// Whether building the key failed. Only a hashed part or the marker puts a `#`
-/// in a key (a scalar's is escaped), so most keys are settled by one `memchr`.
+/// Whether building the key failed: the key builder flags an argument that
+/// could be neither written out nor hashed.
 fn is_uncacheable(key: &Key) -> bool {
     key.uncacheable
 }
 
-/// Decodes what was read, or clones the value a local-tier entry keeps. The
-/// first reader of an entry that can copy its type keeps what it decoded there:
-/// a value decoded from the entry's own bytes, so a later hit returns what a
-/// decode would. Another type under the same key misses the downcast and
-/// decodes, which checks the fingerprint as before.
-/// [`decode_or_reuse`], with a big value decoded on a blocking thread: its
-/// megabytes take milliseconds, which the small calls sharing this worker
+/// [`decode_or_reuse`], with a big value decoded on the cache's bulk thread:
+/// its megabytes take milliseconds, which the small calls sharing this worker
 /// would otherwise wait out.
 async fn decode_hit<V: DeserializeOwned + Send + 'static>(
     cache: &Cache,
@@ -457,6 +452,11 @@ async fn decode_hit<V: DeserializeOwned + Send + 'static>(
     }
 }
 
+/// Decodes what was read, or clones the value a local-tier entry keeps. The
+/// first reader of an entry that can copy its type keeps what it decoded there:
+/// a value decoded from the entry's own bytes, so a later hit returns what a
+/// decode would. Another type under the same key misses the downcast and
+/// decodes, which checks the fingerprint as before.
 fn decode_or_reuse<V: DeserializeOwned>(
     cache: &Cache,
     full: &str,

@@ -23,7 +23,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
@@ -37,6 +37,8 @@ use crate::CacheError;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long after a failed move onto a caller's runtime the next is tried.
+const REHOME_RETRY_MS: u64 = 1_000;
 
 struct Live {
     conn: MultiplexedConnection,
@@ -55,6 +57,9 @@ struct Slot {
     reconnecting: AtomicBool,
     /// Failed attempts of the reconnect under way.
     failed_attempts: AtomicU32,
+    /// When a failed move onto a caller's runtime may be tried again, in
+    /// milliseconds since `Connections::origin`: not on every lease.
+    rehome_after: AtomicU64,
 }
 
 pub(crate) struct Connections {
@@ -72,6 +77,7 @@ pub(crate) struct Connections {
     /// Connections taken out of their slot (replaced or poisoned) while
     /// commands may still wait on them: watched until the last lease ends.
     retired: Mutex<Vec<Arc<Live>>>,
+    origin: Instant,
     next: AtomicUsize,
     ids: AtomicU64,
     me: Weak<Connections>,
@@ -129,6 +135,7 @@ impl Connections {
             carries,
             slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
             retired: Mutex::new(Vec::new()),
+            origin: Instant::now(),
             next: AtomicUsize::new(0),
             ids: AtomicU64::new(0),
             me: me.clone(),
@@ -198,6 +205,7 @@ impl Connections {
                 if live.background
                     && matches!(self.carries, Carries::Small(_))
                     && !crate::background::on_own_thread()
+                    && self.millis() >= self.slots[slot].rehome_after.load(Ordering::Relaxed)
                 {
                     // A caller's runtime is at hand: move the driver onto it.
                     self.rehome(slot);
@@ -277,10 +285,19 @@ impl Connections {
         home.spawn(async move {
             let _done = Reconnecting { me: me.clone(), slot };
             let Some(this) = me.upgrade() else { return };
-            if let Ok(opened) = this.open().await {
-                this.install(slot, opened, background);
+            match this.open().await {
+                Ok(opened) => this.install(slot, opened, background),
+                // The connection it would replace still serves: try again later.
+                Err(e) => {
+                    tracing::debug!(slot, error = %e, "moving a connection onto the caller's runtime failed");
+                    this.slots[slot].rehome_after.store(this.millis() + REHOME_RETRY_MS, Ordering::Relaxed);
+                }
             }
         });
+    }
+
+    fn millis(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
     }
 
     /// Waits, at most `timeout`, for the first attempt of the reconnects under

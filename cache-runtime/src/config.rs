@@ -396,7 +396,13 @@ impl CacheConfig {
                 }
                 None => String::new(),
             };
-            CacheError::Config { key, value, reason: e.into_inner().to_string() }
+            let mut reason = e.into_inner().to_string();
+            // serde quotes a scalar it could not take ("invalid type: string
+            // \"redis://:pw@h\""): where the value is not shown, neither is that.
+            if value.is_empty() && !reason.starts_with("unknown field") {
+                reason = "not a valid value here (not shown: it may hold a secret)".to_owned();
+            }
+            CacheError::Config { key, value, reason }
         })
     }
 
@@ -829,6 +835,11 @@ REDIS:
         let err =
             CacheConfig::from_settings_str("REDIS:\n  redis_pasword: hunter2\n").unwrap_err().to_string();
         assert!(err.contains("REDIS.redis_pasword") && !err.contains("hunter2"), "{err}");
+        // Nor is a value under a key that can't hold it.
+        let err = CacheConfig::from_settings_str("REDIS:\n  profiles:\n    p: \"redis://:hunter2@h\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("REDIS.profiles.p") && !err.contains("hunter2"), "{err}");
         // A section that is not a map is not quoted back either.
         let err =
             CacheConfig::from_settings_str("REDIS: redis://:hunter2@cache:6379\n").unwrap_err().to_string();

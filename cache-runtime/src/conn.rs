@@ -227,14 +227,24 @@ impl Connections {
     fn poison_slot(&self, index: usize, id: u64) {
         let slot = &self.slots[index];
         let current = slot.live.load_full();
-        if let Some(live) = current.filter(|live| live.id == id) {
-            let previous = slot.live.compare_and_swap(&Some(live.clone()), None);
-            if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, &live)) {
-                tracing::debug!(slot = index, "redis connection poisoned: reconnecting");
-                self.retire(live);
+        let taken = match current {
+            Some(live) if live.id == id => {
+                let previous = slot.live.compare_and_swap(&Some(live.clone()), None);
+                let took = previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, &live));
+                drop(previous);
+                if took {
+                    tracing::debug!(slot = index, "redis connection poisoned: reconnecting");
+                    self.retire(live);
+                }
+                took
             }
+            // Another connection already serves the slot: it is not this one's to replace.
+            Some(_) => false,
+            None => true,
+        };
+        if taken {
+            self.reconnect(index);
         }
-        self.reconnect(index);
     }
 
     /// Changes whenever a connection is made: after it, the server may be another
@@ -252,8 +262,10 @@ impl Connections {
     }
 
     /// Keeps watching a connection out of its slot while commands wait on it.
+    /// Only small commands' connections: big values' commands carry their own
+    /// timers, and nothing would ever empty the list of theirs.
     fn retire(&self, live: Arc<Live>) {
-        if Arc::strong_count(&live) > 1 {
+        if matches!(self.carries, Carries::Small(_)) && Arc::strong_count(&live) > 1 {
             self.retired.lock().unwrap_or_else(|e| e.into_inner()).push(live);
         }
     }
@@ -282,8 +294,11 @@ impl Connections {
         }
         let me = self.me.clone();
         let (home, background) = self.home();
+        // Made before the task is spawned: a task dropped before its first poll
+        // (its runtime shutting down) clears the mark too.
+        let done = Reconnecting { me: me.clone(), slot };
         home.spawn(async move {
-            let _done = Reconnecting { me: me.clone(), slot };
+            let _done = done;
             let Some(this) = me.upgrade() else { return };
             match this.open().await {
                 Ok(opened) => this.install(slot, opened, background),
@@ -325,8 +340,9 @@ impl Connections {
         self.slots[slot].failed_attempts.store(0, Ordering::Release);
         let me = self.me.clone();
         let (home, background) = self.home();
+        let done = Reconnecting { me: me.clone(), slot };
         let reconnect = async move {
-            let _done = Reconnecting { me: me.clone(), slot };
+            let _done = done;
             let mut attempt = 0u32;
             loop {
                 // Ends with the cache: only a weak reference is held between attempts.

@@ -10,9 +10,10 @@
 //! gone before the call that found it fails, and makes connections here when
 //! no caller's runtime is at hand. The threads stop when the cache is dropped.
 //!
-//! A second thread carries the connection for big values and decodes them, at
-//! a lower priority, so that reading megabytes never holds up the small
-//! replies and takes the CPU only when the callers' workers leave it.
+//! A second thread carries the connection for big values and decodes them, so
+//! that reading megabytes never holds up the small replies or the callers'
+//! workers. It keeps the default priority: a lowered one starved it on a busy
+//! machine until big reads timed out and opened the breaker.
 
 use std::future::Future;
 
@@ -42,14 +43,10 @@ impl Thread {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(failed)?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let background = name == "bulk";
         std::thread::Builder::new()
             .name(format!("cache-runtime-{name}"))
             .spawn(move || {
                 OWN_THREAD.with(|own| own.set(true));
-                if background {
-                    yield_to_callers();
-                }
                 runtime.block_on(async move { drop(stopped.await) })
             })
             .map_err(failed)?;
@@ -86,19 +83,6 @@ impl Background {
         handle.spawn(fut).await.map_err(|_| CacheError::Unavailable("the cache is shutting down".into()))
     }
 }
-
-/// Lowers the calling thread's scheduling priority, so that reading and
-/// decoding megabytes takes the CPU only when the callers' workers leave it.
-#[cfg(target_os = "linux")]
-fn yield_to_callers() {
-    // On Linux, nice is per thread, and PRIO_PROCESS with `who` 0 names the
-    // calling thread. A failure leaves the default priority: nothing to report.
-    // SAFETY: setpriority reads only its integer arguments.
-    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
-}
-
-#[cfg(not(target_os = "linux"))]
-fn yield_to_callers() {}
 
 thread_local! {
     static OWN_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };

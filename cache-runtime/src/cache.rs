@@ -764,7 +764,7 @@ impl Cache {
     }
 
     /// Runs `work` (decoding a big value, say) on the thread that reads big
-    /// values, which yields the CPU to the callers' workers; inline where the
+    /// values, off the callers' workers; inline where the
     /// cache has no such thread (local mode). `None` when `work` gives none, or
     /// when the cache is shutting down and the thread has gone: a miss.
     pub(crate) async fn off_workers<T: Send + 'static>(

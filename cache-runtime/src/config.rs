@@ -697,8 +697,8 @@ impl CacheConfigBuilder {
     /// Checks the values and returns the config.
     pub fn build(self) -> Result<CacheConfig, CacheError> {
         let c = self.config;
-        check_prefix("key_prefix", c.key_prefix.clone())?;
-        check_namespace("metrics_namespace", c.metrics_namespace.clone())?;
+        PREFIX.check("key_prefix", c.key_prefix.clone())?;
+        NAMESPACE.check("metrics_namespace", c.metrics_namespace.clone())?;
         for (key, d) in [
             ("default_ttl", c.default_ttl),
             ("socket_timeout", c.socket_timeout),
@@ -728,35 +728,37 @@ fn show(v: &serde_json::Value) -> String {
     }
 }
 
-fn check_prefix(key: &str, prefix: String) -> Result<String, CacheError> {
-    if !prefix_ok(&prefix) {
-        return Err(CacheError::config(key, &prefix, PREFIX_RULE));
+/// A rule a text setting must follow, checked alike from the builder and
+/// from serde (`wire::Text`).
+pub(super) struct TextRule {
+    ok: fn(&str) -> bool,
+    rule: &'static str,
+}
+
+impl TextRule {
+    fn check(&self, key: &str, text: String) -> Result<String, CacheError> {
+        if !(self.ok)(&text) {
+            return Err(CacheError::config(key, &text, self.rule));
+        }
+        Ok(text)
     }
-    Ok(prefix)
 }
 
-fn prefix_ok(prefix: &str) -> bool {
-    !prefix.is_empty() && !prefix.contains(['*', '?', '[', ']', '\\', ':', ' ', '#'])
-}
+const PREFIX: TextRule = TextRule {
+    ok: |prefix| !prefix.is_empty() && !prefix.contains(['*', '?', '[', ']', '\\', ':', ' ', '#']),
+    rule: "must be non-empty, without `:`, `#`, spaces or glob characters",
+};
 
-const PREFIX_RULE: &str = "must be non-empty, without `:`, `#`, spaces or glob characters";
-
-fn check_namespace(key: &str, ns: String) -> Result<String, CacheError> {
-    if !namespace_ok(&ns) {
-        return Err(CacheError::config(key, &ns, NAMESPACE_RULE));
-    }
-    Ok(ns)
-}
-
-fn namespace_ok(ns: &str) -> bool {
-    !ns.is_empty()
-        && ns
-            .chars()
-            .enumerate()
-            .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
-}
-
-const NAMESPACE_RULE: &str = "must be a Prometheus name: letters, digits and `_`";
+const NAMESPACE: TextRule = TextRule {
+    ok: |ns| {
+        !ns.is_empty()
+            && ns
+                .chars()
+                .enumerate()
+                .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
+    },
+    rule: "must be a Prometheus name: letters, digits and `_`",
+};
 
 fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, CacheError> {
     v.trim().parse().map_err(|_| CacheError::config(key, v, "expected a whole number"))

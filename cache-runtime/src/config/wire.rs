@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::de::{self, Deserialize, Deserializer, IntoDeserializer, Unexpected, Visitor};
 
-use super::{namespace_ok, prefix_ok, Secret};
+use super::{Secret, TextRule};
 use crate::CacheError;
 
 /// A checked setting and the value it leaves in the config.
@@ -151,47 +151,51 @@ impl<'de, T: TryFrom<u64>> Deserialize<'de> for Positive<T> {
     }
 }
 
-/// A key prefix: non-empty, without `:`, `#`, spaces or glob characters.
-pub(super) struct Prefix(String);
+/// A text setting that follows the rule `R` names.
+pub(super) struct Text<R>(String, PhantomData<R>);
 
-impl Wire for Prefix {
+/// Names a [`TextRule`] at the type level, for [`Text`].
+pub(super) trait Rule {
+    const RULE: TextRule;
+}
+
+impl<R: Rule> Wire for Text<R> {
     type Value = String;
     fn value(self) -> String {
         self.0
     }
 }
 
-impl<'de> Deserialize<'de> for Prefix {
+impl<'de, R: Rule> Deserialize<'de> for Text<R> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        if prefix_ok(&text) {
-            Ok(Prefix(text))
+        if (R::RULE.ok)(&text) {
+            Ok(Text(text, PhantomData))
         } else {
-            Err(de::Error::invalid_value(Unexpected::Str(&text), &super::PREFIX_RULE))
+            Err(de::Error::invalid_value(Unexpected::Str(&text), &R::RULE.rule))
         }
     }
 }
+
+/// The rule of a key prefix.
+pub(super) enum PrefixRule {}
+
+impl Rule for PrefixRule {
+    const RULE: TextRule = super::PREFIX;
+}
+
+/// The rule of a Prometheus metric namespace.
+pub(super) enum NamespaceRule {}
+
+impl Rule for NamespaceRule {
+    const RULE: TextRule = super::NAMESPACE;
+}
+
+/// A key prefix: non-empty, without `:`, `#`, spaces or glob characters.
+pub(super) type Prefix = Text<PrefixRule>;
 
 /// A Prometheus metric namespace.
-pub(super) struct Namespace(String);
-
-impl Wire for Namespace {
-    type Value = String;
-    fn value(self) -> String {
-        self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for Namespace {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        if namespace_ok(&text) {
-            Ok(Namespace(text))
-        } else {
-            Err(de::Error::invalid_value(Unexpected::Str(&text), &super::NAMESPACE_RULE))
-        }
-    }
-}
+pub(super) type Namespace = Text<NamespaceRule>;
 
 impl Wire for crate::Serialization {
     type Value = Self;

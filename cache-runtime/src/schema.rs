@@ -202,6 +202,14 @@ impl<T: Serialize + ?Sized> KeyArg for T {
 impl Schema {
     /// The key of an entry named by the public API (`get_with` and friends).
     pub(crate) fn entry_key(&self, key: &str) -> Key {
-        Key { full: self.entry(key), relative_start: self.prefix_len(), uncacheable: false }
+        self.entry_key_with(|full| full.push_str(key))
+    }
+
+    /// The key of an entry whose name `build` appends after the prefix: the
+    /// key is built in the one string that holds it.
+    pub(crate) fn entry_key_with(&self, build: impl FnOnce(&mut String)) -> Key {
+        let mut full = self.entry("");
+        build(&mut full);
+        Key { full, relative_start: self.prefix_len(), uncacheable: false }
     }
 }

@@ -31,6 +31,7 @@ use tower::{Layer, Service};
 
 use crate::engine::{get_or_compute_as, Cacheable, Call, Sharing, Tags};
 use crate::key::push_part;
+use crate::schema::Key;
 use crate::spec::{Spec, TtlSpec};
 use crate::{Cache, IntoTtl, Serialization};
 
@@ -121,13 +122,17 @@ impl ResponseCacheLayer {
         self
     }
 
-    /// The key of `req`'s response, relative to the cache's prefix (see the module's key schema).
-    fn key(&self, req: &Request<Body>) -> String {
-        let mut key = String::from("http:GET:");
-        push_part(&mut key, req.uri().path_and_query().map_or("/", |pq| pq.as_str()));
+    /// The key of `req`'s response (see the module's key schema).
+    fn key(&self, req: &Request<Body>) -> Key {
+        self.cache.inner.schema.entry_key_with(|key| self.push_key(key, req))
+    }
+
+    fn push_key(&self, key: &mut String, req: &Request<Body>) {
+        key.push_str("http:GET:");
+        push_part(key, req.uri().path_and_query().map_or("/", |pq| pq.as_str()));
         for name in self.vary.iter() {
             key.push(':');
-            push_part(&mut key, name.as_str());
+            push_part(key, name.as_str());
             let mut values = req.headers().get_all(name).iter();
             let Some(first) = values.next() else { continue };
             key.push('=');
@@ -138,11 +143,10 @@ impl ResponseCacheLayer {
                 joined.extend_from_slice(more.as_bytes());
             }
             match std::str::from_utf8(&joined) {
-                Ok(text) => push_part(&mut key, text),
-                Err(_) => push_part(&mut key, &joined),
+                Ok(text) => push_part(key, text),
+                Err(_) => push_part(key, &joined),
             }
         }
-        key
     }
 }
 
@@ -325,7 +329,7 @@ where
     let spec =
         Spec { name: "http", prefix: None, ttl: Some(TtlSpec::Fixed(config.ttl)), profile: None, version: 0 };
     let cache = &config.cache;
-    let call = Call { cache, spec: &spec, key: cache.inner.schema.entry_key(&key) };
+    let call = Call { cache, spec: &spec, key };
     let limit = cache.config().max_value_bytes();
     // Taken by whichever path runs the handler; still here if this call did not.
     let mut request = Some((inner, req));

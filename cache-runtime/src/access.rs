@@ -62,9 +62,11 @@ impl RedisStore {
     pub(crate) async fn check_access(&self, schema: &Schema) -> Result<(), CacheError> {
         let prefix = schema.prefix();
         let entry = schema.entry("#probe");
-        let internal = schema.internal("probe");
-        let tags = schema.internal("probe:z");
-        let fence = schema.internal("probe:h");
+        // In the entry's shard: the probe script touches them all at once.
+        let shard = schema.shard_of(&entry);
+        let internal = schema.internal(shard, "probe");
+        let tags = schema.internal(shard, "probe:z");
+        let fence = schema.internal(shard, "probe:h");
         let scan = schema.all_entries();
         let steps = [
             redis::cmd("PING"),
@@ -76,11 +78,19 @@ impl RedisStore {
             redis::cmd("SCAN").arg(0).arg("MATCH").arg(&scan).arg("COUNT").arg(1).clone(),
             redis::cmd("INFO").arg("server").clone(),
         ];
-        for step in &steps {
+        // A cluster's slot map (the client's) and topology (SCAN's), and the
+        // wait for a replica after an invalidation.
+        let cluster_steps =
+            [redis::cmd("CLUSTER").arg("SLOTS").clone(), redis::cmd("CLUSTER").arg("NODES").clone()];
+        let cluster_steps = if self.is_cluster() { &cluster_steps[..] } else { &[] };
+        for step in steps.iter().chain(cluster_steps) {
             match self.query::<redis::Value>(step).await {
                 Ok(_) => {}
                 Err(e) => self.judge(e, prefix)?,
             }
+        }
+        if let Err(e) = self.probe_wait(&entry).await {
+            self.judge(e, prefix)?;
         }
         let script = Script::new(PROBE_SCRIPT);
         let load = redis::cmd("SCRIPT").arg("LOAD").arg(PROBE_SCRIPT).clone();

@@ -132,7 +132,9 @@ impl Cache {
     /// [`CacheError::Auth`] for a wrong or missing password,
     /// [`CacheError::Permission`] when the ACL user lacks a command or key pattern
     /// the cache uses (each is tried once here), and [`CacheError::Config`] for a
-    /// URL that can't be used. [`CacheError::NoRuntime`] when the cache's own
+    /// URL that can't be used or a setting Redis shows to be wrong (a
+    /// `master_name` no sentinel watches, a `cluster_shards` other instances
+    /// of the prefix don't use). [`CacheError::NoRuntime`] when the cache's own
     /// threads can't be started.
     ///
     /// # Cancel safety
@@ -149,19 +151,15 @@ impl Cache {
         // Named by its settings key, whichever of the file, the environment or
         // the builder it came from (`REDIS_URL` is the variable for `url`).
         let refused = |reason: String| CacheError::config("url", &target, reason);
-        if target.as_str().starts_with("rediss://") {
-            return Err(refused("TLS (`rediss://`) is not supported by this build; use `redis://`".into()));
-        }
         let background = Background::start()?;
         let runtime = background.handle().clone();
-        let store = RedisStore::new(&config, target.as_str(), misconfig.clone(), &background).map_err(
-            |e| match e {
+        let store =
+            RedisStore::new(&config, &target, misconfig.clone(), &background).map_err(|e| match e {
                 CacheError::Redis(e) => refused(e.to_string()),
                 other => other,
-            },
-        )?;
+            })?;
         let connect = config.socket_connect_timeout.max(config.operation_timeout());
-        let schema = Schema::new(&config.key_prefix);
+        let schema = Schema::new(&config.key_prefix, store.shards());
         let redis = RedisTier::new(store, schema.clone(), connect, config.big_value_bytes);
         let cache = Cache::assemble(config, schema, metrics, misconfig, Some((Box::new(redis), background)));
         if cache.inner.tiers.start().await? == Mode::Redis {
@@ -176,7 +174,7 @@ impl Cache {
     pub fn local(config: CacheConfig) -> Cache {
         let metrics = Metrics::for_config(&config);
         let misconfig = Arc::new(Misconfig::new(metrics.config_errors.clone()));
-        let schema = Schema::new(&config.key_prefix);
+        let schema = Schema::new(&config.key_prefix, 1);
         let mut cache = Cache::assemble(config, schema, metrics, misconfig, None);
         match Thread::start("upkeep") {
             Ok(upkeep) => {
@@ -224,7 +222,9 @@ impl Cache {
             config.circuit_breaker_timeout,
         );
         let local = LocalTier::new(config.local_max_entries, schema.clone());
-        let tiers = Failover::new(shared, local, breaker, misconfig, metrics.breaker_state.clone());
+        let local_fallback = config.local_fallback();
+        let tiers =
+            Failover::new(shared, local, breaker, misconfig, metrics.breaker_state.clone(), local_fallback);
         Cache {
             inner: Arc::new(Inner {
                 tiers: Arc::new(tiers),
@@ -305,7 +305,8 @@ impl Cache {
     /// [`CacheError::Encode`] for a value the format can't hold (a NaN in JSON),
     /// [`CacheError::TooLarge`] over `max_value_bytes`. While Redis serves, the
     /// errors of [`get`](Self::get); during an outage the value goes to the local
-    /// tier and only this process sees it.
+    /// tier and only this process sees it, or, with `local_fallback` off,
+    /// nowhere: [`CacheError::Unavailable`].
     ///
     /// # Cancel safety
     ///
@@ -551,15 +552,18 @@ impl Cache {
             return Ok(0);
         }
         let started = Instant::now();
-        // The entries were read before this call: an invalidation made since refuses them.
-        let fence = self.fill_fence(started);
+        let entries: Vec<(String, V)> =
+            entries.into_iter().map(|(k, v)| (self.full_key(k.as_ref()), v)).collect();
+        // The entries were read before this call: an invalidation made since
+        // refuses them. Each key's fence is taken before anything is encoded.
+        let fences: Vec<FillFence> = entries.iter().map(|(full, _)| self.fill_fence(full, started)).collect();
         let ttl = ttl.unwrap_or(config.default_ttl);
         let tags: Arc<[String]> = tags.iter().map(|t| (*t).to_owned()).collect();
         let mut encoded = Vec::new();
-        for (key, value) in entries {
+        for ((full, value), fence) in entries.into_iter().zip(fences) {
             let bytes = codec::encode(config.serialization, &value)?;
             self.check_size(bytes.len())?;
-            encoded.push((self.full_key(key.as_ref()), bytes));
+            encoded.push((full, bytes, fence));
         }
         let mut tasks = tokio::task::JoinSet::new();
         let mut written = 0;
@@ -570,13 +574,13 @@ impl Cache {
                 let (cache, tags) = (self.clone(), tags.clone());
                 tasks.spawn(async move {
                     let mut stored = 0;
-                    for (full, bytes) in &batch {
+                    for (full, bytes, fence) in &batch {
                         let write = Write {
                             full,
                             bytes,
                             ttl,
                             tags: &tags,
-                            expected: Some(fence),
+                            expected: Some(*fence),
                             bump: true,
                             check_only: false,
                         };
@@ -705,8 +709,8 @@ impl Cache {
 
     /// What a fill whose read starts now is checked against: no round trip.
     #[inline]
-    pub(crate) fn fill_fence(&self, now: Instant) -> FillFence {
-        self.inner.tiers.fence(now)
+    pub(crate) fn fill_fence(&self, full: &str, now: Instant) -> FillFence {
+        self.inner.tiers.fence(full, now)
     }
 
     /// Reads `full` for a call that began at `now`: that one clock reading

@@ -4,32 +4,95 @@
 
 use std::collections::HashMap;
 use std::fmt;
-#[cfg(feature = "yaml")]
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 
 use crate::{CacheError, Serialization};
 
-/// Where Redis lives. The password never appears in `Debug` or `Display`.
+/// Where Redis lives: one server, or the seed nodes of a Redis Cluster. The
+/// password never appears in `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisTarget {
     url: String,
+    /// Seed nodes (`redis://` URLs) of a cluster; empty for one server at `url`.
+    cluster: Vec<String>,
 }
 
 impl RedisTarget {
-    /// A target from a `redis://` URL (`redis://user:password@host:port/db`).
-    /// TLS (`rediss://`) is refused by [`Cache::new`](crate::Cache::new): this
-    /// build connects over TCP and Unix sockets only.
+    /// A target from a URL: `redis://[user:password@]host:port/db`,
+    /// `rediss://…` for TLS (the `tls` feature), or
+    /// `redis+sentinel://[user:password@]host:port[,host:port…]/master_name[/db]`
+    /// (the `sentinel` feature), whose credentials and database are the master's.
     pub fn url(url: impl Into<String>) -> Self {
-        RedisTarget { url: url.into() }
+        RedisTarget { url: url.into(), cluster: Vec::new() }
+    }
+
+    /// A Redis Cluster reached through `nodes`, any of its nodes: `host:port`
+    /// or `redis://` URLs (which may carry a user and password). The rest of
+    /// the cluster is discovered from them.
+    pub fn cluster<I, S>(nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let cluster: Vec<String> = nodes
+            .into_iter()
+            .map(|n| n.as_ref().trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .map(|n| if n.contains("://") { n } else { format!("redis://{n}") })
+            .collect();
+        RedisTarget { url: cluster.first().cloned().unwrap_or_default(), cluster }
+    }
+
+    /// The seed nodes of a cluster; empty for one server.
+    pub(crate) fn cluster_nodes(&self) -> &[String] {
+        &self.cluster
+    }
+
+    /// Gives every node that names no credentials of its own these.
+    fn with_credentials(mut self, username: Option<&str>, password: Option<&str>) -> Self {
+        let auth = match (username, password) {
+            (None, None) => return self,
+            (user, password) => format!(
+                "{}{}@",
+                user.map(encode_userinfo).unwrap_or_default(),
+                password.map(|p| format!(":{}", encode_userinfo(p))).unwrap_or_default()
+            ),
+        };
+        for node in &mut self.cluster {
+            if let (Some(scheme), false) = (node.find("://"), node.contains('@')) {
+                node.insert_str(scheme + 3, &auth);
+            }
+        }
+        self.url = self.cluster.first().cloned().unwrap_or(self.url);
+        self
     }
 
     /// A target from host, port, database and optional password.
     pub fn host(host: &str, port: u16, db: i64, password: Option<&str>) -> Self {
-        let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
-        RedisTarget::url(format!("redis://{auth}{host}:{port}/{db}"))
+        RedisTarget::assemble("redis", &format!("{host}:{port}"), None, password, &db.to_string())
+    }
+
+    /// `{scheme}://[user:password@]{hosts}/{path}`, the credentials
+    /// percent-encoded as the URL parser decodes them.
+    fn assemble(
+        scheme: &str,
+        hosts: &str,
+        username: Option<&str>,
+        password: Option<&str>,
+        path: &str,
+    ) -> Self {
+        let auth = match (username, password) {
+            (None, None) => String::new(),
+            (user, password) => format!(
+                "{}{}@",
+                user.map(encode_userinfo).unwrap_or_default(),
+                password.map(|p| format!(":{}", encode_userinfo(p))).unwrap_or_default()
+            ),
+        };
+        RedisTarget::url(format!("{scheme}://{auth}{hosts}/{path}"))
     }
 
     pub(crate) fn as_str(&self) -> &str {
@@ -37,15 +100,27 @@ impl RedisTarget {
     }
 }
 
+/// A URL with whatever lies between the scheme and the last `@` (credentials) hidden.
+fn redacted(f: &mut fmt::Formatter<'_>, url: &str) -> fmt::Result {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => write!(f, "{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => f.write_str(url),
+    }
+}
+
 impl fmt::Display for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Everything between the scheme and the last `@` may hold credentials.
-        match (self.url.find("://"), self.url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                write!(f, "{}://***@{}", &self.url[..scheme], &self.url[at + 1..])
-            }
-            _ => f.write_str(&self.url),
+        if self.cluster.is_empty() {
+            return redacted(f, &self.url);
         }
+        f.write_str("cluster ")?;
+        for (i, node) in self.cluster.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            redacted(f, node)?;
+        }
+        Ok(())
     }
 }
 
@@ -53,6 +128,20 @@ impl fmt::Debug for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "RedisTarget({self})")
     }
+}
+
+/// `text` with every byte but RFC 3986's unreserved ones percent-encoded, for
+/// a URL's user or password: a `@`, `:` or `/` in it would end it early.
+fn encode_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// A secret setting: `Debug` and `Display` show `***`, so a logged or printed
@@ -92,7 +181,8 @@ pub struct Profile {
 
 /// Declares every plain setting once: its field, default, key in a settings
 /// section (plus an alias), the type that reads and checks it, and its
-/// environment variable. The Redis target (`url` or `host`/`port`/`db`/`password`),
+/// environment variable. The Redis target (`url`, or `host`/`port` or
+/// `sentinels`/`master_name`, with `db`/`username`/`password`),
 /// the `<name>_ttl` keys and `profiles` are read beside them, in [`CacheConfig::read`].
 macro_rules! settings {
     ($(
@@ -138,14 +228,19 @@ macro_rules! settings {
             host,
             port,
             db,
+            username,
             password,
+            cluster_nodes,
+            sentinels,
+            master_name,
             profiles,
             NamedTtl(String),
         }
 
         const KEYS: &[&str] = &[
             $( stringify!($field), )*
-            "url", "host", "port", "db", "password", "profiles", "<name>_ttl",
+            "url", "host", "port", "db", "username", "password", "sentinels", "master_name", "cluster_nodes",
+            "profiles", "<name>_ttl",
         ];
 
         impl Key {
@@ -156,7 +251,11 @@ macro_rules! settings {
                     "host" => Key::host,
                     "port" => Key::port,
                     "db" => Key::db,
+                    "username" => Key::username,
                     "password" => Key::password,
+                    "cluster_nodes" => Key::cluster_nodes,
+                    "sentinels" => Key::sentinels,
+                    "master_name" => Key::master_name,
                     "profiles" => Key::profiles,
                     _ => Key::NamedTtl(key.strip_suffix("_ttl").filter(|name| !name.is_empty())?.to_owned()),
                 })
@@ -178,7 +277,11 @@ macro_rules! settings {
                     Key::host => redis.host = Some(map.next_value()?),
                     Key::port => redis.port = Some(map.next_value()?),
                     Key::db => redis.db = Some(map.next_value()?),
+                    Key::username => redis.username = Some(map.next_value()?),
                     Key::password => redis.password = map.next_value::<wire::MaybeSecret>()?.0,
+                    Key::sentinels => redis.sentinels = Some(map.next_value::<wire::HostList>()?.0),
+                    Key::master_name => redis.master_name = Some(map.next_value()?),
+                    Key::cluster_nodes => redis.cluster_nodes = Some(map.next_value::<wire::HostList>()?.0),
                     Key::profiles => self.profiles = map.next_value()?,
                     Key::NamedTtl(name) => {
                         self.named_ttls.insert(name, wire::Wire::value(map.next_value::<wire::Secs>()?));
@@ -235,43 +338,75 @@ settings! {
     max_value_bytes: usize = 8 << 20, read as wire::Positive<usize>;
     /// Larger encoded values travel on a connection of their own.
     big_value_bytes: usize = 256 << 10, read as wire::Positive<usize>;
+    /// On a Redis Cluster, how many shards (hash slots) each prefix's entries
+    /// spread over: the same on every instance.
+    cluster_shards: u16 = 32, read as wire::Positive<u16>, env "CACHE_CLUSTER_SHARDS";
     /// Whether `Cache::warm` writes anything.
     warmup_enabled: bool = true, read as wire::Flag;
     /// Entries one warm-up task writes per batch.
     warmup_batch_size: usize = 100, read as wire::Positive<usize>;
     /// Warm-up tasks running at once.
     warmup_concurrency: usize = 5, read as wire::Positive<usize>;
+    /// While the breaker is open, whether calls are served from this process's
+    /// local tier (`None`: on for one server, off for a cluster).
+    local_fallback: Option<bool> = None, read as wire::AutoFlag, env "CACHE_LOCAL_FALLBACK";
     /// Whether failures open the circuit breaker.
     circuit_breaker_enabled: bool = true, read as wire::Flag;
     /// Consecutive failures that open the breaker.
     circuit_breaker_threshold: u32 = 5, read as wire::Positive<u32>;
     /// How long the breaker stays open before one probe is let through.
     circuit_breaker_timeout: Duration = Duration::from_secs(60), read as wire::Secs;
+    /// A PEM file of the CA(s) that signed Redis's certificate; unset, the platform's roots.
+    tls_ca_cert: Option<PathBuf> = None, read as wire::MaybePath, env "REDIS_CA_CERT";
+    /// The PEM certificate (chain) of the cache, for mutual TLS.
+    tls_client_cert: Option<PathBuf> = None, read as wire::MaybePath, env "REDIS_CLIENT_CERT";
+    /// The PEM private key of `tls_client_cert`.
+    tls_client_key: Option<PathBuf> = None, read as wire::MaybePath, env "REDIS_CLIENT_KEY";
+    /// Accepts any server certificate: for development only.
+    tls_insecure_skip_verify: bool = false, read as wire::Flag, env "REDIS_TLS_INSECURE_SKIP_VERIFY";
 }
 
-/// The Redis keys of a settings section: `url` wins over `host`, whose
-/// `port`, `db` and `password` default to 6379, 0 and none.
+/// The Redis keys of a settings section: `url` wins over `sentinels`, which
+/// wins over `host`; `port`, `db`, `username` and `password` default to 6379,
+/// 0 and none. With `sentinels`, `db`, `username` and `password` are the master's.
 #[derive(Default)]
 struct RedisParts {
     url: Option<String>,
     host: Option<String>,
     port: Option<u16>,
     db: Option<i64>,
+    username: Option<String>,
     password: Option<Secret>,
+    /// A cluster's seed nodes: they win over `url` and `host`.
+    cluster_nodes: Option<Vec<String>>,
+    sentinels: Option<Vec<String>>,
+    master_name: Option<String>,
 }
 
 impl RedisParts {
     fn target(self) -> Option<RedisTarget> {
-        match (self.url, self.host) {
-            (Some(url), _) => Some(RedisTarget::url(url)),
-            (None, Some(host)) => Some(RedisTarget::host(
-                &host,
-                self.port.unwrap_or(6379),
-                self.db.unwrap_or(0),
-                self.password.as_ref().map(Secret::expose),
-            )),
-            (None, None) => None,
+        let db = self.db.unwrap_or(0);
+        let (user, password) = (self.username.as_deref(), self.password.as_ref().map(Secret::expose));
+        if let Some(nodes) = self.cluster_nodes.filter(|n| !n.is_empty()) {
+            return Some(RedisTarget::cluster(nodes).with_credentials(user, password));
         }
+        if let Some(url) = self.url {
+            return Some(RedisTarget::url(url));
+        }
+        if let Some(sentinels) = self.sentinels {
+            // Without a master name the path is empty: `Cache::new` names the missing key.
+            let path = self.master_name.map(|name| format!("{name}/{db}")).unwrap_or_default();
+            return Some(RedisTarget::assemble(
+                "redis+sentinel",
+                &sentinels.join(","),
+                user,
+                password,
+                &path,
+            ));
+        }
+        let host = self.host?;
+        let hosts = format!("{host}:{}", self.port.unwrap_or(6379));
+        Some(RedisTarget::assemble("redis", &hosts, user, password, &db.to_string()))
     }
 }
 
@@ -321,10 +456,14 @@ impl CacheConfig {
         CacheConfigBuilder { config: CacheConfig::default() }
     }
 
-    /// Reads the environment over the defaults: `REDIS_URL` (or `REDIS_HOST`, `REDIS_PORT`,
-    /// `REDIS_DB`, `REDIS_PASSWORD`), `CACHE_DEFAULT_TTL`, `CACHE_SERIALIZATION`,
-    /// `CACHE_TRACK_STATS`, `CACHE_KEY_PREFIX`, `CACHE_METRICS_NAMESPACE` and
-    /// `CACHE_ADMIN_TOKEN`. Without a Redis variable the cache runs locally.
+    /// Reads the environment over the defaults: `REDIS_CLUSTER_NODES`, or
+    /// `REDIS_URL`, or `REDIS_SENTINELS` and `REDIS_MASTER_NAME`, or `REDIS_HOST`
+    /// and `REDIS_PORT` (each with `REDIS_DB`, `REDIS_USERNAME` and
+    /// `REDIS_PASSWORD`), `REDIS_CA_CERT`, `REDIS_CLIENT_CERT`,
+    /// `REDIS_CLIENT_KEY`, `REDIS_TLS_INSECURE_SKIP_VERIFY`, `CACHE_DEFAULT_TTL`,
+    /// `CACHE_SERIALIZATION`, `CACHE_TRACK_STATS`, `CACHE_KEY_PREFIX`,
+    /// `CACHE_METRICS_NAMESPACE`, `CACHE_ADMIN_TOKEN`, `CACHE_CLUSTER_SHARDS` and
+    /// `CACHE_LOCAL_FALLBACK`. Without a Redis variable the cache runs locally.
     pub fn from_env() -> Result<Self, CacheError> {
         CacheConfig::default().with_env()
     }
@@ -338,14 +477,28 @@ impl CacheConfig {
 
     fn with_vars(mut self, var: impl Fn(&str) -> Option<String>) -> Result<Self, CacheError> {
         // A whole target replaces the settings file's: mixing its host with another port is never meant.
-        if let Some(url) = var("REDIS_URL") {
+        if let Some(nodes) = var("REDIS_CLUSTER_NODES") {
+            let (user, password) = (var("REDIS_USERNAME"), var("REDIS_PASSWORD"));
+            self.redis = Some(
+                RedisTarget::cluster(nodes.split(',')).with_credentials(user.as_deref(), password.as_deref()),
+            );
+        } else if let Some(url) = var("REDIS_URL") {
             self.redis = Some(RedisTarget::url(url));
-        } else if let Some(host) = var("REDIS_HOST") {
-            let port = var("REDIS_PORT").map(|v| parse_num::<u16>("REDIS_PORT", &v)).transpose()?;
-            let db = var("REDIS_DB").map(|v| parse_num::<i64>("REDIS_DB", &v)).transpose()?;
-            let password = var("REDIS_PASSWORD");
-            self.redis =
-                Some(RedisTarget::host(&host, port.unwrap_or(6379), db.unwrap_or(0), password.as_deref()));
+        } else if var("REDIS_SENTINELS").is_some() || var("REDIS_HOST").is_some() {
+            let parts = RedisParts {
+                url: None,
+                host: var("REDIS_HOST"),
+                port: var("REDIS_PORT").map(|v| parse_num::<u16>("REDIS_PORT", &v)).transpose()?,
+                db: var("REDIS_DB").map(|v| parse_num::<i64>("REDIS_DB", &v)).transpose()?,
+                username: var("REDIS_USERNAME"),
+                password: var("REDIS_PASSWORD").map(Secret),
+                sentinels: var("REDIS_SENTINELS")
+                    .map(|v| wire::from_env::<wire::HostList>("REDIS_SENTINELS", &v).map(wire::Wire::value))
+                    .transpose()?,
+                master_name: var("REDIS_MASTER_NAME"),
+                cluster_nodes: None,
+            };
+            self.redis = parts.target();
         }
         self.read_env(&var)?;
         Ok(self)
@@ -380,7 +533,8 @@ impl CacheConfig {
             // Only a known, non-secret setting's value is shown: a misspelt key
             // (`redis_password: ...`) may hold a secret as well as a known one.
             let shown = match path.as_slice() {
-                [.., last] if last == "password" || last == "admin_token" => None,
+                // Seed URLs may carry a password.
+                [.., last] if ["password", "admin_token", "cluster_nodes"].contains(&last.as_str()) => None,
                 [profiles, _, field] if profiles == "profiles" => {
                     ["ttl", "prefix", "tags"].contains(&field.as_str()).then_some(())
                 }
@@ -442,6 +596,25 @@ impl CacheConfig {
     /// The Redis this cache talks to; `None` runs it in local mode.
     pub fn redis(&self) -> Option<&RedisTarget> {
         self.redis.as_ref()
+    }
+    /// The PEM file of the CA(s) a `rediss://` server's certificate is checked
+    /// against (`tls_ca_cert`, `REDIS_CA_CERT`); `None` trusts the platform's roots.
+    pub fn tls_ca_cert(&self) -> Option<&Path> {
+        self.tls_ca_cert.as_deref()
+    }
+    /// The PEM certificate the cache presents for mutual TLS (`tls_client_cert`, `REDIS_CLIENT_CERT`).
+    pub fn tls_client_cert(&self) -> Option<&Path> {
+        self.tls_client_cert.as_deref()
+    }
+    /// The PEM private key of [`tls_client_cert`](Self::tls_client_cert)
+    /// (`tls_client_key`, `REDIS_CLIENT_KEY`): its path only, the file is read at `Cache::new`.
+    pub fn tls_client_key(&self) -> Option<&Path> {
+        self.tls_client_key.as_deref()
+    }
+    /// Whether a `rediss://` server's certificate is accepted unchecked
+    /// (`tls_insecure_skip_verify`): for development only, warned about in the log.
+    pub fn tls_insecure_skip_verify(&self) -> bool {
+        self.tls_insecure_skip_verify
     }
     /// The prefix every key lives under (`{prefix}:{key}`).
     pub fn key_prefix(&self) -> &str {
@@ -538,6 +711,18 @@ impl CacheConfig {
     pub fn big_value_bytes(&self) -> usize {
         self.big_value_bytes
     }
+    /// On a Redis Cluster, how many shards each prefix's entries spread over
+    /// (default 32).
+    pub fn cluster_shards(&self) -> u16 {
+        self.cluster_shards
+    }
+    /// Whether, while the breaker is open, calls are served from this process's
+    /// local tier. Unset (`auto`), it is on for one Redis server and off for a
+    /// cluster (see the README's "When Redis fails").
+    pub fn local_fallback(&self) -> bool {
+        self.local_fallback
+            .unwrap_or_else(|| self.redis.as_ref().is_none_or(|r| r.cluster_nodes().is_empty()))
+    }
     /// Whether [`Cache::warm`](crate::Cache::warm) writes anything.
     pub fn warmup_enabled(&self) -> bool {
         self.warmup_enabled
@@ -578,9 +763,54 @@ impl CacheConfigBuilder {
         self
     }
 
-    /// Talks to Redis at `url` (`redis://[:password@]host:port/db`).
+    /// Talks to Redis at `url` (`redis://[user:password@]host:port/db`, or any
+    /// form [`RedisTarget::url`] takes).
     pub fn redis_url(mut self, url: impl Into<String>) -> Self {
         self.config.redis = Some(RedisTarget::url(url));
+        self
+    }
+    /// Talks to the Redis Cluster that `nodes` belong to (`host:port` or
+    /// `redis://` URLs; a few are enough, the rest is discovered).
+    pub fn redis_cluster<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.config.redis = Some(RedisTarget::cluster(nodes));
+        self
+    }
+    /// Talks to the master that the sentinels at `sentinels` (`host:port` each)
+    /// name `master_name`, asking them again at every reconnect (the `sentinel`
+    /// feature). Credentials and a database go in [`redis_url`](Self::redis_url)'s
+    /// form instead: `redis+sentinel://user:password@host:port,host:port/master_name/db`.
+    pub fn redis_sentinels<S: AsRef<str>>(
+        mut self,
+        sentinels: impl IntoIterator<Item = S>,
+        master_name: &str,
+    ) -> Self {
+        let hosts: Vec<String> = sentinels.into_iter().map(|s| s.as_ref().to_owned()).collect();
+        let path = format!("{master_name}/0");
+        self.config.redis =
+            Some(RedisTarget::assemble("redis+sentinel", &hosts.join(","), None, None, &path));
+        self
+    }
+    /// Checks a `rediss://` server's certificate against the CA(s) in the PEM
+    /// file at `path` instead of the platform's roots.
+    pub fn tls_ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.tls_ca_cert = Some(path.into());
+        self
+    }
+    /// Presents the PEM certificate at `cert` with the PEM private key at
+    /// `key` to a server that asks for one (mutual TLS).
+    pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.config.tls_client_cert = Some(cert.into());
+        self.config.tls_client_key = Some(key.into());
+        self
+    }
+    /// Accepts any server certificate, for any name. For development only:
+    /// anyone between the cache and Redis can then pose as Redis.
+    pub fn tls_insecure_skip_verify(mut self, skip: bool) -> Self {
+        self.config.tls_insecure_skip_verify = skip;
         self
     }
     /// Runs without Redis: the local tier is the store.
@@ -692,6 +922,22 @@ impl CacheConfigBuilder {
     /// Sets the size above which a value travels on a connection of its own.
     pub fn big_value_bytes(mut self, n: usize) -> Self {
         self.config.big_value_bytes = n;
+        self
+    }
+    /// Sets whether, while the breaker is open, calls are served from this
+    /// process's local tier: it hears only this process's invalidations, so
+    /// with several instances and a partial outage (one cluster master down, a
+    /// partition of this process) it may serve what another instance
+    /// invalidated. Off, calls run their function (still one per key at a time).
+    pub fn local_fallback(mut self, on: bool) -> Self {
+        self.config.local_fallback = Some(on);
+        self
+    }
+    /// Sets how many shards each prefix's entries spread over on a Redis
+    /// Cluster: every instance sharing the prefix must use the same number.
+    /// Tag, pattern and whole-cache invalidations run once per shard.
+    pub fn cluster_shards(mut self, n: u16) -> Self {
+        self.config.cluster_shards = n.max(1);
         self
     }
     /// Checks the values and returns the config.
@@ -888,10 +1134,115 @@ REDIS:
     }
 
     #[test]
+    fn username_sentinels_and_tls_settings_from_the_environment_and_the_section() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        let c = CacheConfig::default()
+            .with_vars(env(&[
+                ("REDIS_HOST", "db.internal"),
+                ("REDIS_USERNAME", "app"),
+                ("REDIS_PASSWORD", "p@ss:w/rd"),
+                ("REDIS_CA_CERT", "/etc/redis/ca.pem"),
+                ("REDIS_CLIENT_CERT", "/etc/redis/client.pem"),
+                ("REDIS_CLIENT_KEY", "/etc/redis/client.key"),
+                ("REDIS_TLS_INSECURE_SKIP_VERIFY", "yes"),
+            ]))
+            .unwrap();
+        // The password is percent-encoded: its `@`, `:` and `/` would end the URL's parts early.
+        assert_eq!(c.redis().unwrap().as_str(), "redis://app:p%40ss%3Aw%2Frd@db.internal:6379/0");
+        assert_eq!(c.tls_ca_cert(), Some(Path::new("/etc/redis/ca.pem")));
+        assert_eq!(c.tls_client_cert(), Some(Path::new("/etc/redis/client.pem")));
+        assert_eq!(c.tls_client_key(), Some(Path::new("/etc/redis/client.key")));
+        assert!(c.tls_insecure_skip_verify());
+        assert!(!format!("{c:?}").contains("p@ss"));
+
+        // Sentinels win over a host; their credentials and db are the master's.
+        let c = CacheConfig::default()
+            .with_vars(env(&[
+                ("REDIS_HOST", "ignored"),
+                ("REDIS_SENTINELS", "s1:26379, s2:26379"),
+                ("REDIS_MASTER_NAME", "cache"),
+                ("REDIS_DB", "2"),
+                ("REDIS_PASSWORD", "pw"),
+            ]))
+            .unwrap();
+        assert_eq!(c.redis().unwrap().as_str(), "redis+sentinel://:pw@s1:26379,s2:26379/cache/2");
+        let err = CacheConfig::default().with_vars(env(&[("REDIS_SENTINELS", "s1")])).unwrap_err();
+        assert!(err.to_string().contains("REDIS_SENTINELS"), "{err}");
+
+        let section = serde_json::json!({
+            "sentinels": ["10.0.0.1:26379", "10.0.0.2:26379"],
+            "master_name": "m",
+            "username": "app",
+            "password": "pw",
+            "tls_ca_cert": "ca.pem",
+            "tls_insecure_skip_verify": false,
+        });
+        let c = CacheConfig::from_value(section).unwrap();
+        assert_eq!(c.redis().unwrap().as_str(), "redis+sentinel://app:pw@10.0.0.1:26379,10.0.0.2:26379/m/0");
+        assert_eq!(c.tls_ca_cert(), Some(Path::new("ca.pem")));
+        let c = CacheConfig::from_value(serde_json::json!({"host": "h", "username": "u", "password": "p"}))
+            .unwrap();
+        assert_eq!(c.redis().unwrap().as_str(), "redis://u:p@h:6379/0");
+        let err = CacheConfig::from_value(serde_json::json!({"tls_ca_cert": ""})).unwrap_err();
+        assert!(err.to_string().contains("tls_ca_cert"), "{err}");
+    }
+
+    #[test]
     fn builder_checks_values() {
         assert!(CacheConfig::builder().key_prefix("a:b").build().is_err());
         assert!(CacheConfig::builder().default_ttl(Duration::ZERO).build().is_err());
         let c = CacheConfig::builder().key_prefix("app").redis_url("redis://127.0.0.1:1/0").build().unwrap();
         assert_eq!(c.key_prefix(), "app");
+    }
+
+    #[test]
+    fn cluster_nodes_from_the_environment_and_the_settings() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        let c = CacheConfig::default()
+            .with_vars(env(&[
+                ("REDIS_CLUSTER_NODES", "10.0.0.1:7000, rediss://10.0.0.2:7000,redis://own:pw@10.0.0.3:7000"),
+                ("REDIS_URL", "redis://ignored:6379"),
+                ("REDIS_USERNAME", "app"),
+                ("REDIS_PASSWORD", "p@ss"),
+                ("CACHE_CLUSTER_SHARDS", "64"),
+                ("CACHE_LOCAL_FALLBACK", "true"),
+            ]))
+            .unwrap();
+        let target = c.redis().unwrap();
+        assert_eq!(
+            target.cluster_nodes(),
+            [
+                "redis://app:p%40ss@10.0.0.1:7000",
+                "rediss://app:p%40ss@10.0.0.2:7000",
+                "redis://own:pw@10.0.0.3:7000"
+            ]
+        );
+        // No credentials in what is printed.
+        let shown = format!("{target} {target:?}");
+        assert!(!shown.contains("p%40ss") && !shown.contains("pw@"), "{shown}");
+        assert!(shown.contains("10.0.0.2:7000"), "{shown}");
+        assert_eq!((c.cluster_shards(), c.local_fallback()), (64, true));
+
+        // A username without a password is kept too.
+        let c = CacheConfig::default()
+            .with_vars(env(&[("REDIS_CLUSTER_NODES", "h:1"), ("REDIS_USERNAME", "app")]))
+            .unwrap();
+        assert_eq!(c.redis().unwrap().cluster_nodes(), ["redis://app@h:1"]);
+
+        let section =
+            serde_json::json!({"cluster_nodes": ["h1:7000", "h2:7000"], "password": "s", "url": "redis://x"});
+        let c = CacheConfig::from_value(section).unwrap();
+        assert_eq!(c.redis().unwrap().cluster_nodes(), ["redis://:s@h1:7000", "redis://:s@h2:7000"]);
+        // Off by default on a cluster, on for one server and in local mode.
+        assert!(!c.local_fallback());
+        assert!(CacheConfig::builder().redis_url("redis://h:1").build().unwrap().local_fallback());
+        assert!(CacheConfig::default().local_fallback());
+        let err = CacheConfig::from_value(serde_json::json!({"cluster_nodes": ["redis://u:hunter2@h:1"]}))
+            .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

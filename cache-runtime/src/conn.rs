@@ -27,11 +27,15 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, RedisError, RedisResult};
+use redis::{
+    AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo,
+    RedisError, RedisResult,
+};
 use tokio::task::AbortHandle;
 use tracing::instrument::WithSubscriber;
 
 use crate::background::Background;
+use crate::config::{CacheConfig, RedisTarget};
 use crate::misconfig::Misconfig;
 use crate::CacheError;
 
@@ -66,7 +70,7 @@ pub(crate) struct Connections {
     /// The cache's own runtime (`background.rs`), for connections made where
     /// no caller's runtime is at hand.
     runtime: tokio::runtime::Handle,
-    client: Client,
+    endpoint: Endpoint,
     config: AsyncConnectionConfig,
     /// How long connecting and the handshake may take.
     connect_timeout: Duration,
@@ -114,12 +118,12 @@ impl Lease {
 }
 
 impl Connections {
-    /// `count` connections to `client`'s server, made on demand. For small
+    /// `count` connections to `endpoint`, made on demand. For small
     /// commands, a watchdog on `runtime` stops any of them that does not answer
     /// a ping within the timeout; big ones need a timeout of their own.
     pub(crate) fn new(
         runtime: tokio::runtime::Handle,
-        client: Client,
+        endpoint: Endpoint,
         config: AsyncConnectionConfig,
         connect_timeout: Duration,
         count: usize,
@@ -128,7 +132,7 @@ impl Connections {
     ) -> Arc<Self> {
         let this = Arc::new_cyclic(|me| Connections {
             runtime,
-            client,
+            endpoint,
             config,
             connect_timeout,
             misconfig,
@@ -149,9 +153,9 @@ impl Connections {
     /// Connects, completes the handshake and starts the driver on the current
     /// runtime, all within the connect timeout.
     async fn open(&self) -> Result<(MultiplexedConnection, AbortHandle), CacheError> {
-        let open = open(self.client.get_connection_info(), self.config.clone());
+        let open = self.endpoint.open(self.config.clone(), self.connect_timeout);
         match tokio::time::timeout(self.connect_timeout, open).await {
-            Ok(opened) => Ok(opened?),
+            Ok(opened) => opened,
             Err(_) => Err(CacheError::Timeout(self.connect_timeout)),
         }
     }
@@ -245,6 +249,24 @@ impl Connections {
         if taken {
             self.reconnect(index);
         }
+    }
+
+    /// The error of a command that failed on one of these connections. Behind
+    /// sentinels, READONLY means the master was demoted while connected: the
+    /// error then says Redis is unavailable, so that the connection is dropped
+    /// and the reconnect asks the sentinels for the new master (the write was
+    /// not applied: an invalidation is queued). A standalone replica's READONLY
+    /// stays an answer: reconnecting would reach the same replica.
+    pub(crate) fn judge(&self, e: RedisError) -> CacheError {
+        #[cfg(feature = "sentinel")]
+        if self.endpoint.sentinels.is_some()
+            && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        {
+            return CacheError::Unavailable(format!(
+                "the master was demoted ({e}): reconnecting to the new one"
+            ));
+        }
+        CacheError::from(e)
     }
 
     /// Changes whenever a connection is made: after it, the server may be another
@@ -385,33 +407,132 @@ impl Drop for Reconnecting {
     }
 }
 
-/// Opens a multiplexed connection. Its driver is spawned here rather than by
-/// redis-rs, so that the watchdog holds a handle that stops it.
-async fn open(
-    info: &ConnectionInfo,
-    config: AsyncConnectionConfig,
-) -> RedisResult<(MultiplexedConnection, AbortHandle)> {
-    let redis = info.redis_settings();
-    match info.addr() {
-        ConnectionAddr::Tcp(host, port) => {
-            let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
-            // As redis-rs sets it (off by default): under load, Nagle coalesces
-            // the pipelined requests into fewer packets.
-            stream.set_nodelay(info.tcp_settings().nodelay())?;
-            let (conn, driver) = MultiplexedConnection::new_with_config(redis, stream, config).await?;
-            Ok((conn, tokio::spawn(driver).abort_handle()))
+/// Where connections are opened, and how: the server of a URL, or the master
+/// the sentinels name at each connect; over TLS when the URL says so.
+#[derive(Clone)]
+pub(crate) struct Endpoint {
+    /// The server and the handshake's settings (credentials, database). With
+    /// sentinels its address is unused: the master's is asked at each connect.
+    info: ConnectionInfo,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::Connector>,
+    #[cfg(feature = "sentinel")]
+    sentinels: Option<Arc<crate::sentinel::Sentinels>>,
+}
+
+impl Endpoint {
+    /// The endpoint of `url`, with the TLS settings of `config` read (their
+    /// files too) when the URL asks for TLS. A URL this build can't serve is a
+    /// [`CacheError::Config`] naming the feature to enable.
+    pub(crate) fn new(config: &CacheConfig, url: &str) -> Result<Endpoint, CacheError> {
+        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+        let refused = |reason: &str| CacheError::config("url", RedisTarget::url(url), reason);
+        let tls = matches!(scheme, "rediss" | "valkeys" | "rediss+sentinel");
+        if !tls && (config.tls_ca_cert().is_some() || config.tls_client_cert().is_some()) {
+            return Err(refused(
+                "TLS settings are given but the URL is not `rediss://`: use `rediss://` to connect over TLS",
+            ));
         }
-        #[cfg(unix)]
-        ConnectionAddr::Unix(path) => {
-            let stream = tokio::net::UnixStream::connect(path).await?;
-            let (conn, driver) = MultiplexedConnection::new_with_config(redis, stream, config).await?;
-            Ok((conn, tokio::spawn(driver).abort_handle()))
+        if cfg!(not(feature = "tls")) && tls {
+            return Err(refused(
+                "TLS (`rediss://`) is not in this build: enable the `tls` feature of cache-runtime",
+            ));
         }
-        _ => Err(RedisError::from((
-            redis::ErrorKind::InvalidClientConfig,
-            "this build connects to Redis over TCP and Unix sockets only",
-        ))),
+        let sentinel = matches!(scheme, "redis+sentinel" | "rediss+sentinel");
+        if cfg!(not(feature = "sentinel")) && sentinel {
+            return Err(refused(
+                "Sentinel (`redis+sentinel://`) is not in this build: enable the `sentinel` feature of cache-runtime",
+            ));
+        }
+        #[cfg(feature = "sentinel")]
+        let (info, sentinels) = if sentinel {
+            let (sentinels, info) = crate::sentinel::Sentinels::parse(url)?;
+            (info, Some(Arc::new(sentinels)))
+        } else {
+            (url.into_connection_info()?, None)
+        };
+        #[cfg(not(feature = "sentinel"))]
+        let info = url.into_connection_info()?;
+        Ok(Endpoint {
+            #[cfg(feature = "tls")]
+            tls: if tls {
+                let insecure = matches!(info.addr(), ConnectionAddr::TcpTls { insecure: true, .. });
+                Some(crate::tls::Connector::new(config, insecure)?)
+            } else {
+                None
+            },
+            info,
+            #[cfg(feature = "sentinel")]
+            sentinels,
+        })
     }
+
+    /// Opens a multiplexed connection. Its driver is spawned here rather than by
+    /// redis-rs, so that the watchdog holds a handle that stops it. `timeout`
+    /// bounds the whole of it; with sentinels, it is shared out among them.
+    async fn open(
+        &self,
+        config: AsyncConnectionConfig,
+        #[cfg_attr(not(feature = "sentinel"), allow(unused_variables))] timeout: Duration,
+    ) -> Result<(MultiplexedConnection, AbortHandle), CacheError> {
+        let redis = self.info.redis_settings();
+        #[cfg(feature = "sentinel")]
+        if let Some(sentinels) = &self.sentinels {
+            let (host, port) = sentinels.master(self, timeout).await?;
+            let opened = self.open_at(&host, port, redis, config).await?;
+            sentinels.check_master(&opened.0, &host, port).await?;
+            return Ok(opened);
+        }
+        match self.info.addr() {
+            ConnectionAddr::Tcp(host, port) => self.open_at(host, *port, redis, config).await,
+            #[cfg(feature = "tls")]
+            ConnectionAddr::TcpTls { host, port, .. } => self.open_at(host, *port, redis, config).await,
+            #[cfg(unix)]
+            ConnectionAddr::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path).await.map_err(RedisError::from)?;
+                Ok(handshake(redis, stream, config).await?)
+            }
+            _ => Err(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "this build connects to Redis over TCP, TLS and Unix sockets only",
+            ))
+            .into()),
+        }
+    }
+
+    /// A connection to `host:port` with the handshake of `redis`, over TLS when
+    /// the endpoint's URL asked for it.
+    pub(crate) async fn open_at(
+        &self,
+        host: &str,
+        port: u16,
+        redis: &RedisConnectionInfo,
+        config: AsyncConnectionConfig,
+    ) -> Result<(MultiplexedConnection, AbortHandle), CacheError> {
+        let stream = tokio::net::TcpStream::connect((host, port)).await.map_err(RedisError::from)?;
+        // As redis-rs sets it (off by default): under load, Nagle coalesces
+        // the pipelined requests into fewer packets.
+        stream.set_nodelay(self.info.tcp_settings().nodelay()).map_err(RedisError::from)?;
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            let stream = tls.connect(host, stream).await?;
+            return handshake(redis, stream, config).await.map_err(crate::tls::refused_late);
+        }
+        Ok(handshake(redis, stream, config).await?)
+    }
+}
+
+/// The handshake (AUTH, SELECT) over `stream`, and the driver spawned.
+async fn handshake<S>(
+    redis: &RedisConnectionInfo,
+    stream: S,
+    config: AsyncConnectionConfig,
+) -> RedisResult<(MultiplexedConnection, AbortHandle)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (conn, driver) = MultiplexedConnection::new_with_config(redis, stream, config).await?;
+    Ok((conn, tokio::spawn(driver).abort_handle()))
 }
 
 /// Every quarter of `timeout`, pings each connection a command is waiting on
@@ -484,6 +605,36 @@ fn jitter() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_this_build_cant_serve_names_the_feature_to_enable() {
+        let config = CacheConfig::default();
+        for (url, feature, built) in [
+            ("rediss://:hunter2@127.0.0.1:6380/0", "tls", cfg!(feature = "tls")),
+            ("redis+sentinel://:hunter2@127.0.0.1:26379/m", "sentinel", cfg!(feature = "sentinel")),
+        ] {
+            match Endpoint::new(&config, url) {
+                // Built in: nothing is refused until a connect finds no server.
+                Ok(_) => assert!(built, "{url}"),
+                Err(e) => {
+                    let message = e.to_string();
+                    assert!(!built, "{message}");
+                    assert!(
+                        message.contains(&format!("enable the `{feature}` feature of cache-runtime")),
+                        "{message}"
+                    );
+                    assert!(!message.contains("hunter2"), "{message}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tls_settings_with_a_plain_url_are_refused() {
+        let config = CacheConfig::builder().tls_ca_cert("ca.pem").build().unwrap();
+        let err = Endpoint::new(&config, "redis://127.0.0.1:6379/0").map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("use `rediss://`"), "{err}");
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -332,7 +332,7 @@ where
     let full = call.key.full.as_str();
     let started = std::time::Instant::now();
     // Taken before the read: an invalidation after the read is newer than this.
-    let fence = cache.fill_fence(started);
+    let fence = cache.fill_fence(full, started);
     match cache.read(full, started).await {
         Ok(Some(raw)) => {
             if let Some(v) = decode_hit(cache, full, raw, &values).await {
@@ -376,7 +376,7 @@ where
             None => {
                 started = std::time::Instant::now();
                 // A fill after this read is checked against what is newer than it.
-                fence = cache.fill_fence(started);
+                fence = cache.fill_fence(full, started);
                 reread = true;
                 if let Ok(Some(raw)) = cache.read(full, started).await {
                     if let Some(v) = decode_hit(cache, full, raw, &values).await {
@@ -514,7 +514,7 @@ where
     }
     // Fenced like a fill, and fencing the key: fills that read before this one
     // wrote can't put an older value back.
-    let fence = call.cache.fill_fence(std::time::Instant::now());
+    let fence = call.cache.fill_fence(&call.key.full, std::time::Instant::now());
     let out = body.await;
     let format = call.cache.config().serialization;
     let (_, traced) = store(&call, format, &out, &tags, condition, Some(fence), true).await;

@@ -21,6 +21,12 @@ pub enum CacheError {
         message: String,
     },
 
+    /// A TLS session with Redis was refused: its certificate failed the checks
+    /// (another CA, another name, expired), Redis refused the cache's client
+    /// certificate or its lack of one, or the server does not speak TLS there.
+    #[error("TLS with redis failed: {0} (check `tls_ca_cert` (REDIS_CA_CERT), that the URL's host is one Redis's certificate names, the client certificate, and that the port is Redis's TLS port)")]
+    Tls(String),
+
     /// Called outside a Tokio runtime: the cache's Redis commands run under
     /// Tokio timers. A `#[cached]` function or `get_with` runs its body instead.
     #[error("called outside a Tokio runtime: the cache needs one for its Redis commands (call it from within a Tokio runtime; cached functions run their body meanwhile)")]
@@ -124,9 +130,9 @@ impl CacheError {
     }
 
     /// Whether this is a mistake in how the cache reaches Redis (credentials,
-    /// permissions) that retrying will not fix.
+    /// permissions, TLS certificates) that retrying will not fix.
     pub fn is_misconfiguration(&self) -> bool {
-        matches!(self, CacheError::Auth(_) | CacheError::Permission { .. })
+        matches!(self, CacheError::Auth(_) | CacheError::Permission { .. } | CacheError::Tls(_))
     }
 
     pub(crate) fn config(key: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {

@@ -33,6 +33,8 @@ pub(crate) struct Failover {
     pub(crate) local: LocalTier,
     breaker: Breaker,
     pending: PendingLog,
+    /// Whether the local tier serves while the breaker is open.
+    local_fallback: bool,
     /// A credentials or permission problem the shared store reported, until a check passes.
     pub(crate) misconfig: Arc<Misconfig>,
     breaker_gauge: IntGauge,
@@ -45,8 +47,17 @@ impl Failover {
         breaker: Breaker,
         misconfig: Arc<Misconfig>,
         breaker_gauge: IntGauge,
+        local_fallback: bool,
     ) -> Self {
-        Failover { shared, local, breaker, pending: PendingLog::new(), misconfig, breaker_gauge }
+        Failover {
+            shared,
+            local,
+            breaker,
+            pending: PendingLog::new(),
+            local_fallback,
+            misconfig,
+            breaker_gauge,
+        }
     }
 
     /// Connects the shared store. Unreachable: local mode until it answers.
@@ -55,7 +66,8 @@ impl Failover {
         let Some(shared) = &self.shared else { return Ok(Mode::Local) };
         match shared.start().await {
             Ok(()) => Ok(Mode::Redis),
-            Err(e) if e.is_misconfiguration() => Err(e),
+            // A setting Redis shows to be wrong (`cluster_shards`) is no outage either.
+            Err(e) if e.is_misconfiguration() || matches!(e, CacheError::Config { .. }) => Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "Redis unreachable at start: cache runs in local mode until it answers");
                 self.breaker.trip();
@@ -174,9 +186,9 @@ impl Failover {
 
     /// What a fill whose read starts at `now` is checked against: no round trip.
     #[inline]
-    pub(crate) fn fence(&self, now: Instant) -> FillFence {
+    pub(crate) fn fence(&self, full: &str, now: Instant) -> FillFence {
         match (&self.shared, self.breaker.state()) {
-            (Some(shared), BreakerState::Closed) => shared.fence(now),
+            (Some(shared), BreakerState::Closed) => shared.fence(full, now),
             _ => self.local.fence(now),
         }
     }
@@ -185,8 +197,16 @@ impl Failover {
     pub(crate) async fn read(&self, full: &str, now: Instant) -> Result<Option<Raw>, CacheError> {
         match self.shared().await {
             Some((shared, permit)) => self.settle(permit, shared.get(full).await),
-            None => Ok(self.local.get(full, now).map(Raw::Local)),
+            None if self.serves_locally() => Ok(self.local.get(full, now).map(Raw::Local)),
+            // What another instance invalidated meanwhile can't be heard: a miss.
+            None => Ok(None),
         }
+    }
+
+    /// Whether the local tier serves calls now that the shared store does not:
+    /// always without one, and while the breaker is open if `local_fallback`.
+    fn serves_locally(&self) -> bool {
+        self.shared.is_none() || self.local_fallback
     }
 
     /// Stores a fill in the tier it read (an outage fill never reaches the shared
@@ -194,7 +214,12 @@ impl Failover {
     pub(crate) async fn write(&self, write: Write<'_>) -> Result<bool, CacheError> {
         match self.shared().await {
             Some((shared, permit)) => self.settle(permit, shared.write(write).await),
-            None => self.local.write_now(write),
+            None if self.serves_locally() => self.local.write_now(write),
+            // Not `Ok(false)`, which says a fill was refused (the engine would
+            // not share it): nothing was stored, as after any cache fault.
+            None => Err(CacheError::Unavailable(
+                "Redis is unreachable and local_fallback is off: nothing was stored".into(),
+            )),
         }
     }
 

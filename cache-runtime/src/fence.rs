@@ -434,6 +434,16 @@ fn nonce() -> u64 {
     base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)).max(1)
 }
 
+/// Where a write travels: a big value on a connection of its own; a `set`,
+/// which fences its key, where invalidations go (see [`Lane::Fence`]).
+pub(crate) fn fill_lane(fill: &Fill<'_>) -> Lane {
+    match fill.body {
+        Some(body) => Lane::Bulk(body.len()),
+        None if fill.bump => Lane::Fence,
+        None => Lane::Hot,
+    }
+}
+
 impl RedisStore {
     /// Writes a fill or a `set`; whether it was stored, and the fence now.
     pub(crate) async fn fill(&self, fence_key: &str, fill: Fill<'_>) -> Result<(bool, Fence), CacheError> {
@@ -465,10 +475,7 @@ impl RedisStore {
             call.arg(tag);
         }
         let call = &call;
-        let lane = match fill.body {
-            Some(body) => Lane::Bulk(body.len()),
-            None => Lane::Hot,
-        };
+        let lane = fill_lane(&fill);
         let (stored, id, seq): (i64, String, u64) = self
             .run_in(lane, |mut conn| async move {
                 match call.query_async(&mut conn).await {
@@ -493,7 +500,7 @@ impl RedisStore {
         let mut call = self.fences.invalidate_key.key(fence_key);
         call.key(entry).key(body).arg(nonce());
         let (n, id, seq): (u64, String, u64) =
-            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+            self.run_in(Lane::Fence, |mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         Ok((n > 0, Fence { id: parse_id(&id), seq }))
     }
 
@@ -511,7 +518,7 @@ impl RedisStore {
             call.arg(&t.tag);
         }
         let (id, seq, lost, waiting, token, drain): (String, u64, i64, i64, String, Vec<usize>) =
-            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+            self.run_in(Lane::Fence, |mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         let fence = Fence { id: parse_id(&id), seq };
         let drain = drain.into_iter().map(|i| i - 1).collect();
         Ok(TagFence { fence, lost: lost == 1, waiting: waiting == 1, token, drain })
@@ -530,8 +537,9 @@ impl RedisStore {
         loop {
             let mut call = self.fences.drain.key(&t.dead);
             call.key(fence_key).arg(DRAIN_BATCH).arg(&t.tag).arg(&token);
-            let (n, left, lost): (u64, u64, String) =
-                self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+            let (n, left, lost): (u64, u64, String) = self
+                .run_in(Lane::Fence, |mut conn| async move { call.invoke_async(&mut conn).await })
+                .await?;
             deleted += n;
             if left == 0 {
                 return Ok((deleted, (!lost.is_empty()).then_some(lost)));
@@ -594,7 +602,7 @@ impl RedisStore {
 
     async fn fence_reply(&self, call: redis::ScriptInvocation<'_>) -> Result<Fence, CacheError> {
         let (id, seq): (String, u64) =
-            self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+            self.run_in(Lane::Fence, |mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         Ok(Fence { id: parse_id(&id), seq })
     }
 }

@@ -4,6 +4,8 @@ mod access;
 mod background;
 mod breaker;
 mod cache;
+#[cfg(feature = "cluster")]
+mod cluster;
 pub mod codec;
 mod config;
 mod conn;
@@ -26,9 +28,14 @@ mod pending;
 mod redis_store;
 mod redis_tier;
 mod schema;
+#[cfg(feature = "sentinel")]
+mod sentinel;
+mod shard;
 mod spec;
 mod stats;
 mod store;
+#[cfg(feature = "tls")]
+mod tls;
 
 #[doc(hidden)]
 #[path = "private.rs"]

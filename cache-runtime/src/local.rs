@@ -333,7 +333,7 @@ impl Store for LocalTier {
         ready(Ok(LocalTier::get(self, full, Instant::now()).map(Raw::Local)))
     }
 
-    fn fence(&self, now: Instant) -> FillFence {
+    fn fence(&self, _full: &str, now: Instant) -> FillFence {
         LocalTier::fence(self, now)
     }
 

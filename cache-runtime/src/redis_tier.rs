@@ -9,7 +9,7 @@ use crate::cache::KeyTtl;
 use crate::fence::{Fill, Observed, TagKeys, WINDOW};
 use crate::glob::to_lua_pattern;
 use crate::pending::Pending;
-use crate::redis_store::RedisStore;
+use crate::redis_store::{Lane, RedisStore};
 use crate::schema::Schema;
 use crate::store::{BoxFuture, FillFence, KeyPage, Raw, ServerInfo, Store, Write};
 use crate::CacheError;
@@ -36,15 +36,21 @@ fn pointed_size(bytes: &[u8]) -> Option<usize> {
     Some(u64::from_le_bytes(bytes[2..].try_into().ok()?) as usize)
 }
 
+/// One shard's fence (`shard.rs`): one on a single Redis.
+struct Shard {
+    index: u16,
+    /// `schema.fence(index)`, built once: every fill names it.
+    fence_key: String,
+    /// The newest fence this process has seen; fills are checked against it.
+    observed: Observed,
+}
+
 pub(crate) struct RedisTier {
     redis: RedisStore,
     /// Values larger than this are stored as a pointer and a body.
     big_value_bytes: usize,
     schema: Schema,
-    /// `schema.fence()`, built once: every fill names it.
-    fence_key: String,
-    /// The newest fence this process has seen; fills are checked against it.
-    observed: Observed,
+    shards: Box<[Shard]>,
     pruned_at: Mutex<Option<Instant>>,
     connect_timeout: Duration,
     /// The connection generation whose server was checked, and that server's run_id.
@@ -62,9 +68,10 @@ impl RedisTier {
         RedisTier {
             redis,
             big_value_bytes,
-            fence_key: schema.fence(),
+            shards: (0..schema.shards())
+                .map(|index| Shard { index, fence_key: schema.fence(index), observed: Observed::default() })
+                .collect(),
             schema,
-            observed: Observed::default(),
             pruned_at: Mutex::new(None),
             connect_timeout,
             checked: AtomicU64::new(u64::MAX),
@@ -86,18 +93,42 @@ impl RedisTier {
         if self.checked.load(Ordering::Acquire) == generation {
             return Ok(());
         }
-        let run_id = self.redis.run_id().await?;
+        let Some(run_id) = self.redis.run_id().await? else {
+            self.checked.store(generation, Ordering::Release);
+            return Ok(());
+        };
         if server.as_ref().is_some_and(|known| *known != run_id) {
             tracing::warn!("Redis restarted or failed over: new fence incarnation, clearing the prefix");
-            let fence_key = &self.fence_key;
-            let fence = self.redis.fence_all(fence_key).await?;
-            self.observed.observe(fence);
-            self.redis.delete_pattern(&self.schema.all_entries()).await?;
-            self.redis.settle(fence_key, fence.id, "new").await?;
+            self.clear_everything().await?;
         }
         *server = Some(run_id);
         self.checked.store(generation, Ordering::Release);
         Ok(())
+    }
+
+    /// On a cluster, every instance sharing the prefix must spread it over the
+    /// same shards: one that hashed a key to another shard would fence and
+    /// invalidate where the other's entries are not. The first instance
+    /// records its count; a later one with another count is refused.
+    async fn same_shards(&self) -> Result<(), CacheError> {
+        let shards = self.schema.shards();
+        if shards <= 1 {
+            return Ok(());
+        }
+        let key = self.schema.meta("shards");
+        let set = redis::cmd("SET").arg(&key).arg(shards).arg("NX").arg("GET").clone();
+        let recorded: Option<u16> = self.redis.query(&set).await?;
+        match recorded {
+            Some(other) if other != shards => Err(CacheError::config(
+                "cluster_shards",
+                shards,
+                format!(
+                    "instances already using prefix `{}` spread it over {other} shards",
+                    self.schema.prefix()
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Whether [`same_server`](Self::same_server) has checked the connections made so far.
@@ -126,25 +157,68 @@ impl RedisTier {
         Ok(body.filter(|b| b.len() == size).map(Raw::Owned))
     }
 
-    fn tag_indexes(&self, tags: &[String]) -> Vec<(String, String)> {
-        tags.iter().map(|t| (t.clone(), self.schema.tag_index(t))).collect()
+    /// The shard `full` lives in.
+    #[inline]
+    fn shard_of(&self, full: &str) -> &Shard {
+        &self.shards[usize::from(self.schema.shard_of(full))]
+    }
+
+    /// Runs `each` on every shard at once; the sum of what they return.
+    async fn every_shard<'a, F, Fut>(&'a self, each: F) -> Result<u64, CacheError>
+    where
+        F: Fn(&'a Shard) -> Fut,
+        Fut: std::future::Future<Output = Result<u64, CacheError>>,
+    {
+        let all = futures_util::future::try_join_all(self.shards.iter().map(each)).await?;
+        Ok(all.into_iter().sum())
+    }
+
+    /// A new incarnation of every shard's fence, then every entry deleted: what
+    /// was there before can't be trusted, nor can a fill in flight.
+    async fn clear_everything(&self) -> Result<u64, CacheError> {
+        let fences = futures_util::future::try_join_all(self.shards.iter().map(|shard| async move {
+            let fence = self.redis.fence_all(&shard.fence_key).await?;
+            // Seen once a failover can't lose it: a counter a failover took back
+            // would be handed out again.
+            self.redis.replicated(&shard.fence_key, Lane::Fence).await?;
+            shard.observed.observe(fence);
+            Ok::<_, CacheError>(fence)
+        }))
+        .await?;
+        let deleted = self.redis.delete_pattern(&self.schema.all_entries()).await?;
+        self.redis.delete_pattern(&self.schema.all_tag_indexes()).await?;
+        self.redis.delete_pattern(&self.schema.all_dead_tag_indexes()).await?;
+        self.redis.delete_pattern(&self.schema.all_bodies()).await?;
+        for (shard, fence) in self.shards.iter().zip(fences) {
+            self.redis.settle(&shard.fence_key, fence.id, "new").await?;
+        }
+        Ok(deleted)
+    }
+
+    fn tag_indexes(&self, shard: &Shard, tags: &[String]) -> Vec<(String, String)> {
+        tags.iter().map(|t| (t.clone(), self.schema.tag_index(shard.index, t))).collect()
     }
 
     async fn invalidate_tags(&self, tags: &[String]) -> Result<u64, CacheError> {
-        let fence_key = &self.fence_key;
+        self.every_shard(|shard| self.invalidate_tags_in(shard, tags)).await
+    }
+
+    async fn invalidate_tags_in(&self, shard: &Shard, tags: &[String]) -> Result<u64, CacheError> {
+        let fence_key = &shard.fence_key;
         let tags: Vec<TagKeys> = tags
             .iter()
             .map(|t| TagKeys {
                 tag: t.clone(),
-                index: self.schema.tag_index(t),
-                dead: self.schema.dead_tag_index(t),
+                index: self.schema.tag_index(shard.index, t),
+                dead: self.schema.dead_tag_index(shard.index, t),
             })
             .collect();
         let mut deleted = 0;
         let mut lost = None;
+        let mut seen;
         loop {
             let fenced = self.redis.fence_tags(fence_key, &tags).await?;
-            self.observed.observe(fenced.fence);
+            seen = fenced.fence;
             if fenced.lost {
                 lost = Some((fenced.fence.id, fenced.token));
             }
@@ -164,23 +238,39 @@ impl RedisTier {
             // An index is gone while entries it listed may live: only a clear of
             // every entry is sure to reach them.
             tracing::warn!(
-                "a tag index was lost (evicted or flushed): clearing every entry under the prefix"
+                shard = shard.index,
+                "a tag index was lost (evicted or flushed): clearing every entry of its shard"
             );
-            deleted += self.redis.delete_pattern(&self.schema.all_entries()).await?;
+            deleted += self.redis.delete_pattern(&self.shard_entries(shard)).await?;
             self.redis.settle(fence_key, id, &token).await?;
         }
+        self.redis.replicated(fence_key, Lane::Fence).await?;
+        shard.observed.observe(seen);
         Ok(deleted)
+    }
+
+    /// Every entry of `shard`: every entry when there is one shard.
+    fn shard_entries(&self, shard: &Shard) -> String {
+        if self.shards.len() == 1 {
+            self.schema.all_entries()
+        } else {
+            self.schema.shard_entries(shard.index)
+        }
     }
 
     /// Learns the current fence; when entries of an earlier incarnation of it
     /// may remain unindexed (Redis restarted, was flushed, or evicted the fence),
     /// clears the prefix so that tag invalidations can find every entry again.
-    async fn observe_fence(&self) -> Result<(), CacheError> {
-        let fence_key = &self.fence_key;
+    async fn observe_fences(&self) -> Result<(), CacheError> {
+        self.every_shard(|shard| async move { self.observe_fence(shard).await.map(|()| 0) }).await.map(drop)
+    }
+
+    async fn observe_fence(&self, shard: &Shard) -> Result<(), CacheError> {
+        let fence_key = &shard.fence_key;
         let (fence, orphans) = self.redis.observe(fence_key).await?;
-        self.observed.observe(fence);
+        shard.observed.observe(fence);
         if let Some(token) = orphans {
-            let deleted = self.redis.delete_pattern(&self.schema.all_entries()).await?;
+            let deleted = self.redis.delete_pattern(&self.shard_entries(shard)).await?;
             self.redis.settle(fence_key, fence.id, &token).await?;
             if deleted > 0 {
                 tracing::info!(deleted, "entries of an earlier fence incarnation cleared");
@@ -199,13 +289,16 @@ impl RedisTier {
             }
             *at = Some(Instant::now());
         }
-        let mut cursor = 0;
-        loop {
-            match self.redis.prune(&self.fence_key, cursor).await? {
-                0 => return Ok(()),
-                next => cursor = next,
+        for shard in self.shards.iter() {
+            let mut cursor = 0;
+            loop {
+                match self.redis.prune(&shard.fence_key, cursor).await? {
+                    0 => break,
+                    next => cursor = next,
+                }
             }
         }
+        Ok(())
     }
 }
 
@@ -233,8 +326,8 @@ impl Store for RedisTier {
     }
 
     #[inline]
-    fn fence(&self, now: Instant) -> FillFence {
-        FillFence::Shared(self.observed.get(), now)
+    fn fence(&self, full: &str, now: Instant) -> FillFence {
+        FillFence::Shared(self.shard_of(full).observed.get(), now)
     }
 
     fn write<'a>(&'a self, w: Write<'a>) -> BoxFuture<'a, Result<bool, CacheError>> {
@@ -247,7 +340,8 @@ impl Store for RedisTier {
                 Some(FillFence::Shared(fence, _)) => Some(fence),
                 None => None,
             };
-            let tags = self.tag_indexes(w.tags);
+            let shard = self.shard_of(w.full);
+            let tags = self.tag_indexes(shard, w.tags);
             let body_key = self.schema.body(w.full);
             let big = w.bytes.len() > self.big_value_bytes;
             let pointer = pointer(w.bytes.len());
@@ -263,8 +357,13 @@ impl Store for RedisTier {
                 bump: w.bump,
                 check_only: w.check_only,
             };
-            let (stored, fence) = self.redis.fill(&self.fence_key, fill).await?;
-            self.observed.observe(fence);
+            let lane = crate::fence::fill_lane(&fill);
+            let (stored, fence) = self.redis.fill(&shard.fence_key, fill).await?;
+            if stored && w.bump {
+                // A `set` fences its key: on a cluster, only once a replica has it.
+                self.redis.replicated(&shard.fence_key, lane).await?;
+            }
+            shard.observed.observe(fence);
             Ok(stored)
         })
     }
@@ -272,30 +371,31 @@ impl Store for RedisTier {
     fn invalidate<'a>(&'a self, what: &'a Pending) -> BoxFuture<'a, Result<u64, CacheError>> {
         Box::pin(async move {
             self.same_server().await?;
-            let fence_key = &self.fence_key;
             match what {
                 Pending::Key(full) => {
+                    let shard = self.shard_of(full);
                     let (existed, fence) =
-                        self.redis.invalidate_key(fence_key, full, &self.schema.body(full)).await?;
-                    self.observed.observe(fence);
+                        self.redis.invalidate_key(&shard.fence_key, full, &self.schema.body(full)).await?;
+                    self.redis.replicated(&shard.fence_key, Lane::Fence).await?;
+                    shard.observed.observe(fence);
                     Ok(u64::from(existed))
                 }
                 Pending::Tags(tags) => self.invalidate_tags(tags).await,
                 Pending::Pattern(full) => {
-                    let fence = self.redis.fence_pattern(fence_key, &to_lua_pattern(full.as_bytes())).await?;
-                    self.observed.observe(fence);
+                    let pattern = to_lua_pattern(full.as_bytes());
+                    self.every_shard(|shard| {
+                        let pattern = &pattern;
+                        async move {
+                            let fence = self.redis.fence_pattern(&shard.fence_key, pattern).await?;
+                            self.redis.replicated(&shard.fence_key, Lane::Fence).await?;
+                            shard.observed.observe(fence);
+                            Ok(0)
+                        }
+                    })
+                    .await?;
                     self.redis.delete_pattern(full).await
                 }
-                Pending::Everything => {
-                    let fence = self.redis.fence_all(fence_key).await?;
-                    self.observed.observe(fence);
-                    let deleted = self.redis.delete_pattern(&self.schema.all_entries()).await?;
-                    self.redis.delete_pattern(&self.schema.all_tag_indexes()).await?;
-                    self.redis.delete_pattern(&self.schema.all_dead_tag_indexes()).await?;
-                    self.redis.delete_pattern(&self.schema.all_bodies()).await?;
-                    self.redis.settle(fence_key, fence.id, "new").await?;
-                    Ok(deleted)
-                }
+                Pending::Everything => self.clear_everything().await,
             }
         })
     }
@@ -354,9 +454,10 @@ impl Store for RedisTier {
                 self.redis.check_access(&self.schema).await
             });
             checked.await.unwrap_or(Err(CacheError::Timeout(self.connect_timeout)))?;
+            self.same_shards().await?;
             self.same_server().await?;
             // Fills are checked against the newest fence seen: start from the current one.
-            if let Err(e) = self.observe_fence().await {
+            if let Err(e) = self.observe_fences().await {
                 tracing::debug!(error = %e, "could not observe the fence");
             }
             Ok(())
@@ -370,7 +471,7 @@ impl Store for RedisTier {
     fn maintain(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let upkeep = async {
-                self.observe_fence().await?;
+                self.observe_fences().await?;
                 self.prune_fences().await
             };
             if let Err(e) = upkeep.await {

@@ -6,14 +6,15 @@
 //! `key.rs`), so a glob over `{prefix}:*` is every entry and nothing else.
 //! Internal keys live under `{prefix}#`, which no entry glob matches:
 //! `{prefix}#fence` (the fence hash, `fence.rs`), `{prefix}#tag:{tag}` (tag
-//! indexes) and `{prefix}#dead:{tag}` (an index being drained). A Redis Cluster keeps keys that move together in one slot by
-//! hash-tagging the part they share; this module is the one place that would
-//! change for it.
+//! indexes) and `{prefix}#dead:{tag}` (an index being drained). On a Redis
+//! Cluster each of these carries its shard's hash tag after the prefix
+//! (`shard.rs`), so that what a script touches shares one slot.
 
 use serde::Serialize;
 
 use crate::codec;
 use crate::key::{escape_glob, push_part as push, UNCACHEABLE};
+use crate::shard;
 use crate::spec::Spec;
 use crate::Cache;
 
@@ -21,25 +22,54 @@ use crate::Cache;
 #[derive(Debug, Clone)]
 pub(crate) struct Schema {
     prefix: String,
+    /// 1 on a single Redis: no shard tags at all (see `shard.rs`).
+    shards: u16,
 }
 
 impl Schema {
-    pub(crate) fn new(prefix: &str) -> Self {
-        Schema { prefix: prefix.to_owned() }
+    pub(crate) fn new(prefix: &str, shards: u16) -> Self {
+        Schema { prefix: prefix.to_owned(), shards: shards.max(1) }
+    }
+
+    /// How many shards the keys are spread over (1: not sharded).
+    pub(crate) fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    fn sharded(&self) -> bool {
+        self.shards > 1
+    }
+
+    /// The bytes a shard tag takes after the prefix (0 when not sharded).
+    fn tag_len(&self) -> usize {
+        if self.sharded() {
+            shard::TAG_LEN
+        } else {
+            0
+        }
     }
 
     /// The entry of `key` (relative to the prefix).
     pub(crate) fn entry(&self, key: &str) -> String {
-        let mut full = String::with_capacity(self.prefix.len() + 1 + key.len());
-        full.push_str(&self.prefix);
-        full.push(':');
-        full.push_str(key);
-        full
+        self.entry_key(key).full
+    }
+
+    /// The shard of an entry.
+    #[inline]
+    pub(crate) fn shard_of(&self, full: &str) -> u16 {
+        shard::of(self.shards, self.relative(full).as_bytes())
+    }
+
+    /// An entry's key without the prefix and shard tag: what the public API takes.
+    pub(crate) fn relative<'a>(&self, full: &'a str) -> &'a str {
+        full.get(self.prefix_len()..).unwrap_or_default()
     }
 
     /// A glob over the entries: `relative` is a glob relative to the prefix.
     pub(crate) fn entries_matching(&self, relative: &str) -> String {
-        format!("{}:{relative}", escape_glob(&self.prefix))
+        // A shard tag is always four characters: `?` matches each exactly.
+        let any_tag = if self.sharded() { "{????}" } else { "" };
+        format!("{}:{any_tag}{relative}", escape_glob(&self.prefix))
     }
 
     /// Every entry.
@@ -47,47 +77,70 @@ impl Schema {
         self.entries_matching("*")
     }
 
-    /// The index of `tag`'s entries.
-    pub(crate) fn tag_index(&self, tag: &str) -> String {
-        self.internal(&format!("tag:{tag}"))
+    /// Every entry of one shard.
+    pub(crate) fn shard_entries(&self, shard: u16) -> String {
+        format!("{}:{}*", escape_glob(&self.prefix), self.tag(shard))
+    }
+
+    /// The index of `tag`'s entries in `shard`.
+    pub(crate) fn tag_index(&self, shard: u16, tag: &str) -> String {
+        self.internal(shard, &format!("tag:{tag}"))
     }
 
     /// Every tag index.
     pub(crate) fn all_tag_indexes(&self) -> String {
-        format!("{}#tag:*", escape_glob(&self.prefix))
+        self.all_internal("tag:*")
     }
 
-    /// Where `tag`'s index goes while an invalidation drains it: a namespace of
-    /// its own, so no tag's index is another tag's dead set.
-    pub(crate) fn dead_tag_index(&self, tag: &str) -> String {
-        self.internal(&format!("dead:{tag}"))
+    /// Where `tag`'s index in `shard` goes while an invalidation drains it: a
+    /// namespace of its own, so no tag's index is another tag's dead set.
+    pub(crate) fn dead_tag_index(&self, shard: u16, tag: &str) -> String {
+        self.internal(shard, &format!("dead:{tag}"))
     }
 
     /// Every dead tag index.
     pub(crate) fn all_dead_tag_indexes(&self) -> String {
-        format!("{}#dead:*", escape_glob(&self.prefix))
+        self.all_internal("dead:*")
     }
 
     /// Where the bytes of the big value stored at `full` live; `full` itself
-    /// holds a pointer to them (`redis_tier.rs`).
+    /// holds a pointer to them (`redis_tier.rs`). In the entry's shard.
     pub(crate) fn body(&self, full: &str) -> String {
-        let relative = &full[self.prefix_len().min(full.len())..];
-        self.internal(&format!("body:{relative}"))
+        self.internal(self.shard_of(full), &format!("body:{}", self.relative(full)))
     }
 
     /// Every big value's body.
     pub(crate) fn all_bodies(&self) -> String {
-        format!("{}#body:*", escape_glob(&self.prefix))
+        self.all_internal("body:*")
     }
 
-    /// The fence hash.
-    pub(crate) fn fence(&self) -> String {
-        self.internal("fence")
+    /// The fence hash of `shard`.
+    pub(crate) fn fence(&self, shard: u16) -> String {
+        self.internal(shard, "fence")
     }
 
-    /// An internal key of the cache's own, `{prefix}#{name}`.
-    pub(crate) fn internal(&self, name: &str) -> String {
-        format!("{}#{name}", self.prefix)
+    /// An internal key of the cache's own in `shard`, `{prefix}#[{tag}]{name}`.
+    pub(crate) fn internal(&self, shard: u16, name: &str) -> String {
+        format!("{}#{}{name}", self.prefix, self.tag(shard))
+    }
+
+    /// A key about the whole prefix, in no shard: `{prefix}#meta:{name}`.
+    pub(crate) fn meta(&self, name: &str) -> String {
+        format!("{}#meta:{name}", self.prefix)
+    }
+
+    /// A glob over internal keys of every shard; `name` is a glob.
+    fn all_internal(&self, name: &str) -> String {
+        let any_tag = if self.sharded() { "{????}" } else { "" };
+        format!("{}#{any_tag}{name}", escape_glob(&self.prefix))
+    }
+
+    /// A shard's tag as text ("" when not sharded).
+    fn tag(&self, shard: u16) -> String {
+        if !self.sharded() {
+            return String::new();
+        }
+        shard::tag(self.shards, shard).iter().map(|&b| b as char).collect()
     }
 
     /// The prefix every key of this cache starts with.
@@ -95,17 +148,32 @@ impl Schema {
         &self.prefix
     }
 
-    /// How many bytes of an entry's name are the prefix and its separator.
+    /// How many bytes of an entry's name are the prefix, its separator and the
+    /// shard tag.
     pub(crate) fn prefix_len(&self) -> usize {
-        self.prefix.len() + 1
+        self.prefix.len() + 1 + self.tag_len()
     }
 }
+
+/// Writes the shard tag of the entry `full` into the placeholder at `at`: the
+/// tag depends on the key after it, known only once the key is built.
+fn set_tag(full: &mut String, at: usize, shards: u16) {
+    let relative = &full.as_bytes()[at + shard::TAG_LEN..];
+    let tag = shard::tag(shards, shard::of(shards, relative));
+    // ASCII over ASCII of the same length: the string stays UTF-8.
+    full.replace_range(at..at + shard::TAG_LEN, std::str::from_utf8(&tag).unwrap_or("{0000}"));
+}
+
+/// Room for a shard tag, written by [`set_tag`] once the key is built.
+const TAG_PLACEHOLDER: &str = "{----}";
 
 /// Builds a call's key: `{cache prefix}:{fn prefix}:v{wire}[.{version}]:{part}:{part}…`.
 pub struct KeyBuilder {
     key: String,
     relative_start: usize,
     uncacheable: bool,
+    /// Shards of a cluster (1: none, and no tag is written).
+    shards: u16,
 }
 
 impl KeyBuilder {
@@ -114,16 +182,20 @@ impl KeyBuilder {
         use std::fmt::Write as _;
         let cache_prefix = &cache.config().key_prefix;
         let prefix = spec.prefix(cache);
-        let mut key = String::with_capacity(cache_prefix.len() + prefix.len() + 40);
+        let shards = cache.inner.schema.shards;
+        let mut key = String::with_capacity(cache_prefix.len() + prefix.len() + 46);
         key.push_str(cache_prefix);
         key.push(':');
+        if shards > 1 {
+            key.push_str(TAG_PLACEHOLDER);
+        }
         let relative_start = key.len();
         key.push_str(prefix);
         key.push_str(codec::WIRE_KEY_TAG);
         if spec.version != 0 {
             let _ = write!(key, ".{}", spec.version);
         }
-        KeyBuilder { key, relative_start, uncacheable: false }
+        KeyBuilder { key, relative_start, uncacheable: false, shards }
     }
 
     /// Appends one argument.
@@ -150,7 +222,10 @@ impl KeyBuilder {
     }
 
     /// The finished key.
-    pub fn finish(self) -> Key {
+    pub fn finish(mut self) -> Key {
+        if self.shards > 1 {
+            set_tag(&mut self.key, self.relative_start - shard::TAG_LEN, self.shards);
+        }
         Key { full: self.key, relative_start: self.relative_start, uncacheable: self.uncacheable }
     }
 }
@@ -208,8 +283,16 @@ impl Schema {
     /// The key of an entry whose name `build` appends after the prefix: the
     /// key is built in the one string that holds it.
     pub(crate) fn entry_key_with(&self, build: impl FnOnce(&mut String)) -> Key {
-        let mut full = self.entry("");
+        let mut full = String::with_capacity(self.prefix_len() + 40);
+        full.push_str(&self.prefix);
+        full.push(':');
+        if self.sharded() {
+            full.push_str(TAG_PLACEHOLDER);
+        }
         build(&mut full);
+        if self.sharded() {
+            set_tag(&mut full, self.prefix.len() + 1, self.shards);
+        }
         Key { full, relative_start: self.prefix_len(), uncacheable: false }
     }
 }

@@ -89,9 +89,9 @@ pub(crate) trait Store: Send + Sync {
     /// Reads an entry.
     fn get<'a>(&'a self, full: &'a str) -> BoxFuture<'a, Result<Option<Raw>, CacheError>>;
 
-    /// What a fill whose read starts at `now` is checked against; no I/O. The
-    /// caller's clock reading is reused, so a hit reads the clock once.
-    fn fence(&self, now: Instant) -> FillFence;
+    /// What a fill of `full` whose read starts at `now` is checked against; no
+    /// I/O. The caller's clock reading is reused, so a hit reads the clock once.
+    fn fence(&self, full: &str, now: Instant) -> FillFence;
 
     /// Stores a fill or a `set`; whether it was stored (a refused fill is `false`).
     fn write<'a>(&'a self, write: Write<'a>) -> BoxFuture<'a, Result<bool, CacheError>>;

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::de::{self, Deserialize, Deserializer, IntoDeserializer, Unexpected, Visitor};
@@ -107,6 +108,47 @@ impl<'de> Deserialize<'de> for Flag {
             }
         }
         d.deserialize_any(FlagVisitor)
+    }
+}
+
+/// `true`, `false`, or `auto` (also `null`): the cache decides.
+pub(super) struct AutoFlag(Option<bool>);
+
+impl Wire for AutoFlag {
+    type Value = Option<bool>;
+    fn value(self) -> Option<bool> {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for AutoFlag {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct AutoVisitor;
+        impl Visitor<'_> for AutoVisitor {
+            type Value = AutoFlag;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false or auto")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<AutoFlag, E> {
+                Ok(AutoFlag(Some(v)))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<AutoFlag, E> {
+                Ok(AutoFlag(None))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<AutoFlag, E> {
+                Ok(AutoFlag(None))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AutoFlag, E> {
+                if v.trim().eq_ignore_ascii_case("auto") {
+                    return Ok(AutoFlag(None));
+                }
+                let text: de::value::StrDeserializer<'_, E> = v.into_deserializer();
+                Flag::deserialize(text)
+                    .map(|f| AutoFlag(Some(f.0)))
+                    .map_err(|_| E::invalid_value(Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_any(AutoVisitor)
     }
 }
 
@@ -263,5 +305,88 @@ impl<'de> Deserialize<'de> for MaybeSecret {
             }
         }
         d.deserialize_option(SecretVisitor)
+    }
+}
+
+/// A path to a file: a non-empty string, or `null` for none.
+pub(super) struct MaybePath(Option<PathBuf>);
+
+impl Wire for MaybePath {
+    type Value = Option<PathBuf>;
+    fn value(self) -> Option<PathBuf> {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for MaybePath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PathVisitor;
+        impl<'de> Visitor<'de> for PathVisitor {
+            type Value = MaybePath;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a path to a file, or null for none")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MaybePath, E> {
+                if v.trim().is_empty() {
+                    return Err(E::invalid_value(Unexpected::Str(v), &self));
+                }
+                Ok(MaybePath(Some(PathBuf::from(v))))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<MaybePath, E> {
+                Ok(MaybePath(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<MaybePath, E> {
+                Ok(MaybePath(None))
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<MaybePath, D::Error> {
+                d.deserialize_any(self)
+            }
+        }
+        d.deserialize_option(PathVisitor)
+    }
+}
+
+/// `host:port` addresses: a list, or one string of them separated by commas
+/// (as `REDIS_SENTINELS` gives them). At least one.
+pub(super) struct HostList(pub(super) Vec<String>);
+
+impl Wire for HostList {
+    type Value = Vec<String>;
+    fn value(self) -> Vec<String> {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for HostList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct HostsVisitor;
+        impl HostsVisitor {
+            fn checked<E: de::Error>(self, hosts: Vec<String>) -> Result<HostList, E> {
+                match hosts.iter().find(|h| !h.contains(':') || h.contains(['/', '@', ','])) {
+                    Some(bad) => Err(E::invalid_value(Unexpected::Str(bad), &self)),
+                    None if hosts.is_empty() => Err(E::invalid_length(0, &self)),
+                    None => Ok(HostList(hosts)),
+                }
+            }
+        }
+        impl<'de> Visitor<'de> for HostsVisitor {
+            type Value = HostList;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`host:port` addresses, as a list or separated by commas")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HostList, E> {
+                self.checked(
+                    v.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_owned).collect(),
+                )
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<HostList, A::Error> {
+                let mut hosts = Vec::new();
+                while let Some(host) = seq.next_element::<String>()? {
+                    hosts.push(host.trim().to_owned());
+                }
+                self.checked(hosts)
+            }
+        }
+        d.deserialize_any(HostsVisitor)
     }
 }

@@ -60,10 +60,15 @@ impl Redis {
     }
 
     fn spawn_with(password: Option<&str>, args: &[&str]) -> Redis {
+        Redis::spawn_on(password, args, free_port)
+    }
+
+    /// A fresh server of our own, on a port `pick` chooses.
+    fn spawn_on(password: Option<&str>, args: &[&str], pick: fn() -> u16) -> Redis {
         let mut last = String::new();
         // Another process may take the free port before redis-server binds it.
         for _ in 0..5 {
-            let port = free_port();
+            let port = pick();
             let dir = std::env::temp_dir().join(format!("cache-runtime-test-{}-{port}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("create a temp dir for redis-server");
             let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
@@ -211,6 +216,16 @@ impl Drop for Redis {
     }
 }
 
+/// A free port whose cluster bus port (10000 above it) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -275,9 +290,29 @@ pub fn current() -> Cache {
     CURRENT.with(Cache::clone)
 }
 
+/// `get_with` of `key`, tagged `t`, whose body counts its runs in `runs`.
+pub async fn load(cache: &Cache, key: &str, runs: &std::sync::atomic::AtomicU32) -> String {
+    cache
+        .get_with(key, async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            format!("value of {key}")
+        })
+        .tags(["t"])
+        .await
+}
+
 /// A Redis-mode and a local-mode cache, for tests that must hold in both.
 pub async fn both_modes(redis: &Redis, name: &str) -> [Cache; 2] {
     [redis.cache(name, FORMATS[0]).await, local_cache(name, FORMATS[1])]
 }
 
+pub mod bench;
+#[cfg(feature = "cluster")]
+pub mod cluster;
+#[cfg(feature = "cluster")]
+pub mod cluster_load;
 pub mod proxy;
+#[cfg(feature = "sentinel")]
+pub mod sentinel;
+#[cfg(feature = "tls")]
+pub mod tls;

@@ -18,6 +18,7 @@ const OPTIONS: &[&str] = &[
     "crate",
     "profile",
     "cache_none",
+    "near",
 ];
 
 /// `ttl = 300`, `ttl = Duration::from_secs(5)` or `ttl = "quantum_state"`.
@@ -39,6 +40,7 @@ pub(crate) struct Args {
     pub(crate) krate: Option<Path>,
     pub(crate) profile: Option<LitStr>,
     pub(crate) cache_none: Option<LitBool>,
+    pub(crate) near: Option<LitBool>,
 }
 
 impl Parse for Args {
@@ -133,16 +135,18 @@ impl Args {
                 })
             }
             "profile" => self.profile = Some(lit_str(input, key, "\"api_response\"")?),
-            "cache_none" => {
-                let lit: Lit = input.parse()?;
-                match lit {
-                    Lit::Bool(b) => self.cache_none = Some(b),
-                    other => return Err(syn::Error::new(other.span(), "expected `true` or `false`")),
-                }
-            }
+            "cache_none" => self.cache_none = Some(lit_bool(input)?),
+            "near" => self.near = Some(lit_bool(input)?),
             _ => unreachable!("checked against OPTIONS"),
         }
         Ok(())
+    }
+}
+
+fn lit_bool(input: ParseStream<'_>) -> syn::Result<LitBool> {
+    match input.parse::<Lit>()? {
+        Lit::Bool(b) => Ok(b),
+        other => Err(syn::Error::new(other.span(), "expected `true` or `false`")),
     }
 }
 
@@ -231,7 +235,7 @@ mod tests {
     fn parses_every_option() {
         let args: Args = syn::parse_str(
             r#"ttl = 60, key_prefix = "missions", tags = ["a", "b:{x}"], condition = |v: &u32| *v > 1,
-               key = "{x}", skip(db), cache = self.cache, version = 2, crate = "renamed", profile = "p", cache_none = true"#,
+               key = "{x}", skip(db), cache = self.cache, version = 2, crate = "renamed", profile = "p", cache_none = true, near = true"#,
         )
         .unwrap();
         assert!(matches!(args.ttl, Some(Ttl::Expr(_))));
@@ -239,6 +243,7 @@ mod tests {
         assert_eq!(args.tags.unwrap().len(), 2);
         assert_eq!(args.skip.unwrap()[0], "db");
         assert!(args.cache_none.unwrap().value);
+        assert!(args.near.unwrap().value);
     }
 
     #[test]
@@ -263,6 +268,7 @@ mod tests {
             ("skip = db", "expected a list of argument names"),
             ("condition = \"yes\"", "expected a function or closure"),
             ("cache_none = 1", "expected `true` or `false`"),
+            ("near = \"yes\"", "expected `true` or `false`"),
         ] {
             let err = syn::parse_str::<Args>(given).err().unwrap().to_string();
             assert!(err.contains(expected), "{given}: {err}");

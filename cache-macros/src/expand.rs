@@ -322,8 +322,9 @@ fn spec(args: &Args, name: &Ident, rt: &TokenStream) -> TokenStream {
         Some(v) => quote!(#v),
         None => quote!(0),
     };
+    let near = args.near.as_ref().is_some_and(|b| b.value);
     quote! {
-        #rt::__private::Spec { name: #name, prefix: #prefix, ttl: #ttl, profile: #profile, version: #version }
+        #rt::__private::Spec { name: #name, prefix: #prefix, ttl: #ttl, profile: #profile, version: #version, near: #near }
     }
 }
 

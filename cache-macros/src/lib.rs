@@ -24,6 +24,7 @@ use proc_macro::TokenStream;
 /// | `version = 2` | part of the key: bump it when the stored type changes |
 /// | `profile = "api_response"` | ttl, prefix and tags from a named profile of the config |
 /// | `cache_none = true` | for `Option<T>`: store `None` too |
+/// | `near = true` | keep decoded values in this process in front of Redis, coherent across instances |
 /// | `crate = "::renamed"` | the runtime's path, for a renamed dependency |
 ///
 /// Next to `f` it generates, with `f`'s visibility (associated functions on

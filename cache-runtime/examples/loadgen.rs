@@ -18,6 +18,10 @@
 //! variants (`cached_local_hit_arc`, `cached_crate_hit_arc`) return an
 //! `Arc<Mission>`, as the moka get does.
 //!
+//! `cached_near_hit` and `cached_near_hit_arc` are hits of `#[cached(near =
+//! true)]` functions on the Redis-backed cache: served by the near tier, they
+//! are compared with `moka_get` and with `cached_redis_hit`.
+//!
 //! `--scenarios invalidation_load` runs the fence figure instead: readers at
 //! concurrency 64 over 1,000 keys with 5 ms bodies and a 1 s TTL, while another
 //! instance invalidates keys the readers never read at 0, 10, 100 and 1,000 per
@@ -73,6 +77,20 @@ async fn local_mission(id: u64) -> Mission {
 /// A local hit that clones an `Arc`, like a moka get, instead of the value.
 #[cached(cache = LOCAL.get().unwrap(), prefix = "lg_arc", tags = ["missions"])]
 async fn local_arc(id: u64) -> Arc<Mission> {
+    BODY_RUNS.fetch_add(1, Ordering::Relaxed);
+    Arc::new(mission(id))
+}
+
+/// Two tiers: decoded values in this process in front of Redis.
+#[cached(cache = REDIS.get().unwrap(), prefix = "lg_near", tags = ["missions"], near = true)]
+async fn near_mission(id: u64) -> Mission {
+    BODY_RUNS.fetch_add(1, Ordering::Relaxed);
+    mission(id)
+}
+
+/// The same, returning an `Arc`, as a moka get does.
+#[cached(cache = REDIS.get().unwrap(), prefix = "lg_near_arc", tags = ["missions"], near = true)]
+async fn near_arc(id: u64) -> Arc<Mission> {
     BODY_RUNS.fetch_add(1, Ordering::Relaxed);
     Arc::new(mission(id))
 }
@@ -235,6 +253,18 @@ async fn run_scenario(
             })
             .await
         }
+        "cached_near_hit" => {
+            drive(concurrency, ops, |n| async move {
+                std::hint::black_box(near_mission(n % KEYSPACE).await);
+            })
+            .await
+        }
+        "cached_near_hit_arc" => {
+            drive(concurrency, ops, |n| async move {
+                std::hint::black_box(near_arc(n % KEYSPACE).await);
+            })
+            .await
+        }
         "mix_90_10" => {
             drive(concurrency, ops, |n| async move {
                 // Deterministic spread: 1 call in 10 invalidates the key it lands on.
@@ -383,6 +413,7 @@ fn baselines_of(scenario: &str) -> &'static [&'static str] {
         "cached_miss" => &["raw_get_set"],
         "cached_local_hit" => &["moka_get", "cached_crate_hit"],
         "cached_local_hit_arc" => &["moka_get", "cached_crate_hit_arc"],
+        "cached_near_hit" | "cached_near_hit_arc" => &["moka_get", "cached_redis_hit"],
         _ => &[],
     }
 }
@@ -398,10 +429,16 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         let server = support::Redis::start();
-        let config =
-            |prefix: &str| CacheConfig::builder().redis_url(server.url()).key_prefix(prefix).build().unwrap();
+        let config = |prefix: &str| {
+            let builder = CacheConfig::builder().redis_url(server.url()).key_prefix(prefix);
+            // Near entries outlive the run: its hits stay near hits.
+            builder.near_cache_ttl(Duration::from_secs(3600)).build().unwrap()
+        };
         let redis_cache = Cache::new(config("loadgen")).await.unwrap();
         assert_eq!(redis_cache.mode(), cache_runtime::Mode::Redis, "Redis unreachable at {}", server.url());
+        while !redis_cache.stats().await.unwrap().bus_listening {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         REDIS.set(redis_cache.clone()).unwrap();
         LOCAL.set(Cache::local(config("loadgen"))).unwrap();
         redis_cache.clear().await.unwrap();
@@ -415,6 +452,8 @@ fn main() {
             let _: () =
                 redis::cmd("SET").arg(format!("lgraw:{id}")).arg(json).query_async(&mut conn).await.unwrap();
             redis_mission(id).await;
+            near_mission(id).await;
+            near_arc(id).await;
             local_mission(id).await;
             cached_crate_mission(id).await;
             local_arc(id).await;

@@ -12,14 +12,16 @@ use tracing::Instrument;
 
 use crate::background::{Background, Thread};
 use crate::breaker::{Breaker, BreakerState};
+use crate::bus::{Bus, Event};
 use crate::codec::{self, Storable};
 use crate::config::CacheConfig;
-use crate::failover::Failover;
+use crate::failover::{Coherence, Failover};
 use crate::flight::Flights;
 use crate::key::display_key;
 use crate::local::LocalTier;
 use crate::metrics::{Metrics, Op};
 use crate::misconfig::Misconfig;
+use crate::near::Near;
 use crate::pending::Pending;
 use crate::redis_store::RedisStore;
 use crate::redis_tier::RedisTier;
@@ -223,8 +225,22 @@ impl Cache {
         );
         let local = LocalTier::new(config.local_max_entries, schema.clone());
         let local_fallback = config.local_fallback();
-        let tiers =
-            Failover::new(shared, local, breaker, misconfig, metrics.breaker_state.clone(), local_fallback);
+        let coherence = Coherence {
+            near: Near::new(config.near_cache_max_entries, config.near_cache_ttl, schema.clone()),
+            bus: Bus::new(schema.meta("bus")),
+            // A PING answered on a healthy loopback in microseconds; a
+            // partition is told apart from a busy server by a generous bound.
+            heartbeat_timeout: (config.operation_timeout() * 4).max(Duration::from_millis(500)),
+        };
+        let tiers = Failover::new(
+            shared,
+            local,
+            breaker,
+            misconfig,
+            metrics.breaker_state.clone(),
+            local_fallback,
+            coherence,
+        );
         Cache {
             inner: Arc::new(Inner {
                 tiers: Arc::new(tiers),
@@ -306,7 +322,10 @@ impl Cache {
     /// [`CacheError::TooLarge`] over `max_value_bytes`. While Redis serves, the
     /// errors of [`get`](Self::get); during an outage the value goes to the local
     /// tier and only this process sees it, or, with `local_fallback` off,
-    /// nowhere: [`CacheError::Unavailable`].
+    /// nowhere: [`CacheError::Unavailable`]. A `set` Redis took but the
+    /// other instances' near tiers could not be told of (the bus announces it,
+    /// see the README's "Several instances") is [`CacheError::Deferred`]: an
+    /// invalidation of `key` is queued, and its replay deletes the value and tells them.
     ///
     /// # Cancel safety
     ///
@@ -484,6 +503,9 @@ impl Cache {
         stats.breaker = tiers.breaker().state();
         stats.breaker_opened = tiers.breaker().opened_total();
         stats.pending_invalidations = tiers.pending_len() as u64;
+        stats.near_cache_size = tiers.near.len();
+        stats.near_cache_hits = tiers.near.hits.load(Ordering::Relaxed);
+        stats.bus_listening = tiers.near.is_listening();
         match tiers.shared_stats(&pattern).await {
             Some((keys, None)) => {
                 stats.total_keys = keys;
@@ -663,6 +685,68 @@ impl Cache {
         Ok(())
     }
 
+    /// The cache's own runtime, where its upkeep runs: Redis's connections'
+    /// in Redis mode, the gauges' thread in local mode.
+    pub(crate) fn runtime(&self) -> Option<&tokio::runtime::Handle> {
+        match (&self.inner.background, &self.inner.upkeep) {
+            (Some(background), _) => Some(background.handle()),
+            (None, Some(upkeep)) => Some(upkeep.handle()),
+            (None, None) => None,
+        }
+    }
+
+    /// Registers `handler` for the events named `name` that any instance
+    /// sharing this cache's Redis and prefix emits with [`emit`](Self::emit),
+    /// this one included. Each event runs each handler once per instance, in a
+    /// task of its own on the cache's runtime; handlers may invalidate keys,
+    /// tags and patterns.
+    ///
+    /// ```
+    /// use cache_runtime::{Cache, CacheConfig, Event};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), cache_runtime::CacheError> {
+    /// let cache = Cache::local(CacheConfig::default());
+    /// let handle = cache.clone();
+    /// cache.on_event("quantum_state_updated", move |event: Event| {
+    ///     let cache = handle.clone();
+    ///     async move {
+    ///         let _ = cache.delete_pattern("quantum_state:*").await;
+    ///         tracing::info!(context = %event.context, "quantum state cache dropped");
+    ///     }
+    /// });
+    /// cache.emit("quantum_state_updated", serde_json::json!({"state": 7})).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn on_event<F, Fut>(&self, name: &str, handler: F)
+    where
+        F: Fn(Event) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.inner.tiers.bus.on_event(name, Arc::new(move |event| Box::pin(handler(event))));
+    }
+
+    /// Emits the event `name` with `context` to the handlers of every
+    /// instance sharing this cache's Redis and prefix, this one's included (see
+    /// [`on_event`](Self::on_event)). In local mode, this instance's handlers run.
+    ///
+    /// Delivery is at least once to each instance whose bus listener is
+    /// subscribed when Redis publishes it: an instance reconnecting at that
+    /// moment misses it (its near tier is dropped then, but its handlers don't run).
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::Unavailable`] when Redis can't take it now: this
+    /// instance's handlers have run, the other instances' have not, and the
+    /// event is not queued (an event is news, not state: handlers that
+    /// invalidate make their invalidations queue themselves).
+    /// [`CacheError::InvalidArgument`] when `context` can't be written as JSON.
+    pub async fn emit(&self, name: &str, context: impl serde::Serialize) -> Result<(), CacheError> {
+        let context = serde_json::to_value(context)
+            .map_err(|e| CacheError::InvalidArgument(format!("the context of event `{name}`: {e}")))?;
+        self.inner.tiers.emit(Event { name: name.to_owned(), context }).await
+    }
+
     pub(crate) fn full_key(&self, key: &str) -> String {
         self.inner.schema.entry(key)
     }
@@ -792,6 +876,12 @@ impl Cache {
             return Err(CacheError::TooLarge { size, limit });
         }
         Ok(())
+    }
+
+    /// A hit served by the near tier: counted as a hit, with no Redis latency to record.
+    pub(crate) fn record_near_hit(&self) {
+        self.inner.metrics.count(Op::Get, true);
+        self.record_lookup(true);
     }
 
     pub(crate) fn record_lookup(&self, hit: bool) {

@@ -348,8 +348,20 @@ settings! {
     /// Warm-up tasks running at once.
     warmup_concurrency: usize = 5, read as wire::Positive<usize>;
     /// While the breaker is open, whether calls are served from this process's
-    /// local tier (`None`: on for one server, off for a cluster).
+    /// local tier (`None`: on for one server, off for a cluster or with `near_cache`).
     local_fallback: Option<bool> = None, read as wire::AutoFlag, env "CACHE_LOCAL_FALLBACK";
+    /// Whether every cached function keeps decoded values in this process in
+    /// front of Redis, kept coherent across instances by the bus.
+    near_cache: bool = false, read as wire::Flag, env "CACHE_NEAR_CACHE";
+    /// The most entries the near tier holds.
+    near_cache_max_entries: u64 = 10_000, read as wire::Positive<u64>;
+    /// The longest an entry stays in the near tier.
+    near_cache_ttl: Duration = Duration::from_secs(30), read as wire::Secs;
+    /// Whether a cold key's body runs once across every instance sharing Redis.
+    fleet_lease: bool = true, read as wire::Flag, env "CACHE_FLEET_LEASE";
+    /// How long a fleet lease lasts unless its holder renews it: how long
+    /// others wait at most, and how soon a dead holder is replaced.
+    fleet_lease_ttl: Duration = Duration::from_secs(5), read as wire::Secs;
     /// Whether failures open the circuit breaker.
     circuit_breaker_enabled: bool = true, read as wire::Flag;
     /// Consecutive failures that open the breaker.
@@ -718,10 +730,34 @@ impl CacheConfig {
     }
     /// Whether, while the breaker is open, calls are served from this process's
     /// local tier. Unset (`auto`), it is on for one Redis server and off for a
-    /// cluster (see the README's "When Redis fails").
+    /// cluster or with `near_cache` on (see the README's "When Redis fails").
     pub fn local_fallback(&self) -> bool {
-        self.local_fallback
-            .unwrap_or_else(|| self.redis.as_ref().is_none_or(|r| r.cluster_nodes().is_empty()))
+        // Either deployment promises instances that hear each other: the local
+        // tier, which hears only this one, would break that promise in an outage.
+        self.local_fallback.unwrap_or_else(|| {
+            !self.near_cache && self.redis.as_ref().is_none_or(|r| r.cluster_nodes().is_empty())
+        })
+    }
+    /// Whether every cached function keeps decoded values in this process in
+    /// front of Redis (`#[cached(near)]` opts one function in).
+    pub fn near_cache(&self) -> bool {
+        self.near_cache
+    }
+    /// The most entries the near tier holds (default 10,000).
+    pub fn near_cache_max_entries(&self) -> u64 {
+        self.near_cache_max_entries
+    }
+    /// The longest an entry stays in the near tier (default 30 s).
+    pub fn near_cache_ttl(&self) -> Duration {
+        self.near_cache_ttl
+    }
+    /// Whether a cold key's body runs once across every instance sharing Redis (default on).
+    pub fn fleet_lease(&self) -> bool {
+        self.fleet_lease
+    }
+    /// How long a fleet lease lasts unless renewed (default 5 s).
+    pub fn fleet_lease_ttl(&self) -> Duration {
+        self.fleet_lease_ttl
     }
     /// Whether [`Cache::warm`](crate::Cache::warm) writes anything.
     pub fn warmup_enabled(&self) -> bool {
@@ -931,6 +967,35 @@ impl CacheConfigBuilder {
     /// invalidated. Off, calls run their function (still one per key at a time).
     pub fn local_fallback(mut self, on: bool) -> Self {
         self.config.local_fallback = Some(on);
+        self
+    }
+    /// Sets whether every cached function keeps decoded values in this
+    /// process in front of Redis. Every invalidation any instance makes reaches
+    /// them over Redis pub/sub; while this instance can't hear it, they serve nothing.
+    pub fn near_cache(mut self, on: bool) -> Self {
+        self.config.near_cache = on;
+        self
+    }
+    /// Bounds the near tier.
+    pub fn near_cache_max_entries(mut self, n: u64) -> Self {
+        self.config.near_cache_max_entries = n.max(1);
+        self
+    }
+    /// Sets the longest an entry stays in the near tier.
+    pub fn near_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.config.near_cache_ttl = ttl;
+        self
+    }
+    /// Sets whether a cold key's body runs once across every instance sharing
+    /// Redis (a lease in Redis), or once per instance.
+    pub fn fleet_lease(mut self, on: bool) -> Self {
+        self.config.fleet_lease = on;
+        self
+    }
+    /// Sets how long a fleet lease lasts unless its holder renews it: the
+    /// longest another instance waits, and how soon a dead holder is replaced.
+    pub fn fleet_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.config.fleet_lease_ttl = ttl.max(Duration::from_millis(10));
         self
     }
     /// Sets how many shards each prefix's entries spread over on a Redis

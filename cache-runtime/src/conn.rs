@@ -473,9 +473,33 @@ impl Endpoint {
     async fn open(
         &self,
         config: AsyncConnectionConfig,
+        timeout: Duration,
+    ) -> Result<(MultiplexedConnection, AbortHandle), CacheError> {
+        self.open_with(self.info.redis_settings(), config, timeout).await
+    }
+
+    /// A connection of its own for the invalidation bus (`bus.rs`): RESP3, so
+    /// that SUBSCRIBE leaves it usable for the PINGs that tell a silent
+    /// partition, with every message pushed to `push`. Within `timeout`.
+    pub(crate) async fn open_listener(
+        &self,
+        push: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+        timeout: Duration,
+    ) -> Result<(MultiplexedConnection, AbortHandle), CacheError> {
+        let redis = self.info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+        let config = AsyncConnectionConfig::new().set_response_timeout(Some(timeout)).set_push_sender(push);
+        match tokio::time::timeout(timeout, self.open_with(&redis, config, timeout)).await {
+            Ok(opened) => opened,
+            Err(_) => Err(CacheError::Timeout(timeout)),
+        }
+    }
+
+    async fn open_with(
+        &self,
+        redis: &RedisConnectionInfo,
+        config: AsyncConnectionConfig,
         #[cfg_attr(not(feature = "sentinel"), allow(unused_variables))] timeout: Duration,
     ) -> Result<(MultiplexedConnection, AbortHandle), CacheError> {
-        let redis = self.info.redis_settings();
         #[cfg(feature = "sentinel")]
         if let Some(sentinels) = &self.sentinels {
             let (host, port) = sentinels.master(self, timeout).await?;

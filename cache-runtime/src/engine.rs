@@ -18,6 +18,7 @@ use tracing::{debug_span, Instrument, Level, Span};
 
 use crate::flight::{self, Outcome, Role, Shared};
 use crate::key::escape_glob;
+use crate::lease;
 use crate::schema::Key;
 use crate::spec::Spec;
 use crate::store::{FillFence, Raw};
@@ -331,12 +332,31 @@ where
     }
     let full = call.key.full.as_str();
     let started = std::time::Instant::now();
-    // Taken before the read: an invalidation after the read is newer than this.
+    let near = call.spec.near(cache).then(|| &cache.inner.tiers.near);
+    if let Some(near) = near {
+        if let Some(entry) = near.get(full, started) {
+            if let Some(v) = decode_or_reuse(cache, full, &Raw::Local(entry), &values) {
+                cache.record_near_hit();
+                return (Out::from_cached(v), Traced::Hit);
+            }
+        }
+    }
+    // Taken before the read: an invalidation after the read is newer than these.
+    let near_fence = near.map(|near| near.fence(started));
     let fence = cache.fill_fence(full, started);
     match cache.read(full, started).await {
         Ok(Some(raw)) => {
+            let kept = match (&raw, near_fence) {
+                (Raw::Owned(bytes), Some(near_fence)) => Some((bytes.clone(), near_fence)),
+                _ => None,
+            };
             if let Some(v) = decode_hit(cache, full, raw, &values).await {
                 cache.record_lookup(true);
+                if let Some((bytes, near_fence)) = kept {
+                    // The body is not run: its future is dropped unpolled, built for its tags.
+                    let tags = call.spec.tags(cache, miss().0.to_vec());
+                    cache.inner.tiers.near.fill(full, &bytes, call.spec.ttl(cache), &tags, near_fence);
+                }
                 return (Out::from_cached(v), Traced::Hit);
             }
         }
@@ -387,11 +407,31 @@ where
         }
     };
 
+    // Another instance may be running the body already: wait for its fill.
+    let mut lease = None;
+    if cache.config().fleet_lease() && cache.inner.tiers.shared_store().is_some() {
+        match lease::turn(cache, full, &mut fence).await {
+            lease::Turn::Run(held) => lease = held,
+            lease::Turn::Found(raw, read_at) => {
+                let bytes: Arc<[u8]> = Arc::from(&*raw);
+                if let Some(v) = decode_hit(cache, full, raw, &values).await {
+                    leader.publish(Outcome::Value(bytes, read_at));
+                    return (Out::from_cached(v), Traced::Shared);
+                }
+            }
+        }
+    }
+
     // No second read: the fill is checked against the fence taken before the
     // read, so the miss path is one GET and one write.
     let (tags, body) = miss();
     let out = body.await;
-    let (outcome, traced) = store(&call, format, &out, &tags, condition, Some(fence), false).await;
+    let (outcome, traced) =
+        store(&call, format, &out, &tags, condition, Some(fence), false, near_fence).await;
+    // Released once the fill is written, so that the instances it wakes read it.
+    if let Some(lease) = lease {
+        lease.release().await;
+    }
     let outcome = match outcome {
         Outcome::Unshared => share(&call, full, &out, &tags, fence, &sharing, &leader).await,
         outcome => outcome,
@@ -517,7 +557,7 @@ where
     let fence = call.cache.fill_fence(&call.key.full, std::time::Instant::now());
     let out = body.await;
     let format = call.cache.config().serialization;
-    let (_, traced) = store(&call, format, &out, &tags, condition, Some(fence), true).await;
+    let (_, traced) = store(&call, format, &out, &tags, condition, Some(fence), true, None).await;
     (out, traced)
 }
 
@@ -531,6 +571,9 @@ pub async fn invalidate_all(cache: &Cache, spec: &Spec) -> Result<u64, CacheErro
     cache.delete_pattern(&format!("{}:*", escape_glob(spec.prefix(cache)))).await
 }
 
+/// Stores what the body returned, and keeps it in the near tier under
+/// `near` (the near tier's fence taken before the read that missed).
+#[allow(clippy::too_many_arguments)]
 async fn store<M, Out, C>(
     call: &Call<'_>,
     format: Serialization,
@@ -539,6 +582,7 @@ async fn store<M, Out, C>(
     condition: C,
     fence: Option<FillFence>,
     bump: bool,
+    near: Option<FillFence>,
 ) -> (Outcome, Traced)
 where
     Out: Cacheable<M>,
@@ -567,7 +611,12 @@ where
         let ttl = call.spec.ttl(cache);
         let tags = call.spec.tags(cache, tags.to_vec());
         match cache.write(full, &bytes, ttl, &tags, fence, bump).await {
-            Ok(true) => return (Outcome::Value(bytes.into(), writing), Traced::Filled),
+            Ok(true) => {
+                if let Some(near) = near {
+                    cache.inner.tiers.near.fill(full, &bytes, ttl, &tags, near);
+                }
+                return (Outcome::Value(bytes.into(), writing), Traced::Filled);
+            }
             Ok(false) => {
                 cache.inner.counters.fills_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(key = full, "fill refused: invalidated while computing");

@@ -9,6 +9,11 @@
 //! retry every [`REPLAY_EVERY`], independent of the breaker's timeout, bounds
 //! the window in which other processes can still read the old value: the time
 //! the store is unreachable, plus one interval.
+//!
+//! An invalidation the shared store applied is announced on the bus
+//! (`bus.rs`) for the other instances' near tiers before it returns `Ok`; one
+//! that could not be announced is queued like one that could not be applied,
+//! and its replay announces it.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -17,9 +22,12 @@ use prometheus::IntGauge;
 use tracing::instrument::WithSubscriber;
 
 use crate::breaker::{Breaker, BreakerState, Permit};
+use crate::bus::{Bus, Event};
 use crate::cache::{KeyTtl, Mode};
+use crate::lease::Claim;
 use crate::local::LocalTier;
 use crate::misconfig::Misconfig;
+use crate::near::Near;
 use crate::pending::{Pending, PendingLog};
 use crate::stats::Health;
 use crate::store::{FillFence, KeyPage, Raw, ServerInfo, Store, Write};
@@ -38,6 +46,18 @@ pub(crate) struct Failover {
     /// A credentials or permission problem the shared store reported, until a check passes.
     pub(crate) misconfig: Arc<Misconfig>,
     breaker_gauge: IntGauge,
+    /// Decoded values in front of the shared store, while the bus is heard (`near.rs`).
+    pub(crate) near: Near,
+    pub(crate) bus: Bus,
+    /// How long the bus listener's PING may take before its connection counts as lost.
+    heartbeat_timeout: Duration,
+}
+
+/// What the tiers need for the bus: the near tier, the bus, and the listener's PING timeout.
+pub(crate) struct Coherence {
+    pub(crate) near: Near,
+    pub(crate) bus: Bus,
+    pub(crate) heartbeat_timeout: Duration,
 }
 
 impl Failover {
@@ -48,6 +68,7 @@ impl Failover {
         misconfig: Arc<Misconfig>,
         breaker_gauge: IntGauge,
         local_fallback: bool,
+        coherence: Coherence,
     ) -> Self {
         Failover {
             shared,
@@ -57,7 +78,19 @@ impl Failover {
             local_fallback,
             misconfig,
             breaker_gauge,
+            near: coherence.near,
+            bus: coherence.bus,
+            heartbeat_timeout: coherence.heartbeat_timeout,
         }
+    }
+
+    /// The shared store, whatever the breaker says: for the bus listener.
+    pub(crate) fn shared_store(&self) -> Option<&dyn Store> {
+        self.shared.as_deref()
+    }
+
+    pub(crate) fn heartbeat_timeout(&self) -> Duration {
+        self.heartbeat_timeout
     }
 
     /// Connects the shared store. Unreachable: local mode until it answers.
@@ -143,7 +176,11 @@ impl Failover {
                 return Ok(());
             }
             while let Some(entry) = replay.next() {
-                if let Err(e) = shared.invalidate(entry).await {
+                let applied = async {
+                    shared.invalidate(entry).await?;
+                    self.bus.announce(shared, entry).await
+                };
+                if let Err(e) = applied.await {
                     // An error the store answered with would fail this entry forever and
                     // hold back every one after it: a clear of the prefix covers it instead.
                     if !e.is_unavailable() && *entry != Pending::Everything {
@@ -165,12 +202,18 @@ impl Failover {
     /// it, [`CacheError::Deferred`] that it is queued.
     pub(crate) async fn invalidate(&self, what: Pending) -> Result<u64, CacheError> {
         let local = self.local.apply(&what);
+        self.near.apply(&what);
         if self.shared.is_none() {
             return Ok(local);
         }
         let cause = match self.shared().await {
             Some((shared, permit)) => {
-                let result = shared.invalidate(&what).await;
+                let result = async {
+                    let deleted = shared.invalidate(&what).await?;
+                    self.bus.announce(shared, &what).await?;
+                    Ok(deleted)
+                }
+                .await;
                 match self.settle(permit, result) {
                     // Only an unreachable store defers the invalidation; an error it
                     // answered with would fail the replay forever, so it goes to the caller.
@@ -213,6 +256,24 @@ impl Failover {
     /// store, a shared fill never the local tier), or a `set` in the tier serving.
     pub(crate) async fn write(&self, write: Write<'_>) -> Result<bool, CacheError> {
         match self.shared().await {
+            // A `set` replaces what other instances may keep near: it is announced as an invalidation.
+            Some((shared, permit)) if write.bump && !write.check_only => {
+                let what = Pending::Key(write.full.to_owned());
+                let written = shared.write(write).await;
+                self.near.apply(&what);
+                let result = match written {
+                    Ok(stored) => self.bus.announce(shared, &what).await.map(|()| stored),
+                    Err(e) => Err(e),
+                };
+                match self.settle(permit, result) {
+                    Err(e) if e.is_unavailable() => {
+                        // Written or not, an invalidation of the key is what the others must hear.
+                        self.pending.push(what);
+                        Err(CacheError::Deferred(e.to_string()))
+                    }
+                    other => other,
+                }
+            }
             Some((shared, permit)) => self.settle(permit, shared.write(write).await),
             None if self.serves_locally() => self.local.write_now(write),
             // Not `Ok(false)`, which says a fill was refused (the engine would
@@ -221,6 +282,56 @@ impl Failover {
                 "Redis is unreachable and local_fallback is off: nothing was stored".into(),
             )),
         }
+    }
+
+    /// Takes the fleet lease on `full` (`lease.rs`); unavailable while the shared store does not serve.
+    pub(crate) async fn acquire_lease(
+        &self,
+        full: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Claim, CacheError> {
+        let Some((shared, permit)) = self.shared().await else { return Err(not_serving()) };
+        self.settle(permit, shared.acquire_lease(full, token, ttl).await)
+    }
+
+    pub(crate) async fn renew_lease(
+        &self,
+        full: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, CacheError> {
+        let Some((shared, permit)) = self.shared().await else { return Err(not_serving()) };
+        self.settle(permit, shared.renew_lease(full, token, ttl).await)
+    }
+
+    /// Lets a lease go; while the shared store does not serve, it expires instead.
+    pub(crate) async fn release_lease(&self, full: &str, token: &str) -> Result<(), CacheError> {
+        let Some((shared, permit)) = self.shared().await else { return Err(not_serving()) };
+        let message = self.bus.released(full);
+        self.settle(permit, shared.release_lease(full, token, self.bus.channel(), &message).await)
+    }
+
+    /// Sends `event` to the handlers of every instance, this one's included,
+    /// over the bus; with no shared store, to this instance's handlers.
+    pub(crate) async fn emit(&self, event: Event) -> Result<(), CacheError> {
+        if self.shared.is_none() {
+            self.bus.dispatch(&event);
+            return Ok(());
+        }
+        let result = match self.shared().await {
+            Some((shared, permit)) => self.settle(permit, self.bus.emit(shared, event.clone()).await),
+            None => Err(not_serving()),
+        };
+        if let Err(e) = &result {
+            if e.is_unavailable() {
+                self.bus.dispatch(&event);
+                return Err(CacheError::Unavailable(format!(
+                    "{e}: the event ran this instance's handlers only"
+                )));
+            }
+        }
+        result
     }
 
     /// Removes an unreadable entry from the tier serving, fencing nothing.
@@ -288,6 +399,7 @@ impl Failover {
             return;
         }
         runtime.spawn(health_loop(Arc::downgrade(this), health_every).with_current_subscriber());
+        runtime.spawn(crate::bus::listen_loop(Arc::downgrade(this)).with_current_subscriber());
         runtime.spawn(replay_loop(Arc::downgrade(this)).with_current_subscriber());
     }
 }
@@ -328,4 +440,8 @@ async fn replay_loop(this: Weak<Failover>) {
             }
         }
     }
+}
+
+fn not_serving() -> CacheError {
+    CacheError::Unavailable("the circuit breaker is open".into())
 }

@@ -3,6 +3,7 @@
 mod access;
 mod background;
 mod breaker;
+mod bus;
 mod cache;
 #[cfg(feature = "cluster")]
 mod cluster;
@@ -20,10 +21,12 @@ mod glob;
 #[cfg(feature = "http")]
 pub mod http;
 mod key;
+mod lease;
 mod local;
 pub mod macro_options;
 mod metrics;
 mod misconfig;
+mod near;
 mod pending;
 mod redis_store;
 mod redis_tier;
@@ -42,6 +45,7 @@ mod tls;
 pub mod __private;
 
 pub use breaker::BreakerState;
+pub use bus::Event;
 pub use cache::{get_cache, init, Cache, KeyTtl, Mode, Set};
 /// Rewrites an `async fn` into a cache-aside call: a hit returns the stored
 /// value, a miss runs the body once per key in this process and stores its

@@ -13,6 +13,7 @@
 //! | [`version`](#version) | part of the key: bump it when the stored type changes |
 //! | [`profile`](#profile) | ttl, prefix and tags from a named profile of the config |
 //! | [`cache_none`](#cache_none) | for `Option<T>`: store `None` too |
+//! | [`near`](#near) | keep decoded values in this process in front of Redis, coherent across instances |
 //! | [`crate`](#crate) | the path of `cache_runtime` when the dependency is renamed |
 //!
 //! Misuse is a compile error pointing at the option: an unknown one (with the
@@ -291,6 +292,31 @@
 //! assert_eq!(find("ghost".into()).await, None);
 //! assert_eq!(find("ghost".into()).await, None);
 //! assert_eq!(RUNS.load(SeqCst), 1, "the None was cached");
+//! # }
+//! ```
+//!
+//! # `near`
+//!
+//! `near = true` keeps this function's values decoded in the process, in
+//! front of Redis: a hit there skips the network. Every invalidation any
+//! instance makes reaches every near tier over Redis pub/sub before it
+//! returns `Ok`; while an instance can't hear them, its near tier serves
+//! nothing (the README's "Several instances"). `near_cache: true` in the
+//! config turns it on for every function. In local mode there is nothing to
+//! be near to, and the option changes nothing.
+//!
+//! ```
+//! # use cache_runtime::cached;
+//! # #[derive(Clone, serde::Serialize, serde::Deserialize)]
+//! # pub struct Rules { max: u32 }
+//! #[cached(near = true, ttl = 60, tags = ["policies"])]
+//! async fn policy_rules() -> Rules {
+//!     Rules { max: 3 }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! assert_eq!(policy_rules().await.max, 3);
 //! # }
 //! ```
 //!

@@ -11,8 +11,9 @@ use std::sync::Mutex;
 
 const MAX: usize = 10_000;
 
-/// One invalidation, with full Redis keys.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One invalidation, with full Redis keys; the bus carries it as it is (`bus.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum Pending {
     Key(String),
     Tags(Vec<String>),

@@ -26,6 +26,7 @@ use crate::conn::{Carries, Connections, Endpoint, Lease};
 
 use crate::config::{CacheConfig, RedisTarget};
 use crate::fence::FenceScripts;
+use crate::lease::LeaseScripts;
 use crate::misconfig::Misconfig;
 use crate::store::ServerInfo;
 use crate::CacheError;
@@ -111,6 +112,11 @@ pub(crate) struct RedisStore {
     /// Shards of each prefix (`shard.rs`): 1 on one server.
     shards: u16,
     pub(crate) fences: FenceScripts,
+    pub(crate) leases: LeaseScripts,
+    /// Where the bus listens (`bus.rs`): the server, or each seed node of a
+    /// cluster in turn (a classic PUBLISH reaches every node).
+    pub(crate) listeners: Vec<Endpoint>,
+    pub(crate) connect_timeout: Duration,
 }
 
 impl RedisStore {
@@ -128,6 +134,7 @@ impl RedisStore {
         let url = target.as_str();
         let runtime = background.handle().clone();
         let client = Endpoint::new(config, url)?;
+        let listeners = vec![client.clone()];
         // No response timeout: the watchdog bounds the small commands (see
         // `conn.rs`) and `run_in` times each big one.
         let conn_config = AsyncConnectionConfig::new().set_response_timeout(None);
@@ -158,6 +165,9 @@ impl RedisStore {
             op_timeout: config.operation_timeout(),
             shards: 1,
             fences: FenceScripts::new(),
+            leases: LeaseScripts::new(),
+            listeners,
+            connect_timeout,
         })
     }
 
@@ -183,11 +193,22 @@ impl RedisStore {
                 "can't hold `{` or `}` on a Redis Cluster: they would make a hash tag of their own",
             ));
         }
+        let listeners = target
+            .cluster_nodes()
+            .iter()
+            .map(|node| {
+                let url = if node.contains("://") { node.clone() } else { format!("redis://{node}") };
+                Endpoint::new(config, &url)
+            })
+            .collect::<Result<_, _>>()?;
         Ok(RedisStore {
             link: Link::Cluster(ClusterLink::new(config, target, background)?),
             op_timeout: config.operation_timeout(),
             shards: config.cluster_shards,
             fences: FenceScripts::new(),
+            leases: LeaseScripts::new(),
+            listeners,
+            connect_timeout: config.socket_connect_timeout,
         })
     }
 

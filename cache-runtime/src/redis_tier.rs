@@ -5,9 +5,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use redis::PushInfo;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::bus::Listener;
 use crate::cache::KeyTtl;
 use crate::fence::{Fill, Observed, TagKeys, WINDOW};
 use crate::glob::to_lua_pattern;
+use crate::lease::Claim;
 use crate::pending::Pending;
 use crate::redis_store::{Lane, RedisStore};
 use crate::schema::Schema;
@@ -482,5 +487,47 @@ impl Store for RedisTier {
 
     fn revive(&self) {
         self.redis.revive();
+    }
+
+    fn publish<'a>(&'a self, channel: &'a str, message: &'a [u8]) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(self.redis.publish(channel, message))
+    }
+
+    fn listen<'a>(
+        &'a self,
+        channel: &'a str,
+        push: UnboundedSender<PushInfo>,
+    ) -> BoxFuture<'a, Result<Listener, CacheError>> {
+        Box::pin(self.redis.listen(channel, push))
+    }
+
+    fn acquire_lease<'a>(
+        &'a self,
+        full: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Claim, CacheError>> {
+        Box::pin(async move { self.redis.acquire_lease(&self.schema.lease(full), token, ttl).await })
+    }
+
+    fn renew_lease<'a>(
+        &'a self,
+        full: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, CacheError>> {
+        Box::pin(async move { self.redis.renew_lease(&self.schema.lease(full), token, ttl).await })
+    }
+
+    fn release_lease<'a>(
+        &'a self,
+        full: &'a str,
+        token: &'a str,
+        channel: &'a str,
+        message: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(
+            async move { self.redis.release_lease(&self.schema.lease(full), token, channel, message).await },
+        )
     }
 }

@@ -114,6 +114,16 @@ impl Schema {
         self.all_internal("body:*")
     }
 
+    /// The fleet lease on the entry `full` (`lease.rs`), in the entry's shard.
+    pub(crate) fn lease(&self, full: &str) -> crate::lease::LeaseKeys {
+        let (shard, relative) = (self.shard_of(full), self.relative(full));
+        crate::lease::LeaseKeys {
+            held: self.internal(shard, &format!("lease:{relative}")),
+            waited: self.internal(shard, &format!("waited:{relative}")),
+            entry: full.to_owned(),
+        }
+    }
+
     /// The fence hash of `shard`.
     pub(crate) fn fence(&self, shard: u16) -> String {
         self.internal(shard, "fence")

@@ -32,6 +32,8 @@ pub struct Spec {
     pub profile: Option<&'static str>,
     /// The `version` option.
     pub version: u32,
+    /// The `near` option: this function's values are kept in the near tier too.
+    pub near: bool,
 }
 
 impl Spec {
@@ -67,6 +69,12 @@ impl Spec {
                 None => config.default_ttl,
             },
         }
+    }
+
+    /// Whether this function's calls use the near tier: its own option, or the cache's `near_cache`.
+    #[inline]
+    pub(crate) fn near(&self, cache: &Cache) -> bool {
+        self.near || cache.config().near_cache()
     }
 
     pub(crate) fn tags(&self, cache: &Cache, mut tags: Vec<String>) -> Vec<String> {

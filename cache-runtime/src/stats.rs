@@ -52,6 +52,9 @@ impl Counters {
             breaker: BreakerState::Closed,
             breaker_opened: 0,
             pending_invalidations: 0,
+            near_cache_size: 0,
+            near_cache_hits: 0,
+            bus_listening: false,
         }
     }
 }
@@ -115,6 +118,13 @@ pub struct CacheStats {
     pub breaker_opened: u64,
     /// Invalidations waiting to be replayed into Redis.
     pub pending_invalidations: u64,
+    /// Entries in the near tier (`near_cache`, `#[cached(near = true)]`).
+    pub near_cache_size: u64,
+    /// Hits the near tier served (counted in `hits` too).
+    pub near_cache_hits: u64,
+    /// Whether this instance hears the other instances' invalidations: the
+    /// near tier serves only while it does.
+    pub bus_listening: bool,
 }
 
 /// What [`Cache::health`](crate::Cache::health) reports.

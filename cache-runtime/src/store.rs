@@ -9,8 +9,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use redis::PushInfo;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::bus::Listener;
 use crate::cache::KeyTtl;
 use crate::fence::Fence;
+use crate::lease::Claim;
 use crate::local::Entry;
 use crate::pending::Pending;
 use crate::CacheError;
@@ -142,4 +147,56 @@ pub(crate) trait Store: Send + Sync {
 
     /// Reconnects in the background whatever is not connected.
     fn revive(&self) {}
+
+    /// Publishes `message` on the bus's `channel` (`bus.rs`); nowhere to
+    /// publish is nothing to do.
+    fn publish<'a>(&'a self, channel: &'a str, message: &'a [u8]) -> BoxFuture<'a, Result<(), CacheError>> {
+        let _ = (channel, message);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// A connection of its own subscribed to `channel`, its messages sent to `push`.
+    fn listen<'a>(
+        &'a self,
+        channel: &'a str,
+        push: UnboundedSender<PushInfo>,
+    ) -> BoxFuture<'a, Result<Listener, CacheError>> {
+        let _ = (channel, push);
+        Box::pin(async { Err(CacheError::Unavailable("this store has no bus".into())) })
+    }
+
+    /// Takes the fleet lease on `full` for `ttl` (`lease.rs`): whether this
+    /// call holds it. A store no other process shares has no fleet to wait for.
+    fn acquire_lease<'a>(
+        &'a self,
+        full: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Claim, CacheError>> {
+        let _ = (full, token, ttl);
+        Box::pin(async { Ok(Claim::Won) })
+    }
+
+    /// Extends a lease this call still holds; whether it did.
+    fn renew_lease<'a>(
+        &'a self,
+        full: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, CacheError>> {
+        let _ = (full, token, ttl);
+        Box::pin(async { Ok(true) })
+    }
+
+    /// Lets a lease go, publishing `message` on `channel` if another instance waits.
+    fn release_lease<'a>(
+        &'a self,
+        full: &'a str,
+        token: &'a str,
+        channel: &'a str,
+        message: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
+        let _ = (full, token, channel, message);
+        Box::pin(async { Ok(()) })
+    }
 }

@@ -102,8 +102,10 @@ fn documented_commands() -> Vec<String> {
 async fn the_documented_least_privilege_acl_is_enough() {
     let redis = Redis::spawn();
     let prefix = unique_prefix("acl");
-    let (entries, internal) = (format!("~{prefix}:*"), format!("~{prefix}#*"));
-    let mut user = vec!["app", "on", ">app-pw", "resetkeys", &entries, &internal, "-@all"];
+    let (entries, internal, channels) =
+        (format!("~{prefix}:*"), format!("~{prefix}#*"), format!("&{prefix}#*"));
+    let mut user =
+        vec!["app", "on", ">app-pw", "resetkeys", "resetchannels", &entries, &internal, &channels, "-@all"];
     let commands = documented_commands();
     user.extend(commands.iter().map(String::as_str));
     acl(&redis, &user).await;
@@ -124,7 +126,7 @@ async fn the_documented_least_privilege_acl_is_enough() {
 
     // Control: one documented command fewer is caught at start.
     let (dropped, rest) = commands.split_last().unwrap();
-    let mut short = vec!["short", "on", ">pw", &entries, &internal, "-@all"];
+    let mut short = vec!["short", "on", ">pw", &entries, &internal, &channels, "-@all"];
     short.extend(rest.iter().map(String::as_str));
     acl(&redis, &short).await;
     let err = Cache::new(config(&redis.url_as("short", "pw"), &prefix)).await.unwrap_err();
@@ -145,7 +147,7 @@ async fn a_missing_key_pattern_or_command_is_named_at_start() {
     assert!(message.contains(&format!("`{prefix}#*`")), "names the internal keys: {message}");
 
     // No scripting at all.
-    acl(&redis, &["noscript", "on", ">pw", "allkeys", "+@all", "-@scripting"]).await;
+    acl(&redis, &["noscript", "on", ">pw", "allkeys", "allchannels", "+@all", "-@scripting"]).await;
     let err = Cache::new(config(&redis.url_as("noscript", "pw"), &prefix)).await.unwrap_err();
     let message = err.to_string();
     assert!(matches!(err, CacheError::Permission { .. }), "{err:?}");
@@ -153,12 +155,12 @@ async fn a_missing_key_pattern_or_command_is_named_at_start() {
     assert!(!message.contains("check that Redis is running"), "{message}");
 
     // Scripts allowed, but not a command they call.
-    acl(&redis, &["nozadd", "on", ">pw", "allkeys", "+@all", "-zadd"]).await;
+    acl(&redis, &["nozadd", "on", ">pw", "allkeys", "allchannels", "+@all", "-zadd"]).await;
     let err = Cache::new(config(&redis.url_as("nozadd", "pw"), &prefix)).await.unwrap_err();
     assert!(err.to_string().contains("run ZADD inside the cache's Lua scripts"), "{err}");
 
     // A command used outside scripts.
-    acl(&redis, &["noscan", "on", ">pw", "allkeys", "+@all", "-scan"]).await;
+    acl(&redis, &["noscan", "on", ">pw", "allkeys", "allchannels", "+@all", "-scan"]).await;
     let err = Cache::new(config(&redis.url_as("noscan", "pw"), &prefix)).await.unwrap_err();
     assert!(err.to_string().contains("may not run SCAN"), "{err}");
 
@@ -172,7 +174,7 @@ async fn a_missing_key_pattern_or_command_is_named_at_start() {
 async fn a_permission_revoked_later_is_logged_once_shown_by_health_and_cleared() {
     let redis = Redis::spawn();
     let prefix = unique_prefix("revoke");
-    let user = ["app", "on", ">pw", "allkeys", "+@all"];
+    let user = ["app", "on", ">pw", "allkeys", "allchannels", "+@all"];
     acl(&redis, &user).await;
     let cache = Cache::new(config(&redis.url_as("app", "pw"), &prefix)).await.unwrap();
     assert_eq!(cache.health().await.status, "healthy");

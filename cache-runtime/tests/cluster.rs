@@ -309,17 +309,25 @@ async fn an_open_breaker_serves_stale_values_only_with_local_fallback_on() {
 /// The README's least-privilege ACL for `prefix`, on a cluster.
 const ACL: &str = "+ping +info +get +set +exists +pttl +unlink +scan +evalsha +script|load +time +del +hget +hmget \
                    +hexists +hset +hincrby +hdel +hscan +zadd +zrange +zrem +zcard +zremrangebyscore +pexpire \
-                   +rename +cluster|slots +cluster|nodes +wait";
+                   +rename +publish +subscribe +cluster|slots +cluster|nodes +wait";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_least_privilege_user_runs_everything_and_a_missing_command_is_named() {
     let cluster = Cluster::spawn(3, 1);
     let prefix = support::unique_prefix("acl");
-    let patterns = [format!("~{prefix}:*"), format!("~{prefix}#*")];
+    let patterns = [format!("~{prefix}:*"), format!("~{prefix}#*"), format!("&{prefix}#*")];
     for node in cluster.topology() {
         for (user, commands) in [("app", ACL.to_owned()), ("nowait", ACL.replace(" +wait", ""))] {
-            let mut args =
-                vec!["ACL", "SETUSER", user, "on", ">pw", patterns[0].as_str(), patterns[1].as_str()];
+            let mut args = vec![
+                "ACL",
+                "SETUSER",
+                user,
+                "on",
+                ">pw",
+                patterns[0].as_str(),
+                patterns[1].as_str(),
+                patterns[2].as_str(),
+            ];
             args.extend(commands.split_whitespace());
             let reply = support::cluster::cli(node.port, &args);
             assert_eq!(reply.trim(), "OK", "ACL SETUSER on {}", node.port);
@@ -438,4 +446,98 @@ async fn a_cluster_over_tls_works_and_a_wrong_ca_gets_nowhere() {
         Ok(cache) => assert_eq!(cache.mode(), Mode::Local, "a wrong CA reached Redis"),
         Err(e) => assert!(e.is_misconfiguration(), "{e}"),
     }
+}
+
+/// Waits until `check` holds, for at most 10 s.
+async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "{what}: not within 10 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_tiers_the_fleet_lease_and_events_work_on_a_cluster() {
+    let cluster = Cluster::start();
+    let prefix = support::unique_prefix("near");
+    let mut caches = Vec::new();
+    for _ in 0..3 {
+        let config = cluster.config("near").key_prefix(prefix.clone()).near_cache(true).build().unwrap();
+        let cache = Cache::new(config).await.unwrap();
+        eventually("the bus listener subscribes", || async { cache.stats().await.unwrap().bus_listening })
+            .await;
+        caches.push(cache);
+    }
+    let runs = Arc::new(AtomicUsize::new(0));
+    let read = |cache: &Cache, key: &str, value: usize| {
+        let (cache, key, runs) = (cache.clone(), key.to_owned(), runs.clone());
+        async move {
+            cache
+                .get_with(&key, async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    value
+                })
+                .tags(["t"])
+                .await
+        }
+    };
+
+    // Near hits, and invalidations of every kind from another instance, on keys in every shard.
+    for i in 0..20 {
+        let key = format!("k:{i}");
+        assert_eq!(read(&caches[1], &key, 1).await, 1);
+    }
+    let hits = caches[1].stats().await.unwrap().near_cache_hits;
+    assert_eq!(read(&caches[1], "k:3", 2).await, 1);
+    assert_eq!(caches[1].stats().await.unwrap().near_cache_hits, hits + 1, "a near hit");
+    caches[0].invalidate_tags(["t"]).await.unwrap();
+    for i in 0..20 {
+        let key = format!("k:{i}");
+        eventually("the tag invalidation is heard", || async { read(&caches[1], &key, 2).await != 1 }).await;
+    }
+    caches[2].delete_pattern("k:1*").await.unwrap();
+    let now = read(&caches[1], "k:12", 3).await;
+    assert_ne!(now, 2, "the pattern reached the near tier");
+
+    // One body run for a cold key across the instances.
+    runs.store(0, Ordering::SeqCst);
+    let mut calls = Vec::new();
+    for cache in &caches {
+        for _ in 0..30 {
+            let cache = cache.clone();
+            let runs = runs.clone();
+            calls.push(tokio::spawn(async move {
+                cache
+                    .get_with("cold", async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        9usize
+                    })
+                    .await
+            }));
+        }
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 9);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // Events reach every instance.
+    let heard = Arc::new(AtomicUsize::new(0));
+    for cache in &caches {
+        let heard = heard.clone();
+        cache.on_event("updated", move |_| {
+            let heard = heard.clone();
+            async move {
+                heard.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    caches[0].emit("updated", ()).await.unwrap();
+    eventually("every handler ran", || async { heard.load(Ordering::SeqCst) == 3 }).await;
 }

@@ -13,7 +13,8 @@ use cache_runtime::{Cache, CacheError};
 use redis::AsyncCommands;
 use support::{both_modes, Redis};
 
-const SPEC: Spec = Spec { name: "echo", prefix: Some("echo"), ttl: None, profile: None, version: 0 };
+const SPEC: Spec =
+    Spec { name: "echo", prefix: Some("echo"), ttl: None, profile: None, version: 0, near: false };
 
 fn nasty() -> Vec<String> {
     let mut v: Vec<String> = [

@@ -15,7 +15,8 @@ use cache_runtime::Cache;
 use support::{local_cache, Redis, FORMATS};
 use tokio::sync::{Barrier, Notify};
 
-const SPEC: Spec = Spec { name: "load", prefix: Some("load"), ttl: None, profile: None, version: 0 };
+const SPEC: Spec =
+    Spec { name: "load", prefix: Some("load"), ttl: None, profile: None, version: 0, near: false };
 
 fn call(cache: &Cache, id: u32) -> Call<'_> {
     let mut key = KeyBuilder::new(cache, &SPEC);

@@ -326,8 +326,14 @@ where
     let key = config.key(&req);
     let if_none_match: Vec<HeaderValue> =
         req.headers().get_all(header::IF_NONE_MATCH).iter().cloned().collect();
-    let spec =
-        Spec { name: "http", prefix: None, ttl: Some(TtlSpec::Fixed(config.ttl)), profile: None, version: 0 };
+    let spec = Spec {
+        name: "http",
+        prefix: None,
+        ttl: Some(TtlSpec::Fixed(config.ttl)),
+        profile: None,
+        version: 0,
+        near: false,
+    };
     let cache = &config.cache;
     let call = Call { cache, spec: &spec, key };
     let limit = cache.config().max_value_bytes();

@@ -1,0 +1,261 @@
+//! The fleet lease: one body run per cold key across every instance sharing
+//! Redis, as single flight (`flight.rs`) gives one per process.
+//!
+//! A process's flight leader, before running the body, takes a lease on the key
+//! in Redis (`SET NX PX`, in the key's shard). If another instance holds it,
+//! the leader marks the key as waited on and waits for the holder's release
+//! message on the bus (`bus.rs`), reading Redis again when woken and, as a
+//! fallback for a lost message, every ~100 ms. The holder renews its lease
+//! while the body runs and releases it once the fill is written; a holder that
+//! died stops renewing, its lease expires after `fleet_lease_ttl`, and a
+//! waiter takes it over. No caller waits longer than `fleet_lease_ttl`: past
+//! it, the waiter runs the body itself.
+//!
+//! The lease decides who runs the body, never whether its result is stored:
+//! the fill is checked against the fence as any other (`fence.rs`), so a fill
+//! made under a lease that outlived an invalidation is refused. A waiter that
+//! takes over reads again under a fence taken just before that read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::Script;
+use tokio::task::AbortHandle;
+
+use crate::bus::jittered;
+use crate::redis_store::{Lane, RedisStore};
+use crate::store::{FillFence, Raw};
+use crate::{Cache, CacheError};
+
+/// How often a waiter reads Redis again if no release message wakes it.
+const POLL: Duration = Duration::from_millis(100);
+
+// The entry is checked first: a caller whose read missed just before
+// another instance's fill and release must not run the body again.
+const ACQUIRE: &str = r"
+if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+return redis.call('GET', KEYS[1]) or ''
+";
+
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+";
+
+// The release message goes out only if someone waits: a lease nobody
+// contended costs no message.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return 1
+";
+
+pub(crate) struct LeaseScripts {
+    acquire: Script,
+    renew: Script,
+    release: Script,
+}
+
+impl LeaseScripts {
+    pub(crate) fn new() -> Self {
+        LeaseScripts {
+            acquire: Script::new(ACQUIRE),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
+        }
+    }
+}
+
+/// The keys of one lease: held, waited on, and the entry it is for. All in the entry's shard.
+pub(crate) struct LeaseKeys {
+    pub(crate) held: String,
+    pub(crate) waited: String,
+    pub(crate) entry: String,
+}
+
+/// What a try for a lease found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// This call holds it.
+    Won,
+    /// The entry exists: someone filled it since this call's read.
+    Filled,
+    /// Another call holds it: its token.
+    Held(String),
+}
+
+impl RedisStore {
+    pub(crate) async fn acquire_lease(
+        &self,
+        keys: &LeaseKeys,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Claim, CacheError> {
+        let mut call = self.leases.acquire.key(&keys.held);
+        call.key(&keys.waited).key(&keys.entry).arg(token).arg(millis(ttl));
+        let got: redis::Value =
+            self.run_in(Lane::Hot, |mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok(match got {
+            redis::Value::Int(1) => Claim::Won,
+            redis::Value::Int(_) => Claim::Filled,
+            other => Claim::Held(redis::from_redis_value(other).unwrap_or_default()),
+        })
+    }
+
+    pub(crate) async fn renew_lease(
+        &self,
+        keys: &LeaseKeys,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, CacheError> {
+        let mut call = self.leases.renew.key(&keys.held);
+        call.key(&keys.waited).arg(token).arg(millis(ttl));
+        let renewed: u8 =
+            self.run_in(Lane::Hot, |mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok(renewed == 1)
+    }
+
+    pub(crate) async fn release_lease(
+        &self,
+        keys: &LeaseKeys,
+        token: &str,
+        channel: &str,
+        message: &[u8],
+    ) -> Result<(), CacheError> {
+        let mut call = self.leases.release.key(&keys.held);
+        call.key(&keys.waited).arg(token).arg(channel).arg(message);
+        self.run_in(Lane::Hot, |mut conn| async move { call.invoke_async::<u8>(&mut conn).await }).await?;
+        Ok(())
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
+}
+
+/// Whose turn it is to run the body.
+pub(crate) enum Turn {
+    /// This call's, holding the lease, or without one (none configured, or
+    /// Redis could not be asked, or the wait ran out).
+    Run(Option<Held>),
+    /// Another instance filled the key meanwhile: this is what a read found,
+    /// and when that read began.
+    Found(Raw, Instant),
+}
+
+/// Waits for this call's turn to run the body of `full` across the fleet.
+/// `fence` is moved up to each new read. One holder is waited on for at most
+/// a lease's time: a dead one's lease has expired by then and a live one is
+/// too slow to wait for; a new holder (one that took over) is waited on anew.
+pub(crate) async fn turn(cache: &Cache, full: &str, fence: &mut FillFence) -> Turn {
+    let tiers = &cache.inner.tiers;
+    let ttl = cache.config().fleet_lease_ttl();
+    // Registered before the first try, so that a release between a refused
+    // try and the wait still wakes it.
+    let waiter = tiers.bus.waiter(full);
+    let token = next_token(tiers.bus.me());
+    let (mut holder, mut since) = (String::new(), Instant::now());
+    let turn = loop {
+        match tiers.acquire_lease(full, &token, ttl).await {
+            Ok(Claim::Won) => break Turn::Run(Some(Held::new(cache, full, token, ttl))),
+            Ok(Claim::Held(other)) if other != holder => (holder, since) = (other, Instant::now()),
+            Ok(Claim::Held(_)) => {}
+            Ok(Claim::Filled) => {
+                let now = Instant::now();
+                *fence = cache.fill_fence(full, now);
+                match cache.read(full, now).await {
+                    Ok(Some(raw)) => break Turn::Found(raw, now),
+                    // Gone again (an invalidation): try again.
+                    Ok(None) => continue,
+                    Err(_) => break Turn::Run(None),
+                }
+            }
+            Err(_) => break Turn::Run(None),
+        }
+        let left = ttl.saturating_sub(since.elapsed());
+        if left.is_zero() {
+            tracing::debug!(key = full, "fleet lease: its holder kept it a lease's time; running the body");
+            break Turn::Run(None);
+        }
+        tokio::select! {
+            _ = waiter.notified() => {}
+            _ = tokio::time::sleep(jittered(POLL).min(left)) => {}
+        }
+        let now = Instant::now();
+        *fence = cache.fill_fence(full, now);
+        match cache.read(full, now).await {
+            Ok(Some(raw)) => break Turn::Found(raw, now),
+            Ok(None) => {}
+            Err(_) => break Turn::Run(None),
+        }
+    };
+    tiers.bus.forget(full, &waiter);
+    turn
+}
+
+fn next_token(me: u64) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{me:x}:{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A lease this call holds: renewed while it lives, released by
+/// [`release`](Self::release) or, if the call is dropped, in the background.
+pub(crate) struct Held {
+    cache: Cache,
+    full: String,
+    token: String,
+    renewal: Option<AbortHandle>,
+}
+
+impl Held {
+    fn new(cache: &Cache, full: &str, token: String, ttl: Duration) -> Self {
+        let renewal = cache.runtime().map(|runtime| {
+            let (cache, full, token) = (cache.clone(), full.to_owned(), token.clone());
+            let renew = async move {
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    match cache.inner.tiers.renew_lease(&full, &token, ttl).await {
+                        Ok(true) => {}
+                        // Lost (expired, or the key's master failed over): the fence still guards the fill.
+                        Ok(false) | Err(_) => return,
+                    }
+                }
+            };
+            runtime.spawn(renew).abort_handle()
+        });
+        Held { cache: cache.clone(), full: full.to_owned(), token, renewal }
+    }
+
+    /// Lets the key go, waking the instances that wait on it.
+    pub(crate) async fn release(mut self) {
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
+        let token = std::mem::take(&mut self.token);
+        let _ = self.cache.inner.tiers.release_lease(&self.full, &token).await;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
+        if self.token.is_empty() {
+            return;
+        }
+        // The call was dropped or its body panicked: let the others go now
+        // rather than after the lease's time.
+        let (cache, full, token) =
+            (self.cache.clone(), std::mem::take(&mut self.full), std::mem::take(&mut self.token));
+        if let Some(runtime) = cache.runtime().cloned() {
+            runtime.spawn(async move {
+                let _ = cache.inner.tiers.release_lease(&full, &token).await;
+            });
+        }
+    }
+}

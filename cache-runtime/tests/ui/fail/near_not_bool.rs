@@ -1,0 +1,8 @@
+use cache_runtime::cached;
+
+#[cached(near = "yes")]
+async fn rules(id: u32) -> u32 {
+    id
+}
+
+fn main() {}

@@ -322,7 +322,10 @@ fn spec(args: &Args, name: &Ident, rt: &TokenStream) -> TokenStream {
         Some(v) => quote!(#v),
         None => quote!(0),
     };
-    let near = args.near.as_ref().is_some_and(|b| b.value);
+    let near = match &args.near {
+        Some(b) => quote!(::core::option::Option::Some(#b)),
+        None => quote!(::core::option::Option::None),
+    };
     quote! {
         #rt::__private::Spec { name: #name, prefix: #prefix, ttl: #ttl, profile: #profile, version: #version, near: #near }
     }

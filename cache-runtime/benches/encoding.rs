@@ -45,7 +45,7 @@ struct Filter<'a> {
 }
 
 const SPEC: Spec =
-    Spec { name: "get_mission", prefix: Some("missions"), ttl: None, profile: None, version: 0, near: false };
+    Spec { name: "get_mission", prefix: Some("missions"), ttl: None, profile: None, version: 0, near: None };
 
 fn keys(c: &mut Criterion) {
     let cache = Cache::local(CacheConfig::default());

@@ -11,7 +11,8 @@
 //!
 //! Baselines, each run in the same rounds as what it is compared with:
 //! `raw_get` (redis-rs GET + decode) for `cached_redis_hit` and `mix_90_10`,
-//! `raw_get_set` for `cached_miss`, and for `cached_local_hit` both `moka_get`
+//! `raw_get_set` for `cached_miss` (and `cached_miss_no_lease`, the same
+//! without the fleet lease), and for `cached_local_hit` both `moka_get`
 //! (`moka::future::Cache<u64, Arc<Mission>>::get`) and `cached_crate_hit` (the
 //! `cached` crate's in-memory `#[cached]` on an async fn); a ratio is printed
 //! for each baseline that ran. Those two hits clone a `Mission`; the `_arc`
@@ -44,6 +45,8 @@ use support::bench::{drive, median, mission, Mission};
 
 static REDIS: OnceLock<Cache> = OnceLock::new();
 static LOCAL: OnceLock<Cache> = OnceLock::new();
+/// The Redis-backed cache without the fleet lease: what the lease costs a cold miss.
+static SOLO: OnceLock<Cache> = OnceLock::new();
 /// Reached like the caches of the `#[cached]` functions: through a static.
 static MOKA: OnceLock<moka::future::Cache<u64, Arc<Mission>>> = OnceLock::new();
 static BODY_RUNS: AtomicU64 = AtomicU64::new(0);
@@ -105,6 +108,13 @@ async fn mix_mission(id: u64) -> Mission {
 /// Every call a fresh key: read, body, fenced fill (untagged, like its raw baseline).
 #[cached(cache = REDIS.get().unwrap(), prefix = "lg_miss")]
 async fn miss_mission(id: u64) -> Mission {
+    BODY_RUNS.fetch_add(1, Ordering::Relaxed);
+    mission(id)
+}
+
+/// The same without the fleet lease (single flight in this process only).
+#[cached(cache = SOLO.get().unwrap(), prefix = "lg_miss_solo")]
+async fn miss_solo(id: u64) -> Mission {
     BODY_RUNS.fetch_add(1, Ordering::Relaxed);
     mission(id)
 }
@@ -220,6 +230,12 @@ async fn run_scenario(
         "cached_miss" => {
             drive(concurrency, ops, |_| async move {
                 std::hint::black_box(miss_mission(FRESH.fetch_add(1, Ordering::Relaxed)).await);
+            })
+            .await
+        }
+        "cached_miss_no_lease" => {
+            drive(concurrency, ops, |_| async move {
+                std::hint::black_box(miss_solo(FRESH.fetch_add(1, Ordering::Relaxed)).await);
             })
             .await
         }
@@ -410,7 +426,8 @@ async fn invalidation_load(reader: &Cache, writer: &Cache) {
 fn baselines_of(scenario: &str) -> &'static [&'static str] {
     match scenario {
         "cached_redis_hit" | "mix_90_10" => &["raw_get"],
-        "cached_miss" => &["raw_get_set"],
+        "cached_miss" => &["raw_get_set", "cached_miss_no_lease"],
+        "cached_miss_no_lease" => &["raw_get_set"],
         "cached_local_hit" => &["moka_get", "cached_crate_hit"],
         "cached_local_hit_arc" => &["moka_get", "cached_crate_hit_arc"],
         "cached_near_hit" | "cached_near_hit_arc" => &["moka_get", "cached_redis_hit"],
@@ -440,6 +457,8 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         REDIS.set(redis_cache.clone()).unwrap();
+        let solo = CacheConfig::builder().redis_url(server.url()).key_prefix("loadgen").fleet_lease(false);
+        SOLO.set(Cache::new(solo.build().unwrap()).await.unwrap()).unwrap();
         LOCAL.set(Cache::local(config("loadgen"))).unwrap();
         redis_cache.clear().await.unwrap();
 

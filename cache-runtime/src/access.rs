@@ -8,7 +8,8 @@
 //! Every probe touches only keys of its own: `{prefix}:#probe` is read, and
 //! written only when absent (NX, 50 ms), so an existing key of that name is left
 //! alone; `{prefix}#probe`, `{prefix}#probe:z` and `{prefix}#probe:h` are internal.
-//! Publishing is probed on `{prefix}#meta:probe`, a channel nobody listens to.
+//! PUBLISH is not required: the bus checks it itself, and a refusal turns the
+//! bus off rather than the cache (`bus.rs`).
 
 use redis::Script;
 
@@ -21,7 +22,6 @@ use crate::CacheError;
 const PROBE_SCRIPT: &str = r"
 local entry, internal, tags, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local checks = {
-  {'PUBLISH', ARGV[1], ''},
   {'GET', entry}, {'EXISTS', entry}, {'PTTL', entry},
   {'SET', internal, '0', 'PX', 1000}, {'GET', internal}, {'EXISTS', internal},
   {'TIME'},
@@ -70,7 +70,6 @@ impl RedisStore {
         let tags = schema.internal(shard, "probe:z");
         let fence = schema.internal(shard, "probe:h");
         let scan = schema.all_entries();
-        let channel = schema.meta("probe");
         let steps = [
             redis::cmd("PING"),
             redis::cmd("GET").arg(&entry).clone(),
@@ -80,9 +79,6 @@ impl RedisStore {
             redis::cmd("UNLINK").arg(&internal).clone(),
             redis::cmd("SCAN").arg(0).arg("MATCH").arg(&scan).arg("COUNT").arg(1).clone(),
             redis::cmd("INFO").arg("server").clone(),
-            // The bus (`bus.rs`): its listener SUBSCRIBEs, which a multiplexed
-            // connection can't try; it reports a refusal itself.
-            redis::cmd("PUBLISH").arg(&channel).arg("").clone(),
         ];
         // A cluster's slot map (the client's) and topology (SCAN's), and the
         // wait for a replica after an invalidation.
@@ -104,7 +100,7 @@ impl RedisStore {
             return self.judge(e, prefix);
         }
         let mut call = script.key(&entry);
-        call.key(&internal).key(&tags).key(&fence).arg(&channel);
+        call.key(&internal).key(&tags).key(&fence);
         let refused: Vec<String> =
             match self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await {
                 Ok(refused) => refused,

@@ -228,9 +228,9 @@ impl Cache {
         let coherence = Coherence {
             near: Near::new(config.near_cache_max_entries, config.near_cache_ttl, schema.clone()),
             bus: Bus::new(schema.meta("bus")),
-            // A PING answered on a healthy loopback in microseconds; a
-            // partition is told apart from a busy server by a generous bound.
-            heartbeat_timeout: (config.operation_timeout() * 4).max(Duration::from_millis(500)),
+            // A heartbeat comes back over loopback in well under a millisecond;
+            // a false alarm costs no more than the near tier's contents.
+            heartbeat_timeout: (config.operation_timeout() * 2).max(Duration::from_millis(250)),
         };
         let tiers = Failover::new(
             shared,
@@ -697,9 +697,9 @@ impl Cache {
 
     /// Registers `handler` for the events named `name` that any instance
     /// sharing this cache's Redis and prefix emits with [`emit`](Self::emit),
-    /// this one included. Each event runs each handler once per instance, in a
-    /// task of its own on the cache's runtime; handlers may invalidate keys,
-    /// tags and patterns.
+    /// this one included. Each event runs each handler once per instance that
+    /// hears it, in a task of its own; handlers may invalidate keys, tags and
+    /// patterns.
     ///
     /// ```
     /// use cache_runtime::{Cache, CacheConfig, Event};
@@ -727,12 +727,12 @@ impl Cache {
     }
 
     /// Emits the event `name` with `context` to the handlers of every
-    /// instance sharing this cache's Redis and prefix, this one's included (see
-    /// [`on_event`](Self::on_event)). In local mode, this instance's handlers run.
-    ///
-    /// Delivery is at least once to each instance whose bus listener is
-    /// subscribed when Redis publishes it: an instance reconnecting at that
-    /// moment misses it (its near tier is dropped then, but its handlers don't run).
+    /// instance sharing this cache's Redis and prefix (see
+    /// [`on_event`](Self::on_event)): this instance's run at once, whatever
+    /// Redis does; the others' once each, on every instance whose bus listener
+    /// is subscribed when Redis publishes it. An instance reconnecting at that
+    /// moment misses it (its near tier is dropped then, but its handlers don't
+    /// run). In local mode, this instance's handlers run.
     ///
     /// # Errors
     ///
@@ -744,7 +744,7 @@ impl Cache {
     pub async fn emit(&self, name: &str, context: impl serde::Serialize) -> Result<(), CacheError> {
         let context = serde_json::to_value(context)
             .map_err(|e| CacheError::InvalidArgument(format!("the context of event `{name}`: {e}")))?;
-        self.inner.tiers.emit(Event { name: name.to_owned(), context }).await
+        self.inner.tiers.emit(Event { name: name.to_owned(), context }, self.runtime()).await
     }
 
     pub(crate) fn full_key(&self, key: &str) -> String {
@@ -880,6 +880,7 @@ impl Cache {
 
     /// A hit served by the near tier: counted as a hit, with no Redis latency to record.
     pub(crate) fn record_near_hit(&self) {
+        self.inner.tiers.near.hits.fetch_add(1, Ordering::Relaxed);
         self.inner.metrics.count(Op::Get, true);
         self.record_lookup(true);
     }

@@ -342,12 +342,14 @@ where
         }
     }
     // Taken before the read: an invalidation after the read is newer than these.
-    let near_fence = near.map(|near| near.fence(started));
+    let near_fence = near.filter(|near| near.is_listening()).map(|near| near.fence(started));
     let fence = cache.fill_fence(full, started);
     match cache.read(full, started).await {
         Ok(Some(raw)) => {
             let kept = match (&raw, near_fence) {
-                (Raw::Owned(bytes), Some(near_fence)) => Some((bytes.clone(), near_fence)),
+                (Raw::Owned(bytes), Some(near_fence)) if bytes.len() <= cache.config().big_value_bytes() => {
+                    Some((bytes.clone(), near_fence))
+                }
                 _ => None,
             };
             if let Some(v) = decode_hit(cache, full, raw, &values).await {
@@ -355,7 +357,7 @@ where
                 if let Some((bytes, near_fence)) = kept {
                     // The body is not run: its future is dropped unpolled, built for its tags.
                     let tags = call.spec.tags(cache, miss().0.to_vec());
-                    cache.inner.tiers.near.fill(full, &bytes, call.spec.ttl(cache), &tags, near_fence);
+                    keep_near(cache, full, bytes, call.spec.ttl(cache), &tags, near_fence).await;
                 }
                 return (Out::from_cached(v), Traced::Hit);
             }
@@ -428,10 +430,9 @@ where
     let out = body.await;
     let (outcome, traced) =
         store(&call, format, &out, &tags, condition, Some(fence), false, near_fence).await;
-    // Released once the fill is written, so that the instances it wakes read it.
-    if let Some(lease) = lease {
-        lease.release().await;
-    }
+    // Released once the fill is written, so that the instances it wakes read
+    // it; in the background, so that the caller does not wait for it.
+    drop(lease);
     let outcome = match outcome {
         Outcome::Unshared => share(&call, full, &out, &tags, fence, &sharing, &leader).await,
         outcome => outcome,
@@ -466,6 +467,25 @@ async fn share<M, Out: Cacheable<M>>(
     } else {
         Outcome::Unshared
     }
+}
+
+/// Keeps what a Redis hit read in the near tier, for no longer than the
+/// entry has left in Redis: its expiry is not announced, and a value must not
+/// outlive it here.
+async fn keep_near(
+    cache: &Cache,
+    full: &str,
+    bytes: Vec<u8>,
+    ttl: std::time::Duration,
+    tags: &[String],
+    fence: FillFence,
+) {
+    let left = match cache.inner.tiers.ttl(full).await {
+        Ok(crate::KeyTtl::Expires(left)) => left,
+        Ok(crate::KeyTtl::Persistent) => ttl,
+        Ok(crate::KeyTtl::Missing) | Err(_) => return,
+    };
+    cache.inner.tiers.near.fill(full, bytes, ttl.min(left), tags, fence);
 }
 
 /// Whether building the key failed: the key builder flags an argument that
@@ -612,8 +632,11 @@ where
         let tags = call.spec.tags(cache, tags.to_vec());
         match cache.write(full, &bytes, ttl, &tags, fence, bump).await {
             Ok(true) => {
-                if let Some(near) = near {
-                    cache.inner.tiers.near.fill(full, &bytes, ttl, &tags, near);
+                // Only what Redis took: an outage fill lives in the local tier alone.
+                if let (Some(near), Some(FillFence::Shared(..))) = (near, fence) {
+                    if bytes.len() <= cache.config().big_value_bytes() {
+                        cache.inner.tiers.near.fill(full, bytes.clone(), ttl, &tags, near);
+                    }
                 }
                 return (Outcome::Value(bytes.into(), writing), Traced::Filled);
             }

@@ -10,10 +10,10 @@
 //! the window in which other processes can still read the old value: the time
 //! the store is unreachable, plus one interval.
 //!
-//! An invalidation the shared store applied is announced on the bus
+//! An invalidation the shared store applied is published on the bus
 //! (`bus.rs`) for the other instances' near tiers before it returns `Ok`; one
-//! that could not be announced is queued like one that could not be applied,
-//! and its replay announces it.
+//! that could not be published (or whose call was dropped first) is queued
+//! like one that could not be applied, and its replay publishes it.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -98,7 +98,12 @@ impl Failover {
     pub(crate) async fn start(&self) -> Result<Mode, CacheError> {
         let Some(shared) = &self.shared else { return Ok(Mode::Local) };
         match shared.start().await {
-            Ok(()) => Ok(Mode::Redis),
+            Ok(()) => {
+                if let Err(e) = self.bus.check(shared.as_ref()).await {
+                    tracing::debug!(error = %e, "cache bus: PUBLISH not checked at start");
+                }
+                Ok(Mode::Redis)
+            }
             // A setting Redis shows to be wrong (`cluster_shards`) is no outage either.
             Err(e) if e.is_misconfiguration() || matches!(e, CacheError::Config { .. }) => Err(e),
             Err(e) => {
@@ -178,7 +183,8 @@ impl Failover {
             while let Some(entry) = replay.next() {
                 let applied = async {
                     shared.invalidate(entry).await?;
-                    self.bus.announce(shared, entry).await
+                    self.near.apply(entry);
+                    self.announce(shared, entry).await
                 };
                 if let Err(e) = applied.await {
                     // An error the store answered with would fail this entry forever and
@@ -208,12 +214,19 @@ impl Failover {
         }
         let cause = match self.shared().await {
             Some((shared, permit)) => {
-                let result = async {
-                    let deleted = shared.invalidate(&what).await?;
-                    self.bus.announce(shared, &what).await?;
-                    Ok(deleted)
-                }
-                .await;
+                let applied = shared.invalidate(&what).await;
+                // Again: a fill of this instance that read Redis between the
+                // first application and Redis's own took the old value.
+                self.near.apply(&what);
+                let result = match applied {
+                    Ok(deleted) => {
+                        let unannounced = Unannounced::new(&self.pending, &what);
+                        let announced = self.announce(shared, &what).await;
+                        unannounced.disarm();
+                        announced.map(|()| deleted)
+                    }
+                    Err(e) => Err(e),
+                };
                 match self.settle(permit, result) {
                     // Only an unreachable store defers the invalidation; an error it
                     // answered with would fail the replay forever, so it goes to the caller.
@@ -261,17 +274,21 @@ impl Failover {
                 let what = Pending::Key(write.full.to_owned());
                 let written = shared.write(write).await;
                 self.near.apply(&what);
-                let result = match written {
-                    Ok(stored) => self.bus.announce(shared, &what).await.map(|()| stored),
-                    Err(e) => Err(e),
+                let stored = match written {
+                    Ok(stored) => stored,
+                    Err(e) => return self.settle(permit, Err(e)),
                 };
-                match self.settle(permit, result) {
-                    Err(e) if e.is_unavailable() => {
-                        // Written or not, an invalidation of the key is what the others must hear.
+                let unannounced = Unannounced::new(&self.pending, &what);
+                let announced = self.announce(shared, &what).await;
+                unannounced.disarm();
+                match self.settle(permit, announced) {
+                    Ok(()) => Ok(stored),
+                    // Stored, but the others' near tiers can't be told: an
+                    // invalidation of the key is queued, which tells them.
+                    Err(e) => {
                         self.pending.push(what);
                         Err(CacheError::Deferred(e.to_string()))
                     }
-                    other => other,
                 }
             }
             Some((shared, permit)) => self.settle(permit, shared.write(write).await),
@@ -312,26 +329,45 @@ impl Failover {
         self.settle(permit, shared.release_lease(full, token, self.bus.channel(), &message).await)
     }
 
-    /// Sends `event` to the handlers of every instance, this one's included,
-    /// over the bus; with no shared store, to this instance's handlers.
-    pub(crate) async fn emit(&self, event: Event) -> Result<(), CacheError> {
+    /// Runs this instance's handlers of `event` on `runtime`, whatever Redis
+    /// does, and publishes it for the other instances'.
+    pub(crate) async fn emit(
+        &self,
+        event: Event,
+        runtime: Option<&tokio::runtime::Handle>,
+    ) -> Result<(), CacheError> {
+        self.bus.dispatch(&event, runtime);
         if self.shared.is_none() {
-            self.bus.dispatch(&event);
             return Ok(());
         }
-        let result = match self.shared().await {
-            Some((shared, permit)) => self.settle(permit, self.bus.emit(shared, event.clone()).await),
-            None => Err(not_serving()),
+        let only_here = |e: CacheError| {
+            CacheError::Unavailable(format!("{e}: the event ran this instance's handlers only"))
         };
-        if let Err(e) = &result {
-            if e.is_unavailable() {
-                self.bus.dispatch(&event);
-                return Err(CacheError::Unavailable(format!(
-                    "{e}: the event ran this instance's handlers only"
-                )));
-            }
+        if !self.bus.is_enabled() {
+            return Err(only_here(CacheError::Unavailable(
+                "Redis refuses PUBLISH to the cache's user".into(),
+            )));
         }
-        result
+        match self.shared().await {
+            Some((shared, permit)) => match self.settle(permit, self.bus.emit(shared, event).await) {
+                Err(e) if e.is_unavailable() => Err(only_here(e)),
+                other => other,
+            },
+            None => Err(only_here(not_serving())),
+        }
+    }
+
+    /// Announces an invalidation Redis applied. Only an unreachable store is
+    /// an error (the invalidation is then queued, and its replay announces
+    /// it); one Redis answered with is logged: the invalidation itself stands.
+    async fn announce(&self, shared: &dyn Store, what: &Pending) -> Result<(), CacheError> {
+        match self.bus.announce(shared, what).await {
+            Err(e) if !e.is_unavailable() => {
+                tracing::error!(error = %e, "an invalidation applied to Redis could not be announced to the other instances");
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Removes an unreadable entry from the tier serving, fencing nothing.
@@ -444,4 +480,30 @@ async fn replay_loop(this: Weak<Failover>) {
 
 fn not_serving() -> CacheError {
     CacheError::Unavailable("the circuit breaker is open".into())
+}
+
+/// An invalidation applied to Redis and not announced yet: if the call is
+/// dropped before [`disarm`](Self::disarm), it is queued, and its replay
+/// (every [`REPLAY_EVERY`]) announces it.
+struct Unannounced<'a> {
+    log: &'a PendingLog,
+    what: Option<&'a Pending>,
+}
+
+impl<'a> Unannounced<'a> {
+    fn new(log: &'a PendingLog, what: &'a Pending) -> Self {
+        Unannounced { log, what: Some(what) }
+    }
+
+    fn disarm(mut self) {
+        self.what = None;
+    }
+}
+
+impl Drop for Unannounced<'_> {
+    fn drop(&mut self) {
+        if let Some(what) = self.what {
+            self.log.push(what.clone());
+        }
+    }
 }

@@ -22,7 +22,7 @@ fn spec(ttl: Option<Duration>) -> Spec {
         ttl: ttl.map(TtlSpec::Fixed),
         profile: None,
         version: 0,
-        near: false,
+        near: None,
     }
 }
 

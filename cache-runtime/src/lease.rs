@@ -8,8 +8,10 @@
 //! fallback for a lost message, every ~100 ms. The holder renews its lease
 //! while the body runs and releases it once the fill is written; a holder that
 //! died stops renewing, its lease expires after `fleet_lease_ttl`, and a
-//! waiter takes it over. No caller waits longer than `fleet_lease_ttl`: past
-//! it, the waiter runs the body itself.
+//! waiter takes it over. No caller waits on one holder longer than
+//! `fleet_lease_ttl`: past it, the waiter runs the body itself. A result that
+//! is not stored (an `Err`, a `None`) wakes the waiters, and one of them runs
+//! the body next: once at a time across the fleet, never as a herd.
 //!
 //! The lease decides who runs the body, never whether its result is stored:
 //! the fill is checked against the fence as any other (`fence.rs`), so a fill
@@ -50,7 +52,8 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+-- pcall: a user refused PUBLISH has no bus, and its waiters poll.
+if redis.call('DEL', KEYS[2]) == 1 then redis.pcall('PUBLISH', ARGV[2], ARGV[3]) end
 return 1
 ";
 
@@ -159,42 +162,45 @@ pub(crate) async fn turn(cache: &Cache, full: &str, fence: &mut FillFence) -> Tu
     let waiter = tiers.bus.waiter(full);
     let token = next_token(tiers.bus.me());
     let (mut holder, mut since) = (String::new(), Instant::now());
-    let turn = loop {
+    let mut unreadable = 0;
+    loop {
         match tiers.acquire_lease(full, &token, ttl).await {
-            Ok(Claim::Won) => break Turn::Run(Some(Held::new(cache, full, token, ttl))),
+            Ok(Claim::Won) => return Turn::Run(Some(Held::new(cache, full, token, ttl))),
             Ok(Claim::Held(other)) if other != holder => (holder, since) = (other, Instant::now()),
             Ok(Claim::Held(_)) => {}
             Ok(Claim::Filled) => {
                 let now = Instant::now();
                 *fence = cache.fill_fence(full, now);
                 match cache.read(full, now).await {
-                    Ok(Some(raw)) => break Turn::Found(raw, now),
-                    // Gone again (an invalidation): try again.
-                    Ok(None) => continue,
-                    Err(_) => break Turn::Run(None),
+                    Ok(Some(raw)) => return Turn::Found(raw, now),
+                    // The entry exists but reads as a miss (a big value whose
+                    // body was evicted, an entry of another shape): nobody
+                    // will fill it while it lives, so this call runs the body.
+                    Ok(None) if unreadable > 0 => return Turn::Run(None),
+                    // Gone again (an invalidation, an expiry): wait, then try again.
+                    Ok(None) => unreadable += 1,
+                    Err(_) => return Turn::Run(None),
                 }
             }
-            Err(_) => break Turn::Run(None),
+            Err(_) => return Turn::Run(None),
         }
         let left = ttl.saturating_sub(since.elapsed());
         if left.is_zero() {
             tracing::debug!(key = full, "fleet lease: its holder kept it a lease's time; running the body");
-            break Turn::Run(None);
+            return Turn::Run(None);
         }
         tokio::select! {
-            _ = waiter.notified() => {}
+            _ = waiter.notify.notified() => {}
             _ = tokio::time::sleep(jittered(POLL).min(left)) => {}
         }
         let now = Instant::now();
         *fence = cache.fill_fence(full, now);
         match cache.read(full, now).await {
-            Ok(Some(raw)) => break Turn::Found(raw, now),
+            Ok(Some(raw)) => return Turn::Found(raw, now),
             Ok(None) => {}
-            Err(_) => break Turn::Run(None),
+            Err(_) => return Turn::Run(None),
         }
-    };
-    tiers.bus.forget(full, &waiter);
-    turn
+    }
 }
 
 fn next_token(me: u64) -> String {
@@ -202,8 +208,8 @@ fn next_token(me: u64) -> String {
     format!("{me:x}:{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-/// A lease this call holds: renewed while it lives, released by
-/// [`release`](Self::release) or, if the call is dropped, in the background.
+/// A lease this call holds: renewed while it lives, released in the
+/// background when dropped (after the fill, or when the call is dropped or its body panics).
 pub(crate) struct Held {
     cache: Cache,
     full: String,
@@ -229,15 +235,6 @@ impl Held {
         });
         Held { cache: cache.clone(), full: full.to_owned(), token, renewal }
     }
-
-    /// Lets the key go, waking the instances that wait on it.
-    pub(crate) async fn release(mut self) {
-        if let Some(renewal) = self.renewal.take() {
-            renewal.abort();
-        }
-        let token = std::mem::take(&mut self.token);
-        let _ = self.cache.inner.tiers.release_lease(&self.full, &token).await;
-    }
 }
 
 impl Drop for Held {
@@ -245,11 +242,7 @@ impl Drop for Held {
         if let Some(renewal) = self.renewal.take() {
             renewal.abort();
         }
-        if self.token.is_empty() {
-            return;
-        }
-        // The call was dropped or its body panicked: let the others go now
-        // rather than after the lease's time.
+        // Let the others go now rather than after the lease's time.
         let (cache, full, token) =
             (self.cache.clone(), std::mem::take(&mut self.full), std::mem::take(&mut self.token));
         if let Some(runtime) = cache.runtime().cloned() {

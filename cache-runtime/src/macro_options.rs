@@ -299,9 +299,11 @@
 //!
 //! `near = true` keeps this function's values decoded in the process, in
 //! front of Redis: a hit there skips the network. Every invalidation any
-//! instance makes reaches every near tier over Redis pub/sub before it
-//! returns `Ok`; while an instance can't hear them, its near tier serves
-//! nothing (the README's "Several instances"). `near_cache: true` in the
+//! instance makes is published over Redis pub/sub before it returns `Ok`, and
+//! every near tier drops what it covers when the message arrives; while an
+//! instance can't hear them, its near tier serves nothing (the README's
+//! "Several instances"). `near = false` keeps a function out of it whatever
+//! the config says. `near_cache: true` in the
 //! config turns it on for every function. In local mode there is nothing to
 //! be near to, and the option changes nothing.
 //!

@@ -27,7 +27,7 @@ pub(crate) struct Near {
     tier: LocalTier,
     listening: AtomicBool,
     max_ttl: Duration,
-    /// Hits served here, for `stats`.
+    /// Hits served here, for `stats` (counted by the engine, once decoded).
     pub(crate) hits: AtomicU64,
 }
 
@@ -47,9 +47,7 @@ impl Near {
         if !self.listening.load(Ordering::Acquire) {
             return None;
         }
-        let entry = self.tier.get(full, now)?;
-        self.hits.fetch_add(1, Ordering::Relaxed);
-        Some(entry)
+        self.tier.get(full, now)
     }
 
     /// Taken before the Redis read whose value [`fill`](Self::fill) may keep.
@@ -65,7 +63,7 @@ impl Near {
     pub(crate) fn fill(
         &self,
         full: &str,
-        bytes: &[u8],
+        bytes: Vec<u8>,
         ttl: Duration,
         tags: &[String],
         fence: FillFence,
@@ -76,7 +74,7 @@ impl Near {
             return false;
         }
         let ttl = ttl.min(self.max_ttl).saturating_sub(taken.elapsed());
-        !ttl.is_zero() && self.tier.set(full, bytes.to_vec(), ttl, tags, Some(epoch), false)
+        !ttl.is_zero() && self.tier.set(full, bytes, ttl, tags, Some(epoch), false)
     }
 
     /// Applies an invalidation made here or heard on the bus.
@@ -95,6 +93,11 @@ impl Near {
     /// that read before now.
     pub(crate) fn deafen(&self) {
         self.listening.store(false, Ordering::Release);
+        self.tier.clear();
+    }
+
+    /// Forgets everything; every fill in flight is refused.
+    pub(crate) fn clear(&self) {
         self.tier.clear();
     }
 

@@ -5,9 +5,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use redis::PushInfo;
-use tokio::sync::mpsc::UnboundedSender;
-
 use crate::bus::Listener;
 use crate::cache::KeyTtl;
 use crate::fence::{Fill, Observed, TagKeys, WINDOW};
@@ -493,12 +490,8 @@ impl Store for RedisTier {
         Box::pin(self.redis.publish(channel, message))
     }
 
-    fn listen<'a>(
-        &'a self,
-        channel: &'a str,
-        push: UnboundedSender<PushInfo>,
-    ) -> BoxFuture<'a, Result<Listener, CacheError>> {
-        Box::pin(self.redis.listen(channel, push))
+    fn listen<'a>(&'a self, channels: &'a [&'a str]) -> BoxFuture<'a, Result<Listener, CacheError>> {
+        Box::pin(self.redis.listen(channels))
     }
 
     fn acquire_lease<'a>(

@@ -32,8 +32,9 @@ pub struct Spec {
     pub profile: Option<&'static str>,
     /// The `version` option.
     pub version: u32,
-    /// The `near` option: this function's values are kept in the near tier too.
-    pub near: bool,
+    /// The `near` option: `Some(true)` keeps this function's values in the
+    /// near tier too, `Some(false)` never, `None` as the cache's `near_cache` says.
+    pub near: Option<bool>,
 }
 
 impl Spec {
@@ -71,10 +72,10 @@ impl Spec {
         }
     }
 
-    /// Whether this function's calls use the near tier: its own option, or the cache's `near_cache`.
+    /// Whether this function's calls use the near tier: its own option, else the cache's `near_cache`.
     #[inline]
     pub(crate) fn near(&self, cache: &Cache) -> bool {
-        self.near || cache.config().near_cache()
+        self.near.unwrap_or_else(|| cache.config().near_cache())
     }
 
     pub(crate) fn tags(&self, cache: &Cache, mut tags: Vec<String>) -> Vec<String> {

@@ -9,9 +9,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::PushInfo;
-use tokio::sync::mpsc::UnboundedSender;
-
 use crate::bus::Listener;
 use crate::cache::KeyTtl;
 use crate::fence::Fence;
@@ -155,13 +152,9 @@ pub(crate) trait Store: Send + Sync {
         Box::pin(async { Ok(()) })
     }
 
-    /// A connection of its own subscribed to `channel`, its messages sent to `push`.
-    fn listen<'a>(
-        &'a self,
-        channel: &'a str,
-        push: UnboundedSender<PushInfo>,
-    ) -> BoxFuture<'a, Result<Listener, CacheError>> {
-        let _ = (channel, push);
+    /// A connection of its own subscribed to `channels`.
+    fn listen<'a>(&'a self, channels: &'a [&'a str]) -> BoxFuture<'a, Result<Listener, CacheError>> {
+        let _ = channels;
         Box::pin(async { Err(CacheError::Unavailable("this store has no bus".into())) })
     }
 

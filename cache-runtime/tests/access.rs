@@ -247,3 +247,19 @@ async fn a_rotated_password_is_reported_once_and_never_printed() {
     assert_eq!(logged.len(), 1, "reconnect attempts log the cause once: {logged:?}");
     assert!(logged.iter().all(|l| !l.contains(ADMIN_PASSWORD) && !l.contains("rotated-pw-91c2")));
 }
+
+#[tokio::test]
+async fn a_user_refused_publish_starts_with_the_bus_off() {
+    let redis = Redis::spawn();
+    let prefix = unique_prefix("nopub");
+    acl(&redis, &["nopub", "on", ">pw", "allkeys", "resetchannels", "+@all"]).await;
+    let cache = Cache::new(config(&redis.url_as("nopub", "pw"), &prefix)).await.unwrap();
+    assert_eq!(cache.mode(), Mode::Redis);
+    cache.set("k", &1u32).await.unwrap();
+    assert!(cache.delete("k").await.unwrap(), "invalidations work without the bus");
+    let stats = cache.stats().await.unwrap();
+    assert!(!stats.bus_listening && stats.errors == 0, "{stats:?}");
+    assert_eq!(cache.health().await.status, "healthy");
+    let err = cache.emit("e", ()).await.unwrap_err();
+    assert!(err.to_string().contains("PUBLISH"), "{err}");
+}

@@ -19,7 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
 
 const SPEC: Spec =
-    Spec { name: "race", prefix: Some("race"), ttl: None, profile: None, version: 0, near: false };
+    Spec { name: "race", prefix: Some("race"), ttl: None, profile: None, version: 0, near: None };
 /// What the database held when the racing fill read it; the update writes 2.
 const OLD: u64 = 1;
 

@@ -14,7 +14,7 @@ use redis::AsyncCommands;
 use support::{both_modes, Redis};
 
 const SPEC: Spec =
-    Spec { name: "echo", prefix: Some("echo"), ttl: None, profile: None, version: 0, near: false };
+    Spec { name: "echo", prefix: Some("echo"), ttl: None, profile: None, version: 0, near: None };
 
 fn nasty() -> Vec<String> {
     let mut v: Vec<String> = [

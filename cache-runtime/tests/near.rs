@@ -275,3 +275,23 @@ async fn events_reach_the_handlers_of_every_instance() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(heard.load(SeqCst), 3, "each event runs each handler once per instance");
 }
+
+#[tokio::test]
+async fn a_listener_whose_heartbeat_stops_is_deaf_though_its_socket_stays_open() {
+    let redis = Redis::spawn();
+    let [reader] = <[Cache; 1]>::try_from(
+        instances(&redis, "near_paused", 1, |b| near(b).operation_timeout(Duration::from_millis(100))).await,
+    )
+    .unwrap();
+    let runs = AtomicU32::new(0);
+    assert_eq!(read(&reader, "k", 1, &runs).await, 1);
+    // SIGSTOP: every socket stays open, nothing is answered or delivered.
+    redis.pause();
+    eventually("the near tier stops serving", || async { !reader.stats().await.unwrap().bus_listening })
+        .await;
+    let hits = reader.stats().await.unwrap().near_cache_hits;
+    read(&reader, "k", 2, &runs).await;
+    assert_eq!(reader.stats().await.unwrap().near_cache_hits, hits, "nothing served near while deaf");
+    redis.resume();
+    listening(&reader).await;
+}

@@ -13,7 +13,7 @@ use support::proxy::{Fault, Proxy};
 use support::{unique_prefix, Redis};
 
 const SPEC: Spec =
-    Spec { name: "load", prefix: Some("load"), ttl: None, profile: None, version: 0, near: false };
+    Spec { name: "load", prefix: Some("load"), ttl: None, profile: None, version: 0, near: None };
 const OP_TIMEOUT: Duration = Duration::from_millis(150);
 const BREAKER_TIMEOUT: Duration = Duration::from_millis(400);
 const HEALTH_EVERY: Duration = Duration::from_millis(100);

@@ -16,7 +16,7 @@ use support::{local_cache, Redis, FORMATS};
 use tokio::sync::{Barrier, Notify};
 
 const SPEC: Spec =
-    Spec { name: "load", prefix: Some("load"), ttl: None, profile: None, version: 0, near: false };
+    Spec { name: "load", prefix: Some("load"), ttl: None, profile: None, version: 0, near: None };
 
 fn call(cache: &Cache, id: u32) -> Call<'_> {
     let mut key = KeyBuilder::new(cache, &SPEC);

@@ -332,7 +332,8 @@ where
         ttl: Some(TtlSpec::Fixed(config.ttl)),
         profile: None,
         version: 0,
-        near: false,
+        // Its `miss` takes the request: a Redis hit must not call it for tags.
+        near: Some(false),
     };
     let cache = &config.cache;
     let call = Call { cache, spec: &spec, key };

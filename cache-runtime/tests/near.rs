@@ -295,3 +295,41 @@ async fn a_listener_whose_heartbeat_stops_is_deaf_though_its_socket_stays_open()
     redis.resume();
     listening(&reader).await;
 }
+
+#[tokio::test]
+async fn an_invalidation_deferred_behind_a_partition_reaches_the_others_when_it_heals() {
+    let redis = Redis::spawn();
+    let proxy = support::proxy::Proxy::start(redis.port()).await;
+    let prefix = unique_prefix("near_partition");
+    let build = |url: String| {
+        cache_runtime::CacheConfig::builder()
+            .redis_url(url)
+            .key_prefix(prefix.clone())
+            .near_cache(true)
+            .operation_timeout(Duration::from_millis(100))
+            .circuit_breaker_threshold(1)
+            .build()
+            .unwrap()
+    };
+    let cut_off = Cache::new(build(proxy.url())).await.unwrap();
+    let reader = Cache::new(build(redis.url().to_owned())).await.unwrap();
+    listening(&reader).await;
+    let runs = AtomicU32::new(0);
+    assert_eq!(read(&reader, "k", 1, &runs).await, 1);
+
+    // Only the invalidating instance loses Redis: its delete is queued, not applied.
+    proxy.set(support::proxy::Fault::BlackHole);
+    let deferred = cut_off.delete("k").await;
+    assert!(matches!(deferred, Err(cache_runtime::CacheError::Deferred(_))), "{deferred:?}");
+    assert_eq!(
+        read(&reader, "k", 2, &runs).await,
+        1,
+        "not applied anywhere yet: the old value is still the value"
+    );
+
+    // Healed, the replay applies it to Redis and tells the reader's near tier.
+    proxy.set(support::proxy::Fault::None);
+    let value = fresh(&reader, "k", 1, &runs).await;
+    assert_ne!(value, 1);
+    assert_eq!(cut_off.stats().await.unwrap().pending_invalidations, 0);
+}

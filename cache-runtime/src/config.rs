@@ -359,8 +359,8 @@ settings! {
     near_cache_ttl: Duration = Duration::from_secs(30), read as wire::Secs;
     /// Whether a cold key's body runs once across every instance sharing Redis.
     fleet_lease: bool = true, read as wire::Flag, env "CACHE_FLEET_LEASE";
-    /// How long a fleet lease lasts unless its holder renews it: how long
-    /// others wait at most, and how soon a dead holder is replaced.
+    /// How long a fleet lease lasts unless its holder renews it: how soon a
+    /// dead holder is replaced (a caller waits on one holder at most twice this).
     fleet_lease_ttl: Duration = Duration::from_secs(5), read as wire::Secs;
     /// Whether failures open the circuit breaker.
     circuit_breaker_enabled: bool = true, read as wire::Flag;
@@ -992,8 +992,8 @@ impl CacheConfigBuilder {
         self.config.fleet_lease = on;
         self
     }
-    /// Sets how long a fleet lease lasts unless its holder renews it: the
-    /// longest another instance waits, and how soon a dead holder is replaced.
+    /// Sets how long a fleet lease lasts unless its holder renews it: how soon
+    /// a dead holder is replaced; another instance waits on one holder at most twice this.
     pub fn fleet_lease_ttl(mut self, ttl: Duration) -> Self {
         self.config.fleet_lease_ttl = ttl.max(Duration::from_millis(10));
         self

@@ -8,8 +8,9 @@
 //! fallback for a lost message, every ~100 ms. The holder renews its lease
 //! while the body runs and releases it once the fill is written; a holder that
 //! died stops renewing, its lease expires after `fleet_lease_ttl`, and a
-//! waiter takes it over. No caller waits on one holder longer than
-//! `fleet_lease_ttl`: past it, the waiter runs the body itself. A result that
+//! waiter takes it over. No caller waits on one holder longer than twice
+//! `fleet_lease_ttl` (a holder that renewed just before dying leaves a whole
+//! lease behind): past it, the waiter runs the body itself. A result that
 //! is not stored (an `Err`, a `None`) wakes the waiters, and one of them runs
 //! the body next: once at a time across the fleet, never as a herd.
 //!
@@ -152,7 +153,7 @@ pub(crate) enum Turn {
 
 /// Waits for this call's turn to run the body of `full` across the fleet.
 /// `fence` is moved up to each new read. One holder is waited on for at most
-/// a lease's time: a dead one's lease has expired by then and a live one is
+/// two leases' time: a dead one's lease has expired by then and a live one is
 /// too slow to wait for; a new holder (one that took over) is waited on anew.
 pub(crate) async fn turn(cache: &Cache, full: &str, fence: &mut FillFence) -> Turn {
     let tiers = &cache.inner.tiers;
@@ -184,7 +185,9 @@ pub(crate) async fn turn(cache: &Cache, full: &str, fence: &mut FillFence) -> Tu
             }
             Err(_) => return Turn::Run(None),
         }
-        let left = ttl.saturating_sub(since.elapsed());
+        // Twice the lease: a holder that renewed just before it died leaves a
+        // whole lease behind it, which a waiter must outlast to take over.
+        let left = (ttl * 2).saturating_sub(since.elapsed());
         if left.is_zero() {
             tracing::debug!(key = full, "fleet lease: its holder kept it a lease's time; running the body");
             return Turn::Run(None);

@@ -201,22 +201,22 @@ async fn reader(input: &mut Lines<BufReader<tokio::io::Stdin>>) {
     let line = wait_for(input, "returned ").await;
     let returned: Vec<(u64, u64)> = serde_json::from_str(&line["returned ".len()..]).unwrap();
     let bound = Duration::from_millis(env_u64("BOUND_MS")).as_nanos() as u64;
+    // The newest version whose invalidation had returned by `t` (returns are in order).
+    let current_at = |t: u64| returned.iter().take_while(|&&(_, at)| at < t).last().map_or(0, |&(v, _)| v);
     let (mut stale_after_return, mut stale_after_bound) = (0, 0);
-    let mut visible_ns = Vec::new();
-    for &(v, at) in &returned {
-        // The time until this reader stopped seeing anything older than `v`.
-        let mut last_stale = None;
-        for &(started, got) in &reads {
-            if started > at && got < v {
-                stale_after_return += 1;
-                if started > at + bound {
-                    stale_after_bound += 1;
-                }
-                last_stale = Some(started);
-            }
-        }
-        visible_ns.push(last_stale.map_or(0, |s| s - at));
+    for &(started, got) in &reads {
+        stale_after_return += u64::from(got < current_at(started));
+        stale_after_bound += u64::from(got < current_at(started.saturating_sub(bound)));
     }
+    // Per invalidation: how long after it returned this reader still saw something older.
+    let visible_ns = returned
+        .iter()
+        .map(|&(v, at)| {
+            let last_stale =
+                reads.iter().filter(|&&(started, got)| started > at && got < v).map(|&(s, _)| s).max();
+            last_stale.map_or(0, |s| s - at)
+        })
+        .collect();
     say(&Line::Read { reads: reads.len() as u64, stale_after_return, stale_after_bound, visible_ns, errors });
 }
 

@@ -600,7 +600,7 @@ impl Cache {
                         let write = Write {
                             full,
                             bytes,
-                            ttl,
+                            ttl: cache.jittered(full, ttl),
                             tags: &tags,
                             expected: Some(*fence),
                             bump: true,
@@ -878,6 +878,21 @@ impl Cache {
         Ok(())
     }
 
+    /// `ttl` less up to `ttl_jitter_percent` of it, drawn from the key and
+    /// the clock: entries written in the same instant still spread out.
+    pub(crate) fn jittered(&self, full: &str, ttl: Duration) -> Duration {
+        let percent = u64::from(self.inner.config.ttl_jitter_percent());
+        if percent == 0 {
+            return ttl;
+        }
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let draw = xxhash_rust::xxh3::xxh3_64_with_seed(full.as_bytes(), nanos.as_nanos() as u64);
+        // A fraction in [0, 1) from 53 bits, scaled to at most `percent` of the TTL.
+        let fraction = (draw >> 11) as f64 / (1u64 << 53) as f64;
+        let cut = ttl.mul_f64(fraction * percent as f64 / 100.0);
+        ttl.saturating_sub(cut).max(Duration::from_millis(1))
+    }
+
     /// A hit served by the near tier: counted as a hit, with no Redis latency to record.
     pub(crate) fn record_near_hit(&self) {
         self.inner.tiers.near.hits.fetch_add(1, Ordering::Relaxed);
@@ -953,6 +968,7 @@ impl<'a, T: Storable + ?Sized + Sync> Set<'a, T> {
         let bytes = codec::encode(self.cache.inner.config.serialization, self.value)?;
         self.cache.check_size(bytes.len())?;
         let full = self.cache.full_key(self.key);
+        let ttl = self.cache.jittered(&full, ttl);
         self.cache.write(&full, &bytes, ttl, &self.tags, None, true).await?;
         Ok(())
     }

@@ -341,6 +341,9 @@ settings! {
     /// On a Redis Cluster, how many shards (hash slots) each prefix's entries
     /// spread over: the same on every instance.
     cluster_shards: u16 = 32, read as wire::Positive<u16>, env "CACHE_CLUSTER_SHARDS";
+    /// Up to this percentage is taken off each entry's TTL, at random, so
+    /// that entries written together don't expire together.
+    ttl_jitter_percent: u8 = 0, read as wire::Percent, env "CACHE_TTL_JITTER_PERCENT";
     /// Whether `Cache::warm` writes anything.
     warmup_enabled: bool = true, read as wire::Flag;
     /// Entries one warm-up task writes per batch.
@@ -759,6 +762,10 @@ impl CacheConfig {
     pub fn fleet_lease_ttl(&self) -> Duration {
         self.fleet_lease_ttl
     }
+    /// Up to this percentage is taken off each entry's TTL, at random (default 0).
+    pub fn ttl_jitter_percent(&self) -> u8 {
+        self.ttl_jitter_percent
+    }
     /// Whether [`Cache::warm`](crate::Cache::warm) writes anything.
     pub fn warmup_enabled(&self) -> bool {
         self.warmup_enabled
@@ -967,6 +974,14 @@ impl CacheConfigBuilder {
     /// invalidated. Off, calls run their function (still one per key at a time).
     pub fn local_fallback(mut self, on: bool) -> Self {
         self.config.local_fallback = Some(on);
+        self
+    }
+    /// Takes up to `percent` (at most 100) off each entry's TTL, at random, so
+    /// that entries written together (a warm-up, a burst of misses) don't all
+    /// expire, and miss, in the same instant. TTLs only get shorter: an entry
+    /// never lives longer than asked.
+    pub fn ttl_jitter_percent(mut self, percent: u8) -> Self {
+        self.config.ttl_jitter_percent = percent.min(100);
         self
     }
     /// Sets whether every cached function keeps decoded values in this
@@ -1196,6 +1211,19 @@ REDIS:
         let err = CacheConfig::default().with_vars(env(&[("CACHE_SERIALIZATION", "xml")])).unwrap_err();
         assert!(err.to_string().contains("CACHE_SERIALIZATION") && err.to_string().contains("xml"));
         assert!(CacheConfig::default().with_vars(env(&[])).unwrap().redis().is_none());
+        let c = CacheConfig::default()
+            .with_vars(env(&[
+                ("CACHE_TTL_JITTER_PERCENT", "15%"),
+                ("CACHE_NEAR_CACHE", "true"),
+                ("CACHE_FLEET_LEASE", "false"),
+            ]))
+            .unwrap();
+        assert_eq!((c.ttl_jitter_percent(), c.near_cache(), c.fleet_lease()), (15, true, false));
+        let err = CacheConfig::default().with_vars(env(&[("CACHE_TTL_JITTER_PERCENT", "150")])).unwrap_err();
+        assert!(
+            err.to_string().contains("CACHE_TTL_JITTER_PERCENT") && err.to_string().contains("150"),
+            "{err}"
+        );
     }
 
     #[test]

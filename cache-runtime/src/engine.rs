@@ -628,7 +628,7 @@ where
     if cache.check_size(bytes.len()).is_err() {
         tracing::debug!(key = full, size = bytes.len(), "result too large to cache");
     } else if condition(value) {
-        let ttl = call.spec.ttl(cache);
+        let ttl = cache.jittered(full, call.spec.ttl(cache));
         let tags = call.spec.tags(cache, tags.to_vec());
         match cache.write(full, &bytes, ttl, &tags, fence, bump).await {
             Ok(true) => {

@@ -193,6 +193,47 @@ impl<'de, T: TryFrom<u64>> Deserialize<'de> for Positive<T> {
     }
 }
 
+/// A whole percentage, 0 to 100; numeric text is read too.
+pub(super) struct Percent(u8);
+
+impl Wire for Percent {
+    type Value = u8;
+    fn value(self) -> u8 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PercentVisitor;
+        impl Visitor<'_> for PercentVisitor {
+            type Value = Percent;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a whole percentage from 0 to 100")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Percent, E> {
+                match u8::try_from(v) {
+                    Ok(n) if n <= 100 => Ok(Percent(n)),
+                    _ => Err(E::invalid_value(Unexpected::Unsigned(v), &self)),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Percent, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::invalid_value(Unexpected::Signed(v), &self)),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Percent, E> {
+                match v.trim().trim_end_matches('%').trim().parse::<u64>() {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::invalid_value(Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(PercentVisitor)
+    }
+}
+
 /// A text setting that follows the rule `R` names.
 pub(super) struct Text<R>(String, PhantomData<R>);
 

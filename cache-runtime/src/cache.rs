@@ -101,6 +101,8 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     pub(crate) metrics: Metrics,
     pub(crate) flights: Flights,
+    /// Start-up warmers still running (`warmers.rs`).
+    pub(crate) warming: std::sync::atomic::AtomicUsize,
     /// The runtime the Redis connections and upkeep loops live on, when Redis is configured.
     background: Option<Background>,
     /// In local mode, the thread the gauge refresh runs on (Redis mode uses `background`).
@@ -169,6 +171,20 @@ impl Cache {
         }
         Failover::spawn_loops(&cache.inner.tiers, cache.inner.config.health_check_interval, &runtime);
         cache.spawn_gauge_loop(&runtime);
+        Ok(cache)
+    }
+
+    /// [`new`](Self::new), then `warmers` in the background, `warmup_concurrency`
+    /// at a time (none if `warmup_enabled` is off): [`health`](Self::health)
+    /// says `ready: false` until the last one ends. A warmer that fails or
+    /// panics is logged at error level and stops nothing.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`new`](Self::new).
+    pub async fn new_with_warmers(config: CacheConfig, warmers: crate::Warmers) -> Result<Cache, CacheError> {
+        let cache = Cache::new(config).await?;
+        cache.start_warmers(warmers);
         Ok(cache)
     }
 
@@ -250,6 +266,7 @@ impl Cache {
                 background,
                 upkeep: None,
                 flights: Flights::new(config.operation_timeout() * 2 + Duration::from_millis(100)),
+                warming: std::sync::atomic::AtomicUsize::new(0),
                 schema,
                 config,
             }),
@@ -535,7 +552,9 @@ impl Cache {
     ///
     /// One PING: dropping it is safe (see [`Cache`] for a replay in progress).
     pub async fn health(&self) -> Health {
-        self.inner.tiers.health().await
+        let mut health = self.inner.tiers.health().await;
+        health.ready = self.inner.warming.load(Ordering::Acquire) == 0;
+        health
     }
 
     /// Pre-loads `entries` (key, value) with `ttl` (the default when `None`) and
@@ -1006,6 +1025,21 @@ pub async fn init(config: CacheConfig) -> Result<&'static Cache, CacheError> {
         .set(cache)
         .map_err(|_| CacheError::InvalidArgument("the global cache is already initialised".into()))?;
     Ok(get_cache())
+}
+
+/// [`init`], with `warmers` run in the background as
+/// [`Cache::new_with_warmers`] runs them.
+///
+/// # Errors
+///
+/// Those of [`init`].
+pub async fn init_with_warmers(
+    config: CacheConfig,
+    warmers: crate::Warmers,
+) -> Result<&'static Cache, CacheError> {
+    let cache = init(config).await?;
+    cache.start_warmers(warmers);
+    Ok(cache)
 }
 
 /// The process-wide cache; before [`init`], a local-mode cache with default settings.

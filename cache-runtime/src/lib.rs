@@ -39,6 +39,7 @@ mod stats;
 mod store;
 #[cfg(feature = "tls")]
 mod tls;
+mod warmers;
 
 #[doc(hidden)]
 #[path = "private.rs"]
@@ -46,7 +47,7 @@ pub mod __private;
 
 pub use breaker::BreakerState;
 pub use bus::Event;
-pub use cache::{get_cache, init, Cache, KeyTtl, Mode, Set};
+pub use cache::{get_cache, init, init_with_warmers, Cache, KeyTtl, Mode, Set};
 /// Rewrites an `async fn` into a cache-aside call: a hit returns the stored
 /// value, a miss runs the body once per key in this process and stores its
 /// result, a cache fault returns the body's own result. [`macro_options`] has
@@ -60,6 +61,7 @@ pub use error::CacheError;
 pub use get_with::{GetWith, TryGetWith};
 pub use metrics::{Metrics, Op};
 pub use stats::{CacheStats, Health};
+pub use warmers::Warmers;
 
 use std::time::Duration;
 

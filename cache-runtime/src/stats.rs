@@ -145,6 +145,9 @@ pub struct Health {
     pub latency_ms: f64,
     /// Why the check failed, or what Redis refuses.
     pub error: Option<String>,
+    /// `false` while start-up warmers run ([`Cache::new_with_warmers`](crate::Cache::new_with_warmers)):
+    /// the cache serves, but colder than it will be.
+    pub ready: bool,
 }
 
 impl Health {
@@ -162,6 +165,6 @@ impl Health {
             (None, Some(e)) => ("degraded", Some(e.to_string())),
             (None, None) => ("healthy", None),
         };
-        Health { status, connected, mode, breaker, latency_ms: took.as_secs_f64() * 1e3, error }
+        Health { status, connected, mode, breaker, latency_ms: took.as_secs_f64() * 1e3, error, ready: true }
     }
 }

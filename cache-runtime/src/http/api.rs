@@ -137,7 +137,7 @@ impl ManagementApi {
     }
 
     /// The routes, relative. Open: `stats`, `health`, `metrics/cache`,
-    /// `metrics/cache/hit-rate`. Admin: `invalidate`, `invalidate/{group}`,
+    /// `metrics/cache/hit-rate`, `ready` (503 while start-up warmers run). Admin: `invalidate`, `invalidate/{group}`,
     /// `warm`, `clear`, `keys/{key}` (DELETE), `keys/{key}/ttl`, `metrics/cache/keys`.
     pub fn router(self) -> Router {
         let admin = self.admin.clone();
@@ -154,6 +154,7 @@ impl ManagementApi {
         Router::new()
             .route("/stats", get(stats))
             .route("/health", get(health))
+            .route("/ready", get(ready))
             .route("/metrics/cache", get(cache_metrics))
             .route("/metrics/cache/hit-rate", get(hit_rate))
             .merge(admin_routes)
@@ -240,6 +241,13 @@ async fn stats(State(s): State<Arc<Shared>>) -> Reply {
 }
 
 /// One PING and in-memory counters: cheap enough for a probe every few seconds.
+/// For an orchestrator's readiness probe: 503 while start-up warmers run.
+async fn ready(State(s): State<Arc<Shared>>) -> (axum::http::StatusCode, Json<Value>) {
+    let ready = s.api.cache.health().await.ready;
+    let status = if ready { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({ "ready": ready })))
+}
+
 async fn health(State(s): State<Arc<Shared>>) -> Reply {
     let health = s.api.cache.health().await;
     let m = s.api.cache.metrics();
@@ -252,6 +260,7 @@ async fn health(State(s): State<Arc<Shared>>) -> Reply {
         "breaker": health.breaker,
         "latency_ms": health.latency_ms,
         "error": health.error,
+        "ready": health.ready,
         "stats": { "hits": hits, "misses": misses, "hit_rate": hit_rate, "errors": m.errors_total() },
     })))
 }

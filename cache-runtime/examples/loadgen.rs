@@ -19,6 +19,9 @@
 //! variants (`cached_local_hit_arc`, `cached_crate_hit_arc`) return an
 //! `Arc<Mission>`, as the moka get does.
 //!
+//! `cached_redis_hit_signed` is the Redis hit with `signing_key` set (every
+//! read checks the entry's MAC), compared with `cached_redis_hit`.
+//!
 //! `cached_near_hit` and `cached_near_hit_arc` are hits of `#[cached(near =
 //! true)]` functions on the Redis-backed cache: served by the near tier, they
 //! are compared with `moka_get` and with `cached_redis_hit`.
@@ -45,6 +48,8 @@ use support::bench::{drive, median, mission, Mission};
 
 static REDIS: OnceLock<Cache> = OnceLock::new();
 static LOCAL: OnceLock<Cache> = OnceLock::new();
+/// The Redis-backed cache with signed entries (`signing_key`).
+static SIGNED: OnceLock<Cache> = OnceLock::new();
 /// The Redis-backed cache without the fleet lease: what the lease costs a cold miss.
 static SOLO: OnceLock<Cache> = OnceLock::new();
 /// Reached like the caches of the `#[cached]` functions: through a static.
@@ -108,6 +113,13 @@ async fn mix_mission(id: u64) -> Mission {
 /// Every call a fresh key: read, body, fenced fill (untagged, like its raw baseline).
 #[cached(cache = REDIS.get().unwrap(), prefix = "lg_miss")]
 async fn miss_mission(id: u64) -> Mission {
+    BODY_RUNS.fetch_add(1, Ordering::Relaxed);
+    mission(id)
+}
+
+/// A Redis hit whose entry carries a MAC, checked on every read.
+#[cached(cache = SIGNED.get().unwrap(), prefix = "lg_signed", tags = ["missions"])]
+async fn signed_mission(id: u64) -> Mission {
     BODY_RUNS.fetch_add(1, Ordering::Relaxed);
     mission(id)
 }
@@ -202,6 +214,12 @@ async fn run_scenario(
         "cached_redis_hit" => {
             drive(concurrency, ops, |n| async move {
                 std::hint::black_box(redis_mission(n % KEYSPACE).await);
+            })
+            .await
+        }
+        "cached_redis_hit_signed" => {
+            drive(concurrency, ops, |n| async move {
+                std::hint::black_box(signed_mission(n % KEYSPACE).await);
             })
             .await
         }
@@ -426,6 +444,7 @@ async fn invalidation_load(reader: &Cache, writer: &Cache) {
 fn baselines_of(scenario: &str) -> &'static [&'static str] {
     match scenario {
         "cached_redis_hit" | "mix_90_10" => &["raw_get"],
+        "cached_redis_hit_signed" => &["cached_redis_hit", "raw_get"],
         "cached_miss" => &["raw_get_set", "cached_miss_no_lease"],
         "cached_miss_no_lease" => &["raw_get_set"],
         "cached_local_hit" => &["moka_get", "cached_crate_hit"],
@@ -459,6 +478,8 @@ fn main() {
         REDIS.set(redis_cache.clone()).unwrap();
         let solo = CacheConfig::builder().redis_url(server.url()).key_prefix("loadgen").fleet_lease(false);
         SOLO.set(Cache::new(solo.build().unwrap()).await.unwrap()).unwrap();
+        let signed = CacheConfig::builder().redis_url(server.url()).key_prefix("loadgen").signing_key("loadgen-secret");
+        SIGNED.set(Cache::new(signed.build().unwrap()).await.unwrap()).unwrap();
         LOCAL.set(Cache::local(config("loadgen"))).unwrap();
         redis_cache.clear().await.unwrap();
 
@@ -471,6 +492,7 @@ fn main() {
             let _: () =
                 redis::cmd("SET").arg(format!("lgraw:{id}")).arg(json).query_async(&mut conn).await.unwrap();
             redis_mission(id).await;
+            signed_mission(id).await;
             near_mission(id).await;
             near_arc(id).await;
             local_mission(id).await;

@@ -164,7 +164,8 @@ impl Cache {
             })?;
         let connect = config.socket_connect_timeout.max(config.operation_timeout());
         let schema = Schema::new(&config.key_prefix, store.shards());
-        let redis = RedisTier::new(store, schema.clone(), connect, config.big_value_bytes);
+        let signer = config.signing_key().map(crate::sign::Signer::new);
+        let redis = RedisTier::new(store, schema.clone(), connect, config.big_value_bytes, signer);
         let cache = Cache::assemble(config, schema, metrics, misconfig, Some((Box::new(redis), background)));
         if cache.inner.tiers.start().await? == Mode::Redis {
             tracing::info!(redis = %target, prefix = %cache.inner.config.key_prefix, "cache runs in redis mode");
@@ -520,6 +521,7 @@ impl Cache {
         stats.breaker = tiers.breaker().state();
         stats.breaker_opened = tiers.breaker().opened_total();
         stats.pending_invalidations = tiers.pending_len() as u64;
+        stats.bad_signatures = tiers.shared_store().map_or(0, |s| s.bad_signatures());
         stats.near_cache_size = tiers.near.len();
         stats.near_cache_hits = tiers.near.hits.load(Ordering::Relaxed);
         stats.bus_listening = tiers.near.is_listening();

@@ -341,6 +341,9 @@ settings! {
     /// On a Redis Cluster, how many shards (hash slots) each prefix's entries
     /// spread over: the same on every instance.
     cluster_shards: u16 = 32, read as wire::Positive<u16>, env "CACHE_CLUSTER_SHARDS";
+    /// A secret every entry written to Redis is signed with (a keyed BLAKE3
+    /// MAC over the key and the value); entries without a valid MAC read as misses.
+    signing_key: Option<Secret> = None, read as wire::MaybeSecret, env "CACHE_SIGNING_KEY";
     /// Up to this percentage is taken off each entry's TTL, at random, so
     /// that entries written together don't expire together.
     ttl_jitter_percent: u8 = 0, read as wire::Percent, env "CACHE_TTL_JITTER_PERCENT";
@@ -549,7 +552,12 @@ impl CacheConfig {
             // (`redis_password: ...`) may hold a secret as well as a known one.
             let shown = match path.as_slice() {
                 // Seed URLs may carry a password.
-                [.., last] if ["password", "admin_token", "cluster_nodes"].contains(&last.as_str()) => None,
+                [.., last]
+                    if ["password", "admin_token", "signing_key", "cluster_nodes"]
+                        .contains(&last.as_str()) =>
+                {
+                    None
+                }
                 [profiles, _, field] if profiles == "profiles" => {
                     ["ttl", "prefix", "tags"].contains(&field.as_str()).then_some(())
                 }
@@ -560,7 +568,10 @@ impl CacheConfig {
                 Some(()) => {
                     path.iter().try_fold(&section, |v, k| v.get(k.as_str())).map(show).unwrap_or_default()
                 }
-                None if path.last().is_some_and(|k| k == "password" || k == "admin_token") => {
+                None if path
+                    .last()
+                    .is_some_and(|k| ["password", "admin_token", "signing_key"].contains(&k.as_str())) =>
+                {
                     "***".to_owned()
                 }
                 None => String::new(),
@@ -761,6 +772,13 @@ impl CacheConfig {
     /// How long a fleet lease lasts unless renewed (default 5 s).
     pub fn fleet_lease_ttl(&self) -> Duration {
         self.fleet_lease_ttl
+    }
+    /// Whether entries written to Redis are signed (`signing_key`, `CACHE_SIGNING_KEY`).
+    pub fn signs_entries(&self) -> bool {
+        self.signing_key.is_some()
+    }
+    pub(crate) fn signing_key(&self) -> Option<&str> {
+        self.signing_key.as_ref().map(Secret::expose)
     }
     /// Up to this percentage is taken off each entry's TTL, at random (default 0).
     pub fn ttl_jitter_percent(&self) -> u8 {
@@ -974,6 +992,15 @@ impl CacheConfigBuilder {
     /// invalidated. Off, calls run their function (still one per key at a time).
     pub fn local_fallback(mut self, on: bool) -> Self {
         self.config.local_fallback = Some(on);
+        self
+    }
+    /// Signs every entry written to Redis with a MAC keyed by `secret` (over
+    /// the key and the value, so an entry can't be moved to another key
+    /// either): an entry written by anyone without the secret reads as a miss
+    /// and is counted, instead of being decoded. Every instance sharing the
+    /// prefix needs the same secret. It is never printed.
+    pub fn signing_key(mut self, secret: impl Into<String>) -> Self {
+        self.config.signing_key = Some(Secret(secret.into()));
         self
     }
     /// Takes up to `percent` (at most 100) off each entry's TTL, at random, so

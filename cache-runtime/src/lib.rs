@@ -34,6 +34,7 @@ mod schema;
 #[cfg(feature = "sentinel")]
 mod sentinel;
 mod shard;
+mod sign;
 mod spec;
 mod stats;
 mod store;

@@ -13,6 +13,7 @@ use crate::lease::Claim;
 use crate::pending::Pending;
 use crate::redis_store::{Lane, RedisStore};
 use crate::schema::Schema;
+use crate::sign::Signer;
 use crate::store::{BoxFuture, FillFence, KeyPage, Raw, ServerInfo, Store, Write};
 use crate::CacheError;
 
@@ -55,6 +56,10 @@ pub(crate) struct RedisTier {
     shards: Box<[Shard]>,
     pruned_at: Mutex<Option<Instant>>,
     connect_timeout: Duration,
+    /// Signs what is written and checks what is read (`sign.rs`), with `signing_key`.
+    signer: Option<Signer>,
+    /// Reads refused for a missing or wrong MAC.
+    bad_signatures: AtomicU64,
     /// The connection generation whose server was checked, and that server's run_id.
     checked: AtomicU64,
     server: tokio::sync::Mutex<Option<String>>,
@@ -66,10 +71,13 @@ impl RedisTier {
         schema: Schema,
         connect_timeout: Duration,
         big_value_bytes: usize,
+        signer: Option<Signer>,
     ) -> Self {
         RedisTier {
             redis,
             big_value_bytes,
+            signer,
+            bad_signatures: AtomicU64::new(0),
             shards: (0..schema.shards())
                 .map(|index| Shard { index, fence_key: schema.fence(index), observed: Observed::default() })
                 .collect(),
@@ -153,10 +161,38 @@ impl RedisTier {
     async fn get_body(&self, full: &str, size: usize) -> Result<Option<Raw>, CacheError> {
         // A size no Redis string can have is not a pointer this cache wrote.
         let size = size.min(MAX_STRING);
-        let body = self.redis.get_bulk(&self.schema.body(full), size).await?;
+        let body_key = self.schema.body(full);
+        let body = self.redis.get_bulk(&body_key, size).await?;
         // Gone with an eviction while its pointer stayed, or replaced by
         // another fill since the pointer was read: a miss.
-        Ok(body.filter(|b| b.len() == size).map(Raw::Owned))
+        Ok(body.filter(|b| b.len() == size).and_then(|b| self.verified(&body_key, b)).map(Raw::Owned))
+    }
+
+    /// What `bytes`, read under `name`, carry: all of them unsigned, or, with
+    /// a signer, what a valid MAC covers (a miss otherwise, counted).
+    fn verified(&self, name: &str, bytes: Vec<u8>) -> Option<Vec<u8>> {
+        let Some(signer) = &self.signer else { return Some(bytes) };
+        let verified = signer.verify(name, bytes);
+        if verified.is_none() {
+            // Not the entry's bytes (perhaps written by someone without the secret): never in a log.
+            if self.bad_signatures.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    key = name,
+                    "a Redis entry without a valid signature read as a miss (counted in stats)"
+                );
+            } else {
+                tracing::debug!(key = name, "a Redis entry without a valid signature read as a miss");
+            }
+        }
+        verified
+    }
+
+    /// `bytes` as they are written under `name`: signed, with a signer.
+    fn signed<'b>(&self, name: &str, bytes: &'b [u8]) -> std::borrow::Cow<'b, [u8]> {
+        match &self.signer {
+            Some(signer) => std::borrow::Cow::Owned(signer.sign(name, bytes)),
+            None => std::borrow::Cow::Borrowed(bytes),
+        }
     }
 
     /// The shard `full` lives in.
@@ -320,6 +356,7 @@ impl Store for RedisTier {
                     None => return Ok(None),
                 },
             };
+            let Some(bytes) = self.verified(full, bytes) else { return Ok(None) };
             match pointed_size(&bytes) {
                 None => Ok(Some(Raw::Owned(bytes))),
                 Some(size) => Box::pin(self.get_body(full, size)).await,
@@ -346,13 +383,15 @@ impl Store for RedisTier {
             let tags = self.tag_indexes(shard, w.tags);
             let body_key = self.schema.body(w.full);
             let big = w.bytes.len() > self.big_value_bytes;
-            let pointer = pointer(w.bytes.len());
-            let (bytes, body) = if big { (&pointer[..], Some(w.bytes)) } else { (w.bytes, None) };
+            let body = big.then(|| self.signed(&body_key, w.bytes));
+            // The pointer holds the body's size as stored, its MAC included.
+            let pointer = pointer(body.as_ref().map_or(0, |b| b.len()));
+            let bytes = self.signed(w.full, if big { &pointer[..] } else { w.bytes });
             let fill = Fill {
                 entry: w.full,
-                bytes,
+                bytes: &bytes,
                 body_key: &body_key,
-                body,
+                body: body.as_deref(),
                 ttl: w.ttl,
                 tags: &tags,
                 expected,
@@ -405,9 +444,11 @@ impl Store for RedisTier {
     fn drop_if_same<'a>(&'a self, full: &'a str, bytes: &'a [u8]) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
             // A big value's entry holds its pointer: that is what must still be there.
-            let pointer = pointer(bytes.len());
-            let held = if bytes.len() > self.big_value_bytes { &pointer[..] } else { bytes };
-            self.redis.drop_if_same(full, held).await.map(drop)
+            let mac = if self.signer.is_some() { crate::sign::TAG_LEN } else { 0 };
+            let pointer = pointer(bytes.len() + mac);
+            let held =
+                self.signed(full, if bytes.len() > self.big_value_bytes { &pointer[..] } else { bytes });
+            self.redis.drop_if_same(full, &held).await.map(drop)
         })
     }
 
@@ -488,6 +529,10 @@ impl Store for RedisTier {
 
     fn publish<'a>(&'a self, channel: &'a str, message: &'a [u8]) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(self.redis.publish(channel, message))
+    }
+
+    fn bad_signatures(&self) -> u64 {
+        self.bad_signatures.load(Ordering::Relaxed)
     }
 
     fn listen<'a>(&'a self, channels: &'a [&'a str]) -> BoxFuture<'a, Result<Listener, CacheError>> {

@@ -52,6 +52,7 @@ impl Counters {
             breaker: BreakerState::Closed,
             breaker_opened: 0,
             pending_invalidations: 0,
+            bad_signatures: 0,
             near_cache_size: 0,
             near_cache_hits: 0,
             bus_listening: false,
@@ -118,6 +119,8 @@ pub struct CacheStats {
     pub breaker_opened: u64,
     /// Invalidations waiting to be replayed into Redis.
     pub pending_invalidations: u64,
+    /// Redis reads refused for a missing or wrong signature (`signing_key`): misses.
+    pub bad_signatures: u64,
     /// Entries in the near tier (`near_cache`, `#[cached(near = true)]`).
     pub near_cache_size: u64,
     /// Hits the near tier served (counted in `hits` too).

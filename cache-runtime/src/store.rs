@@ -145,6 +145,11 @@ pub(crate) trait Store: Send + Sync {
     /// Reconnects in the background whatever is not connected.
     fn revive(&self) {}
 
+    /// Reads refused for a missing or wrong signature (`sign.rs`).
+    fn bad_signatures(&self) -> u64 {
+        0
+    }
+
     /// Publishes `message` on the bus's `channel` (`bus.rs`); nowhere to
     /// publish is nothing to do.
     fn publish<'a>(&'a self, channel: &'a str, message: &'a [u8]) -> BoxFuture<'a, Result<(), CacheError>> {

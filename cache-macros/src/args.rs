@@ -19,6 +19,7 @@ const OPTIONS: &[&str] = &[
     "profile",
     "cache_none",
     "near",
+    "fail_safe",
 ];
 
 /// `ttl = 300`, `ttl = Duration::from_secs(5)` or `ttl = "quantum_state"`.
@@ -41,6 +42,7 @@ pub(crate) struct Args {
     pub(crate) profile: Option<LitStr>,
     pub(crate) cache_none: Option<LitBool>,
     pub(crate) near: Option<LitBool>,
+    pub(crate) fail_safe: Option<LitBool>,
 }
 
 impl Parse for Args {
@@ -137,6 +139,7 @@ impl Args {
             "profile" => self.profile = Some(lit_str(input, key, "\"api_response\"")?),
             "cache_none" => self.cache_none = Some(lit_bool(input)?),
             "near" => self.near = Some(lit_bool(input)?),
+            "fail_safe" => self.fail_safe = Some(lit_bool(input)?),
             _ => unreachable!("checked against OPTIONS"),
         }
         Ok(())

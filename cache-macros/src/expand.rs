@@ -322,12 +322,16 @@ fn spec(args: &Args, name: &Ident, rt: &TokenStream) -> TokenStream {
         Some(v) => quote!(#v),
         None => quote!(0),
     };
-    let near = match &args.near {
+    let opt_bool = |lit: &Option<syn::LitBool>| match lit {
         Some(b) => quote!(::core::option::Option::Some(#b)),
         None => quote!(::core::option::Option::None),
     };
+    let (near, fail_safe) = (opt_bool(&args.near), opt_bool(&args.fail_safe));
     quote! {
-        #rt::__private::Spec { name: #name, prefix: #prefix, ttl: #ttl, profile: #profile, version: #version, near: #near }
+        #rt::__private::Spec {
+            name: #name, prefix: #prefix, ttl: #ttl, profile: #profile, version: #version,
+            near: #near, fail_safe: #fail_safe,
+        }
     }
 }
 

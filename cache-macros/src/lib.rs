@@ -24,6 +24,7 @@ use proc_macro::TokenStream;
 /// | `version = 2` | part of the key: bump it when the stored type changes |
 /// | `profile = "api_response"` | ttl, prefix and tags from a named profile of the config |
 /// | `cache_none = true` | for `Option<T>`: store `None` too |
+/// | `fail_safe = true` | when the body fails, serve the last value (up to `fail_safe_max` after it expired) |
 /// | `near = true` | keep decoded values in this process in front of Redis, coherent across instances |
 /// | `crate = "::renamed"` | the runtime's path, for a renamed dependency |
 ///

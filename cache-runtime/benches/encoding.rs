@@ -44,8 +44,15 @@ struct Filter<'a> {
     statuses: &'a [&'a str],
 }
 
-const SPEC: Spec =
-    Spec { name: "get_mission", prefix: Some("missions"), ttl: None, profile: None, version: 0, near: None };
+const SPEC: Spec = Spec {
+    name: "get_mission",
+    prefix: Some("missions"),
+    ttl: None,
+    profile: None,
+    version: 0,
+    near: None,
+    fail_safe: None,
+};
 
 fn keys(c: &mut Criterion) {
     let cache = Cache::local(CacheConfig::default());

@@ -22,7 +22,7 @@ use crate::CacheError;
 const PROBE_SCRIPT: &str = r"
 local entry, internal, tags, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local checks = {
-  {'GET', entry}, {'EXISTS', entry}, {'PTTL', entry},
+  {'GET', entry}, {'EXISTS', entry}, {'PTTL', entry}, {'GETRANGE', entry, 0, 8},
   {'SET', internal, '0', 'PX', 1000}, {'GET', internal}, {'EXISTS', internal},
   {'TIME'},
   {'HSET', fence, 'probe', 1}, {'HGET', fence, 'probe'}, {'HEXISTS', fence, 'probe'},

@@ -311,6 +311,8 @@ impl Cache {
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, CacheError> {
         let full = self.full_key(key);
         let raw = self.read(&full, Instant::now()).await?;
+        // A fail-safe entry past its expiry is kept for its function's failures only.
+        let raw = raw.filter(|raw| !crate::fail_safe::expired(raw));
         let value = raw.and_then(|raw| self.decode_or_drop(&full, &raw));
         self.record_lookup(value.is_some());
         Ok(value)

@@ -9,6 +9,12 @@
 //! another shape of the type (fields reordered, renamed or retyped by another
 //! build) into a miss instead of into different values.
 //!
+//! An entry of a fail-safe function (`fail_safe`) is stamped: seventeen
+//! bytes in front of the header, a marker, the moment (Unix milliseconds) it
+//! expires logically and the moment it may no longer be served even as a
+//! last resort. It lives that long, as the value to serve when its function
+//! fails; [`decode`] reads through the stamp.
+//!
 //! What is stored reads back equal: a value JSON can't represent (a NaN or an
 //! infinity, which serde_json writes as `null`) is refused at encode.
 
@@ -24,6 +30,9 @@ mod finite;
 mod shape;
 
 const MAGIC: u8 = 0xCA;
+/// The marker of a stamped entry; never a header's first byte.
+const STAMP: u8 = 0xCE;
+const STAMP_LEN: usize = 17;
 /// Bumped when the header or an encoding changes incompatibly; also part of macro keys.
 pub const WIRE_VERSION: u8 = 2;
 /// [`WIRE_VERSION`] as a key names it, written out so building a key formats nothing.
@@ -187,6 +196,7 @@ fn refuse_non_finite<T: Serialize + ?Sized>(json: &[u8], value: &T) -> Result<()
 /// [`CacheError::TypeMismatch`] when the entry was written for another shape
 /// of `T`; [`CacheError::Decode`] when the bytes are not a readable entry.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CacheError> {
+    let bytes = unstamped(bytes);
     let (format, found, payload) = split_header(bytes)?;
     let expected = shape::of::<T>();
     if found != expected {
@@ -227,6 +237,50 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CacheError> {
 /// ```
 pub fn fingerprint<T: Deserialize<'static>>() -> u64 {
     shape::of::<T>()
+}
+
+/// `encoded`, stamped to expire logically at `expires_ms` and to be served
+/// as a last resort until `stale_until_ms` (Unix milliseconds).
+pub(crate) fn stamp(expires_ms: u64, stale_until_ms: u64, encoded: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(STAMP_LEN + encoded.len());
+    out.push(STAMP);
+    out.extend_from_slice(&expires_ms.to_le_bytes());
+    out.extend_from_slice(&stale_until_ms.to_le_bytes());
+    out.extend_from_slice(encoded);
+    out
+}
+
+/// A stamped entry's logical expiry and last-resort deadline (Unix
+/// milliseconds); `None` for an unstamped one.
+pub(crate) fn stamped(bytes: &[u8]) -> Option<(u64, u64)> {
+    if bytes.len() < STAMP_LEN || bytes[0] != STAMP {
+        return None;
+    }
+    let field = |at: usize| {
+        let mut ms = [0; 8];
+        ms.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(ms)
+    };
+    Some((field(1), field(9)))
+}
+
+/// When a stamped entry expires logically (Unix milliseconds); `None` for an unstamped one.
+pub(crate) fn logical_expiry(bytes: &[u8]) -> Option<u64> {
+    stamped(bytes).map(|(expires, _)| expires)
+}
+
+/// The encoded entry behind a stamp, if any.
+pub(crate) fn unstamped(bytes: &[u8]) -> &[u8] {
+    if logical_expiry(bytes).is_some() {
+        &bytes[STAMP_LEN..]
+    } else {
+        bytes
+    }
+}
+
+/// Now, in Unix milliseconds: the clock stamps are read against.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn split_header(bytes: &[u8]) -> Result<(Serialization, u64, &[u8]), CacheError> {

@@ -341,6 +341,16 @@ settings! {
     /// On a Redis Cluster, how many shards (hash slots) each prefix's entries
     /// spread over: the same on every instance.
     cluster_shards: u16 = 32, read as wire::Positive<u16>, env "CACHE_CLUSTER_SHARDS";
+    /// Whether every cached function serves its last value, for up to
+    /// `fail_safe_max` after it expired, when its body fails.
+    fail_safe: bool = false, read as wire::Flag, env "CACHE_FAIL_SAFE";
+    /// How long after its expiry a fail-safe entry may still be served.
+    fail_safe_max: Duration = Duration::from_secs(3600), read as wire::Secs;
+    /// After a fail-safe entry was served, how long before its body is tried again.
+    fail_safe_throttle: Duration = Duration::from_secs(30), read as wire::Secs;
+    /// How long a fail-safe function's body may run while a last value waits
+    /// to be served instead (none: as long as it takes).
+    hard_timeout: Option<Duration> = None, read as wire::MaybeSecs;
     /// A secret every entry written to Redis is signed with (a keyed BLAKE3
     /// MAC over the key and the value); entries without a valid MAC read as misses.
     signing_key: Option<Secret> = None, read as wire::MaybeSecret, env "CACHE_SIGNING_KEY";
@@ -773,6 +783,22 @@ impl CacheConfig {
     pub fn fleet_lease_ttl(&self) -> Duration {
         self.fleet_lease_ttl
     }
+    /// Whether every cached function is fail-safe (`fail_safe`, `CACHE_FAIL_SAFE`).
+    pub fn fail_safe(&self) -> bool {
+        self.fail_safe
+    }
+    /// How long after its expiry a fail-safe entry may still be served (default 1 h).
+    pub fn fail_safe_max(&self) -> Duration {
+        self.fail_safe_max
+    }
+    /// After a fail-safe entry was served, how long before its body is tried again (default 30 s).
+    pub fn fail_safe_throttle(&self) -> Duration {
+        self.fail_safe_throttle
+    }
+    /// How long a fail-safe body may run while a last value could be served instead (default: no limit).
+    pub fn hard_timeout(&self) -> Option<Duration> {
+        self.hard_timeout
+    }
     /// Whether entries written to Redis are signed (`signing_key`, `CACHE_SIGNING_KEY`).
     pub fn signs_entries(&self) -> bool {
         self.signing_key.is_some()
@@ -992,6 +1018,32 @@ impl CacheConfigBuilder {
     /// invalidated. Off, calls run their function (still one per key at a time).
     pub fn local_fallback(mut self, on: bool) -> Self {
         self.config.local_fallback = Some(on);
+        self
+    }
+    /// Makes every cached function fail-safe (`#[cached(fail_safe = true)]`
+    /// does it for one): its entries stay in the cache `fail_safe_max`
+    /// after they expire, and when the body then fails (an `Err`, a panic, or
+    /// running past `hard_timeout`), the last value is served instead and
+    /// the body is tried again after `fail_safe_throttle`. An invalidation
+    /// removes the entry: nothing invalidated is ever served.
+    pub fn fail_safe(mut self, on: bool) -> Self {
+        self.config.fail_safe = on;
+        self
+    }
+    /// Sets how long after its expiry a fail-safe entry may still be served.
+    pub fn fail_safe_max(mut self, max: Duration) -> Self {
+        self.config.fail_safe_max = max;
+        self
+    }
+    /// Sets how long after a fail-safe entry was served its body is tried again.
+    pub fn fail_safe_throttle(mut self, throttle: Duration) -> Self {
+        self.config.fail_safe_throttle = throttle.max(Duration::from_millis(1));
+        self
+    }
+    /// Sets how long a fail-safe body may run while a last value could be
+    /// served instead; past it, the body is dropped and the last value served.
+    pub fn hard_timeout(mut self, timeout: Duration) -> Self {
+        self.config.hard_timeout = Some(timeout);
         self
     }
     /// Signs every entry written to Redis with a MAC keyed by `secret` (over

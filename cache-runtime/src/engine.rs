@@ -18,11 +18,11 @@ use tracing::{debug_span, Instrument, Level, Span};
 
 use crate::flight::{self, Outcome, Role, Shared};
 use crate::key::escape_glob;
-use crate::lease;
 use crate::schema::Key;
 use crate::spec::Spec;
 use crate::store::{FillFence, Raw};
 use crate::{codec, Cache, CacheError, Serialization};
+use crate::{fail_safe, lease};
 
 /// A call's tags: literal ones cost no allocation on a hit.
 pub enum Tags {
@@ -60,6 +60,10 @@ pub trait Cacheable<M>: Sized {
     fn stored(&self) -> Option<&Self::Value>;
     /// Rebuilds the return value from a stored one.
     fn from_cached(v: Self::Value) -> Self;
+    /// Whether this result is a failure a fail-safe function serves its last value for (an `Err`).
+    fn failed(&self) -> bool {
+        false
+    }
 }
 
 impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cacheable<Plain> for T {
@@ -79,6 +83,9 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static, E> Cacheable<OkOnl
     }
     fn from_cached(v: T) -> Self {
         Ok(v)
+    }
+    fn failed(&self) -> bool {
+        self.is_err()
     }
 }
 
@@ -296,6 +303,8 @@ enum Traced {
     Fault,
     /// The result of another caller's flight.
     Shared,
+    /// The body failed and the function's last value was served (fail-safe).
+    Stale,
 }
 
 impl Traced {
@@ -307,6 +316,7 @@ impl Traced {
             Traced::Refused => "refused",
             Traced::Fault => "fault",
             Traced::Shared => "shared",
+            Traced::Stale => "stale",
         }
     }
 }
@@ -334,7 +344,7 @@ where
     let started = std::time::Instant::now();
     let near = call.spec.near(cache).then(|| &cache.inner.tiers.near);
     if let Some(near) = near {
-        if let Some(entry) = near.get(full, started) {
+        if let Some(entry) = near.get(full, started).filter(|e| !fail_safe::expired(&e.bytes)) {
             if let Some(v) = decode_or_reuse(cache, full, &Raw::Local(entry), &values) {
                 cache.record_near_hit();
                 return (Out::from_cached(v), Traced::Hit);
@@ -344,7 +354,10 @@ where
     // Taken before the read: an invalidation after the read is newer than these.
     let near_fence = near.filter(|near| near.is_listening()).map(|near| near.fence(started));
     let fence = cache.fill_fence(full, started);
+    // A fail-safe entry past its expiry: a miss, kept to serve if the body fails.
+    let mut expired = None;
     match cache.read(full, started).await {
+        Ok(Some(raw)) if fail_safe::expired(&raw) => expired = Some(raw),
         Ok(Some(raw)) => {
             let kept = match (&raw, near_fence) {
                 (Raw::Owned(bytes), Some(near_fence)) if bytes.len() <= cache.config().big_value_bytes() => {
@@ -400,10 +413,14 @@ where
                 // A fill after this read is checked against what is newer than it.
                 fence = cache.fill_fence(full, started);
                 reread = true;
-                if let Ok(Some(raw)) = cache.read(full, started).await {
-                    if let Some(v) = decode_hit(cache, full, raw, &values).await {
-                        return (Out::from_cached(v), Traced::Hit);
+                match cache.read(full, started).await {
+                    Ok(Some(raw)) if fail_safe::expired(&raw) => expired = Some(raw),
+                    Ok(Some(raw)) => {
+                        if let Some(v) = decode_hit(cache, full, raw, &values).await {
+                            return (Out::from_cached(v), Traced::Hit);
+                        }
                     }
+                    _ => {}
                 }
             }
         }
@@ -414,6 +431,7 @@ where
     if cache.config().fleet_lease() && cache.inner.tiers.shared_store().is_some() {
         match lease::turn(cache, full, &mut fence).await {
             lease::Turn::Run(held) => lease = held,
+            lease::Turn::Found(raw, _) if fail_safe::expired(&raw) => expired = Some(raw),
             lease::Turn::Found(raw, read_at) => {
                 let bytes: Arc<[u8]> = Arc::from(&*raw);
                 if let Some(v) = decode_hit(cache, full, raw, &values).await {
@@ -424,10 +442,26 @@ where
         }
     }
 
+    // Decoded up front: the body is guarded only when there is a value to serve instead.
+    let stale = match expired.filter(|_| call.spec.fail_safe(cache)) {
+        Some(raw) => cache
+            .decode_or_drop::<Out::Value>(full, &raw)
+            .map(|value| fail_safe::Stale { value, bytes: raw.to_vec() }),
+        None => None,
+    };
+
     // No second read: the fill is checked against the fence taken before the
     // read, so the miss path is one GET and one write.
     let (tags, body) = miss();
-    let out = body.await;
+    let out = match stale {
+        None => body.await,
+        Some(stale) => match fail_safe::guarded(body, cache.config().hard_timeout()).await {
+            Ok(out) if !out.failed() => out,
+            // The body failed: its last value, kept for this.
+            // Its followers find the last value, written back, when they read again.
+            failed => return serve_stale(&call, failed, stale, &tags, fence).await,
+        },
+    };
     let (outcome, traced) =
         store(&call, format, &out, &tags, condition, Some(fence), false, near_fence).await;
     // Released once the fill is written, so that the instances it wakes read
@@ -439,6 +473,33 @@ where
     };
     leader.publish(outcome);
     (out, traced)
+}
+
+/// Serves `stale` in place of what the body gave (`failed`: an `Err`, a
+/// panic, a timeout), and writes it back to expire after `fail_safe_throttle`
+/// under the call's fence, so that an invalidation since wins and the body is
+/// not retried by every call meanwhile.
+async fn serve_stale<M, Out: Cacheable<M>>(
+    call: &Call<'_>,
+    failed: Result<Out, fail_safe::Failure>,
+    stale: fail_safe::Stale<Out::Value>,
+    tags: &Tags,
+    fence: FillFence,
+) -> (Out, Traced) {
+    let (cache, full) = (call.cache, call.key.full.as_str());
+    let cause = match &failed {
+        Ok(_) => "an error".to_owned(),
+        Err(failure) => failure.describe(),
+    };
+    cache.inner.counters.stale_served.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(key = full, cause, "fail-safe: the body failed; its last value is served");
+    if let Some((bytes, ttl)) = fail_safe::throttled(&stale.bytes, cache.config().fail_safe_throttle()) {
+        let tags = call.spec.tags(cache, tags.to_vec());
+        if let Err(e) = cache.write(full, &bytes, ttl, &tags, Some(fence), false).await {
+            cache.record_fault("set", full, &e);
+        }
+    }
+    (Out::from_cached(stale.value), Traced::Stale)
 }
 
 /// A result that was not stored, for the callers waiting on `leader`: shared
@@ -612,7 +673,7 @@ where
     let Some(value) = out.stored() else {
         return (Outcome::Unshared, Traced::Miss);
     };
-    let bytes = match codec::encode(format, value) {
+    let mut bytes = match codec::encode(format, value) {
         Ok(bytes) => bytes,
         Err(e) => {
             cache.record_fault("encode", full, &e);
@@ -628,7 +689,10 @@ where
     if cache.check_size(bytes.len()).is_err() {
         tracing::debug!(key = full, size = bytes.len(), "result too large to cache");
     } else if condition(value) {
-        let ttl = cache.jittered(full, call.spec.ttl(cache));
+        let mut ttl = cache.jittered(full, call.spec.ttl(cache));
+        if call.spec.fail_safe(cache) {
+            (bytes, ttl) = fail_safe::stamp(&bytes, ttl, cache.config().fail_safe_max());
+        }
         let tags = call.spec.tags(cache, tags.to_vec());
         match cache.write(full, &bytes, ttl, &tags, fence, bump).await {
             Ok(true) => {

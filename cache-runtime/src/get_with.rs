@@ -23,6 +23,7 @@ fn spec(ttl: Option<Duration>) -> Spec {
         profile: None,
         version: 0,
         near: None,
+        fail_safe: None,
     }
 }
 

@@ -34,9 +34,18 @@ use crate::{Cache, CacheError};
 const POLL: Duration = Duration::from_millis(100);
 
 // The entry is checked first: a caller whose read missed just before
-// another instance's fill and release must not run the body again.
+// another instance's fill and release must not run the body again. A
+// fail-safe entry past its logical expiry (its stamp: a 0xCE byte, then the
+// expiry in little-endian milliseconds; ARGV[3] is now) is not a fill.
 const ACQUIRE: &str = r"
-if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
+local head = redis.call('GETRANGE', KEYS[3], 0, 8)
+if #head == 9 and string.byte(head, 1) == 206 then
+  local at = 0
+  for i = 9, 2, -1 do at = at * 256 + string.byte(head, i) end
+  if at > tonumber(ARGV[3]) then return 2 end
+elseif #head > 0 then
+  return 2
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return redis.call('GET', KEYS[1]) or ''
@@ -100,7 +109,7 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<Claim, CacheError> {
         let mut call = self.leases.acquire.key(&keys.held);
-        call.key(&keys.waited).key(&keys.entry).arg(token).arg(millis(ttl));
+        call.key(&keys.waited).key(&keys.entry).arg(token).arg(millis(ttl)).arg(crate::codec::now_ms());
         let got: redis::Value =
             self.run_in(Lane::Hot, |mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         Ok(match got {

@@ -12,6 +12,7 @@ mod config;
 mod conn;
 mod engine;
 mod error;
+mod fail_safe;
 mod failover;
 mod fence;
 mod flight;

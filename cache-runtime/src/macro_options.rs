@@ -13,6 +13,7 @@
 //! | [`version`](#version) | part of the key: bump it when the stored type changes |
 //! | [`profile`](#profile) | ttl, prefix and tags from a named profile of the config |
 //! | [`cache_none`](#cache_none) | for `Option<T>`: store `None` too |
+//! | [`fail_safe`](#fail_safe) | when the body fails, serve the last value (up to `fail_safe_max` after it expired) |
 //! | [`near`](#near) | keep decoded values in this process in front of Redis, coherent across instances |
 //! | [`crate`](#crate) | the path of `cache_runtime` when the dependency is renamed |
 //!
@@ -292,6 +293,30 @@
 //! assert_eq!(find("ghost".into()).await, None);
 //! assert_eq!(find("ghost".into()).await, None);
 //! assert_eq!(RUNS.load(SeqCst), 1, "the None was cached");
+//! # }
+//! ```
+//!
+//! # `fail_safe`
+//!
+//! `fail_safe = true` keeps each entry `fail_safe_max` past its TTL: when
+//! the body of an expired key fails (an `Err`, a panic, running past
+//! `hard_timeout`), the last value is returned instead, and the body is tried
+//! again after `fail_safe_throttle`. An invalidation removes the entry, so
+//! nothing invalidated is ever served. `fail_safe: true` in the config turns
+//! it on for every function (the README's "Fail-safe").
+//!
+//! ```
+//! # use cache_runtime::cached;
+//! # #[derive(Clone, serde::Serialize, serde::Deserialize)]
+//! # pub struct Quote { cents: u32 }
+//! #[cached(fail_safe = true, ttl = 30)]
+//! async fn quote(symbol: String) -> Result<Quote, String> {
+//!     Ok(Quote { cents: 12_300 }) // a call to a flaky upstream
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! assert_eq!(quote("ACME".into()).await.map(|q| q.cents), Ok(12_300));
 //! # }
 //! ```
 //!

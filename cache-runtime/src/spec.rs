@@ -35,6 +35,9 @@ pub struct Spec {
     /// The `near` option: `Some(true)` keeps this function's values in the
     /// near tier too, `Some(false)` never, `None` as the cache's `near_cache` says.
     pub near: Option<bool>,
+    /// The `fail_safe` option: `Some(true)` serves the last value when the
+    /// body fails, `Some(false)` never, `None` as the cache's `fail_safe` says.
+    pub fail_safe: Option<bool>,
 }
 
 impl Spec {
@@ -76,6 +79,12 @@ impl Spec {
     #[inline]
     pub(crate) fn near(&self, cache: &Cache) -> bool {
         self.near.unwrap_or_else(|| cache.config().near_cache())
+    }
+
+    /// Whether this function's calls are fail-safe: its own option, else the cache's `fail_safe`.
+    #[inline]
+    pub(crate) fn fail_safe(&self, cache: &Cache) -> bool {
+        self.fail_safe.unwrap_or_else(|| cache.config().fail_safe())
     }
 
     pub(crate) fn tags(&self, cache: &Cache, mut tags: Vec<String>) -> Vec<String> {

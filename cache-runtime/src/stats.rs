@@ -17,6 +17,7 @@ pub(crate) struct Counters {
     pub(crate) type_mismatches: AtomicU64,
     pub(crate) fills_refused: AtomicU64,
     pub(crate) oversized: AtomicU64,
+    pub(crate) stale_served: AtomicU64,
 }
 
 impl Counters {
@@ -49,6 +50,7 @@ impl Counters {
             type_mismatches: self.type_mismatches.load(Ordering::Relaxed),
             fills_refused: self.fills_refused.load(Ordering::Relaxed),
             oversized: self.oversized.load(Ordering::Relaxed),
+            stale_served: self.stale_served.load(Ordering::Relaxed),
             breaker: BreakerState::Closed,
             breaker_opened: 0,
             pending_invalidations: 0,
@@ -113,6 +115,8 @@ pub struct CacheStats {
     pub fills_refused: u64,
     /// Values not stored because they exceeded `max_value_bytes`.
     pub oversized: u64,
+    /// Calls whose body failed and that got the function's last value instead (`fail_safe`).
+    pub stale_served: u64,
     /// The circuit breaker's state.
     pub breaker: BreakerState,
     /// How often the breaker has opened.

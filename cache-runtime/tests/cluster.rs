@@ -307,7 +307,7 @@ async fn an_open_breaker_serves_stale_values_only_with_local_fallback_on() {
 }
 
 /// The README's least-privilege ACL for `prefix`, on a cluster.
-const ACL: &str = "+ping +info +get +set +exists +pttl +unlink +scan +evalsha +script|load +time +del +hget +hmget \
+const ACL: &str = "+ping +info +get +set +exists +pttl +unlink +scan +evalsha +script|load +time +getrange +del +hget +hmget \
                    +hexists +hset +hincrby +hdel +hscan +zadd +zrange +zrem +zcard +zremrangebyscore +pexpire \
                    +rename +publish +subscribe +cluster|slots +cluster|nodes +wait";
 

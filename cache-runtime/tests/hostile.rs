@@ -13,8 +13,15 @@ use cache_runtime::{Cache, CacheError};
 use redis::AsyncCommands;
 use support::{both_modes, Redis};
 
-const SPEC: Spec =
-    Spec { name: "echo", prefix: Some("echo"), ttl: None, profile: None, version: 0, near: None };
+const SPEC: Spec = Spec {
+    name: "echo",
+    prefix: Some("echo"),
+    ttl: None,
+    profile: None,
+    version: 0,
+    near: None,
+    fail_safe: None,
+};
 
 fn nasty() -> Vec<String> {
     let mut v: Vec<String> = [

@@ -193,6 +193,22 @@ impl<'de, T: TryFrom<u64>> Deserialize<'de> for Positive<T> {
     }
 }
 
+/// Seconds as [`Secs`] reads them, or `null` (or absent) for none.
+pub(super) struct MaybeSecs(Option<Duration>);
+
+impl Wire for MaybeSecs {
+    type Value = Option<Duration>;
+    fn value(self) -> Option<Duration> {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for MaybeSecs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Option::<Secs>::deserialize(d).map(|secs| MaybeSecs(secs.map(Wire::value)))
+    }
+}
+
 /// A whole percentage, 0 to 100; numeric text is read too.
 pub(super) struct Percent(u8);
 

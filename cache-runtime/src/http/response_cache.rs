@@ -334,6 +334,7 @@ where
         version: 0,
         // Its `miss` takes the request: a Redis hit must not call it for tags.
         near: Some(false),
+        fail_safe: Some(false),
     };
     let cache = &config.cache;
     let call = Call { cache, spec: &spec, key };

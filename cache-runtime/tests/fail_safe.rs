@@ -1,0 +1,112 @@
+//! Fail-safe: past its expiry, a fail-safe function's last value is served
+//! when its body fails (an `Err`, a panic, the hard timeout), the body is not
+//! retried before the throttle, and nothing invalidated is ever served.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
+use std::time::Duration;
+
+use cache_runtime::{cached, Cache};
+use support::{Redis, CURRENT};
+
+static FAILING: AtomicBool = AtomicBool::new(false);
+static RUNS: AtomicU32 = AtomicU32::new(0);
+
+const TTL: Duration = Duration::from_millis(300);
+
+#[cached(fail_safe = true, ttl = TTL, cache = support::current(), prefix = "quote")]
+async fn quote(id: u32) -> Result<u32, String> {
+    RUNS.fetch_add(1, SeqCst);
+    if FAILING.load(SeqCst) {
+        return Err("the origin is down".into());
+    }
+    Ok(id * 100 + RUNS.load(SeqCst))
+}
+
+#[cached(ttl = TTL, cache = support::current(), prefix = "plain_quote")]
+async fn plain_quote(id: u32) -> Result<u32, String> {
+    if FAILING.load(SeqCst) {
+        return Err("the origin is down".into());
+    }
+    Ok(id)
+}
+
+#[cached(fail_safe = true, ttl = TTL, cache = support::current(), prefix = "panicky", skip = [fail])]
+async fn panicky(id: u32, fail: bool) -> u32 {
+    if fail {
+        panic!("a bug in the origin client");
+    }
+    id
+}
+
+#[cached(fail_safe = true, ttl = TTL, cache = support::current(), prefix = "slow", skip = [hang])]
+async fn slow(id: u32, hang: bool) -> u32 {
+    if hang {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    id
+}
+
+async fn cache(redis: &Redis) -> Cache {
+    let config = redis
+        .config("fail_safe")
+        .fail_safe_max(Duration::from_secs(30))
+        .fail_safe_throttle(Duration::from_millis(400))
+        .hard_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    Cache::new(config).await.unwrap()
+}
+
+// One test: the functions share the statics above.
+#[tokio::test]
+async fn the_last_value_is_served_when_the_body_fails_and_never_after_an_invalidation() {
+    let redis = Redis::start();
+    let cache = cache(&redis).await;
+    CURRENT
+        .scope(cache.clone(), async {
+            let first = quote(1).await.unwrap();
+            tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+
+            // Expired, and the origin fails: the last value, counted.
+            FAILING.store(true, SeqCst);
+            let runs = RUNS.load(SeqCst);
+            assert_eq!(quote(1).await, Ok(first));
+            assert_eq!(RUNS.load(SeqCst), runs + 1, "the body was tried");
+            assert_eq!(cache.stats().await.unwrap().stale_served, 1);
+            // Within the throttle the body is not tried again.
+            assert_eq!(quote(1).await, Ok(first));
+            assert_eq!(RUNS.load(SeqCst), runs + 1, "throttled");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(quote(1).await, Ok(first));
+            assert_eq!(RUNS.load(SeqCst), runs + 2, "tried again after the throttle");
+
+            // The control: a function without fail-safe gives the error.
+            assert_eq!(plain_quote(2).await, Err("the origin is down".into()));
+            FAILING.store(false, SeqCst);
+            assert_eq!(plain_quote(2).await, Ok(2));
+
+            // An invalidation removes the last value: the error is served, not the old value.
+            FAILING.store(true, SeqCst);
+            quote_invalidate(1).await.unwrap();
+            assert_eq!(quote(1).await, Err("the origin is down".into()));
+            FAILING.store(false, SeqCst);
+            assert_ne!(quote(1).await, Ok(first), "a fresh value");
+
+            // A panic and the hard timeout serve the last value too.
+            assert_eq!(panicky(3, false).await, 3);
+            assert_eq!(slow(4, false).await, 4);
+            tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+            assert_eq!(panicky(3, true).await, 3);
+            let started = std::time::Instant::now();
+            assert_eq!(slow(4, true).await, 4);
+            assert!(started.elapsed() < Duration::from_secs(10), "cut off at the hard timeout");
+            assert_eq!(cache.stats().await.unwrap().stale_served, 4);
+            // Written back for the throttle, then expired again: a plain `get` sees it missing.
+            assert_eq!(cache.get::<u32>(&slow_key(4)).await.unwrap(), Some(4));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(cache.get::<u32>(&slow_key(4)).await.unwrap(), None);
+        })
+        .await;
+}

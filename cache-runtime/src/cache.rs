@@ -164,7 +164,13 @@ impl Cache {
             })?;
         let connect = config.socket_connect_timeout.max(config.operation_timeout());
         let schema = Schema::new(&config.key_prefix, store.shards());
-        let signer = config.signing_key().map(crate::sign::Signer::new);
+        let signer = match config.signing_key() {
+            // However it was set (builder, settings, environment): a short key is a guessable one.
+            Some(key) if key.chars().count() < 16 => {
+                return Err(CacheError::config("signing_key", "***", "must be at least 16 characters"));
+            }
+            key => key.map(crate::sign::Signer::new),
+        };
         let redis = RedisTier::new(store, schema.clone(), connect, config.big_value_bytes, signer);
         let cache = Cache::assemble(config, schema, metrics, misconfig, Some((Box::new(redis), background)));
         if cache.inner.tiers.start().await? == Mode::Redis {
@@ -557,8 +563,13 @@ impl Cache {
     /// One PING: dropping it is safe (see [`Cache`] for a replay in progress).
     pub async fn health(&self) -> Health {
         let mut health = self.inner.tiers.health().await;
-        health.ready = self.inner.warming.load(Ordering::Acquire) == 0;
+        health.ready = self.is_ready();
         health
+    }
+
+    /// Whether the start-up warmers ([`new_with_warmers`](Self::new_with_warmers)) have all ended; no I/O.
+    pub fn is_ready(&self) -> bool {
+        self.inner.warming.load(Ordering::Acquire) == 0
     }
 
     /// Pre-loads `entries` (key, value) with `ttl` (the default when `None`) and

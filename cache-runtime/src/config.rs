@@ -1119,6 +1119,9 @@ impl CacheConfigBuilder {
         if c.connections == 0 {
             return Err(CacheError::config("connections", 0, "must be at least 1"));
         }
+        if c.hard_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(CacheError::config("hard_timeout", "0", "must be positive"));
+        }
         Ok(c)
     }
 }

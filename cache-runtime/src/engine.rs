@@ -354,10 +354,11 @@ where
     // Taken before the read: an invalidation after the read is newer than these.
     let near_fence = near.filter(|near| near.is_listening()).map(|near| near.fence(started));
     let fence = cache.fill_fence(full, started);
-    // A fail-safe entry past its expiry: a miss, kept to serve if the body fails.
+    // A fail-safe entry past its expiry: a miss, kept to serve if the body
+    // fails, with the fence taken before the read that found it.
     let mut expired = None;
     match cache.read(full, started).await {
-        Ok(Some(raw)) if fail_safe::expired(&raw) => expired = Some(raw),
+        Ok(Some(raw)) if fail_safe::expired(&raw) => expired = Some((raw, fence)),
         Ok(Some(raw)) => {
             let kept = match (&raw, near_fence) {
                 (Raw::Owned(bytes), Some(near_fence)) if bytes.len() <= cache.config().big_value_bytes() => {
@@ -414,7 +415,7 @@ where
                 fence = cache.fill_fence(full, started);
                 reread = true;
                 match cache.read(full, started).await {
-                    Ok(Some(raw)) if fail_safe::expired(&raw) => expired = Some(raw),
+                    Ok(Some(raw)) if fail_safe::expired(&raw) => expired = Some((raw, fence)),
                     Ok(Some(raw)) => {
                         if let Some(v) = decode_hit(cache, full, raw, &values).await {
                             return (Out::from_cached(v), Traced::Hit);
@@ -431,7 +432,7 @@ where
     if cache.config().fleet_lease() && cache.inner.tiers.shared_store().is_some() {
         match lease::turn(cache, full, &mut fence).await {
             lease::Turn::Run(held) => lease = held,
-            lease::Turn::Found(raw, _) if fail_safe::expired(&raw) => expired = Some(raw),
+            lease::Turn::Found(raw, _) if fail_safe::expired(&raw) => expired = Some((raw, fence)),
             lease::Turn::Found(raw, read_at) => {
                 let bytes: Arc<[u8]> = Arc::from(&*raw);
                 if let Some(v) = decode_hit(cache, full, raw, &values).await {
@@ -443,24 +444,55 @@ where
     }
 
     // Decoded up front: the body is guarded only when there is a value to serve instead.
-    let stale = match expired.filter(|_| call.spec.fail_safe(cache)) {
-        Some(raw) => cache
-            .decode_or_drop::<Out::Value>(full, &raw)
-            .map(|value| fail_safe::Stale { value, bytes: raw.to_vec() }),
-        None => None,
-    };
+    let stale =
+        match expired.filter(|_| call.spec.fail_safe(cache)) {
+            Some((raw, fence)) => cache
+                .decode_or_drop::<Out::Value>(full, &raw)
+                .map(|value| fail_safe::Stale { value, bytes: raw.to_vec(), fence }),
+            None => None,
+        };
 
     // No second read: the fill is checked against the fence taken before the
     // read, so the miss path is one GET and one write.
     let (tags, body) = miss();
     let out = match stale {
         None => body.await,
-        Some(stale) => match fail_safe::guarded(body, cache.config().hard_timeout()).await {
-            Ok(out) if !out.failed() => out,
-            // The body failed: its last value, kept for this.
-            // Its followers find the last value, written back, when they read again.
-            failed => return serve_stale(&call, failed, stale, &tags, fence).await,
-        },
+        Some(stale) => {
+            let mut body = std::pin::pin!(fail_safe::caught(body));
+            let done = match cache.config().hard_timeout() {
+                Some(limit) => tokio::time::timeout(limit, body.as_mut()).await.ok(),
+                None => Some(body.as_mut().await),
+            };
+            match done {
+                Some(Ok(out)) if !out.failed() => out,
+                // The body failed: its last value, kept for this, unless
+                // something covering the key was invalidated since it was read.
+                failed => {
+                    let tags_now = call.spec.tags(cache, tags.to_vec());
+                    let checking = std::time::Instant::now();
+                    if cache.unfenced(full, &tags_now, stale.fence).await {
+                        let cause = match &failed {
+                            Some(Ok(_)) => "an error".to_owned(),
+                            Some(Err(panic)) => fail_safe::describe(panic),
+                            None => "the hard timeout".to_owned(),
+                        };
+                        let (out, bytes) = serve_stale(&call, &cause, stale, &tags_now).await;
+                        leader.publish(Outcome::Value(bytes.into(), checking));
+                        drop(lease);
+                        return (out, Traced::Stale);
+                    }
+                    // Invalidated: the last value must not be served; the body's own result is.
+                    match failed {
+                        Some(Ok(out)) => out,
+                        Some(Err(panic)) => std::panic::resume_unwind(panic),
+                        None => match body.await {
+                            Ok(out) => out,
+                            Err(panic) => std::panic::resume_unwind(panic),
+                        },
+                    }
+                }
+            }
+        }
     };
     let (outcome, traced) =
         store(&call, format, &out, &tags, condition, Some(fence), false, near_fence).await;
@@ -475,31 +507,29 @@ where
     (out, traced)
 }
 
-/// Serves `stale` in place of what the body gave (`failed`: an `Err`, a
-/// panic, a timeout), and writes it back to expire after `fail_safe_throttle`
-/// under the call's fence, so that an invalidation since wins and the body is
-/// not retried by every call meanwhile.
+/// Serves `stale`, checked unfenced, in place of what the body gave, and
+/// writes it back to expire after `fail_safe_throttle`, under the fence of
+/// the read that found it, so that an invalidation since wins and the body is
+/// not retried by every call meanwhile. The bytes are for the flight's followers.
 async fn serve_stale<M, Out: Cacheable<M>>(
     call: &Call<'_>,
-    failed: Result<Out, fail_safe::Failure>,
+    cause: &str,
     stale: fail_safe::Stale<Out::Value>,
-    tags: &Tags,
-    fence: FillFence,
-) -> (Out, Traced) {
+    tags: &[String],
+) -> (Out, Vec<u8>) {
     let (cache, full) = (call.cache, call.key.full.as_str());
-    let cause = match &failed {
-        Ok(_) => "an error".to_owned(),
-        Err(failure) => failure.describe(),
-    };
     cache.inner.counters.stale_served.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(key = full, cause, "fail-safe: the body failed; its last value is served");
-    if let Some((bytes, ttl)) = fail_safe::throttled(&stale.bytes, cache.config().fail_safe_throttle()) {
-        let tags = call.spec.tags(cache, tags.to_vec());
-        if let Err(e) = cache.write(full, &bytes, ttl, &tags, Some(fence), false).await {
-            cache.record_fault("set", full, &e);
+    let bytes = match fail_safe::throttled(&stale.bytes, cache.config().fail_safe_throttle()) {
+        Some((bytes, ttl)) => {
+            if let Err(e) = cache.write(full, &bytes, ttl, tags, Some(stale.fence), false).await {
+                cache.record_fault("set", full, &e);
+            }
+            bytes
         }
-    }
-    (Out::from_cached(stale.value), Traced::Stale)
+        None => stale.bytes,
+    };
+    (Out::from_cached(stale.value), bytes)
 }
 
 /// A result that was not stored, for the callers waiting on `leader`: shared

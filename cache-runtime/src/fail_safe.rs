@@ -6,9 +6,10 @@
 //! (an `Err`, a panic, running past `hard_timeout`), the kept value is served
 //! instead, counted, and written back to expire again after
 //! `fail_safe_throttle`, so the body is not retried by every call meanwhile.
-//! That write is a fill like any other, checked against the fence taken
-//! before the read: an invalidation since wins. And an invalidation deletes
-//! the entry, so nothing invalidated is ever served, however stale.
+//! It is served only if nothing covering the key was invalidated since the
+//! read that found it (checked against that read's fence when the body
+//! fails), and written back under the same fence; an invalidation deletes
+//! the entry besides. So nothing invalidated is ever served, however stale.
 
 use std::any::Any;
 use std::future::Future;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 
 use crate::codec::{self, now_ms};
+use crate::store::FillFence;
 
 /// Whether `bytes` are a stamped entry past its logical expiry.
 #[inline]
@@ -30,42 +32,24 @@ pub(crate) fn expired(bytes: &[u8]) -> bool {
 pub(crate) struct Stale<V> {
     pub(crate) value: V,
     pub(crate) bytes: Vec<u8>,
+    /// The fence taken before the read that found it: it is served, and
+    /// written back, only if nothing covering the key was invalidated since.
+    pub(crate) fence: FillFence,
 }
 
-/// Why a guarded body gave no result.
-pub(crate) enum Failure {
-    Panicked(Box<dyn Any + Send>),
-    TimedOut,
+/// `body`, its panic caught as an `Err` (and raised again where no last value may be served).
+pub(crate) fn caught<F: Future>(body: F) -> impl Future<Output = Result<F::Output, Box<dyn Any + Send>>> {
+    AssertUnwindSafe(body).catch_unwind()
 }
 
-impl Failure {
-    /// For the log: the panic's message, when it has one.
-    pub(crate) fn describe(&self) -> String {
-        match self {
-            Failure::Panicked(payload) => {
-                let message = payload
-                    .downcast_ref::<&str>()
-                    .copied()
-                    .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-                    .unwrap_or("a panic");
-                format!("a panic: {message}")
-            }
-            Failure::TimedOut => "the hard timeout".to_owned(),
-        }
-    }
-}
-
-/// Runs `body`, catching a panic and cutting it off after `hard_timeout`.
-pub(crate) async fn guarded<F: Future>(
-    body: F,
-    hard_timeout: Option<Duration>,
-) -> Result<F::Output, Failure> {
-    let caught = AssertUnwindSafe(body).catch_unwind();
-    let done = match hard_timeout {
-        Some(limit) => tokio::time::timeout(limit, caught).await.map_err(|_| Failure::TimedOut)?,
-        None => caught.await,
-    };
-    done.map_err(Failure::Panicked)
+/// For the log: a panic's message, when it has one.
+pub(crate) fn describe(panic: &(dyn Any + Send)) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message");
+    format!("a panic: {message}")
 }
 
 /// A fresh value's bytes as a fail-safe function stores them, and their TTL

@@ -182,13 +182,14 @@ pub(crate) async fn turn(cache: &Cache, full: &str, fence: &mut FillFence) -> Tu
                 let now = Instant::now();
                 *fence = cache.fill_fence(full, now);
                 match cache.read(full, now).await {
-                    Ok(Some(raw)) => return Turn::Found(raw, now),
-                    // The entry exists but reads as a miss (a big value whose
-                    // body was evicted, an entry of another shape): nobody
-                    // will fill it while it lives, so this call runs the body.
-                    Ok(None) if unreadable > 0 => return Turn::Run(None),
+                    Ok(Some(raw)) if !crate::fail_safe::expired(&raw) => return Turn::Found(raw, now),
+                    // The entry exists but reads as a miss (a big value whose body
+                    // was evicted, an entry of another shape, a fail-safe big
+                    // value past its expiry): nobody will fill it while it
+                    // lives, so this call runs the body.
+                    Ok(_) if unreadable > 0 => return Turn::Run(None),
                     // Gone again (an invalidation, an expiry): wait, then try again.
-                    Ok(None) => unreadable += 1,
+                    Ok(_) => unreadable += 1,
                     Err(_) => return Turn::Run(None),
                 }
             }
@@ -208,8 +209,9 @@ pub(crate) async fn turn(cache: &Cache, full: &str, fence: &mut FillFence) -> Tu
         let now = Instant::now();
         *fence = cache.fill_fence(full, now);
         match cache.read(full, now).await {
-            Ok(Some(raw)) => return Turn::Found(raw, now),
-            Ok(None) => {}
+            // A fail-safe entry past its expiry is what the holder is replacing: wait on.
+            Ok(Some(raw)) if !crate::fail_safe::expired(&raw) => return Turn::Found(raw, now),
+            Ok(_) => {}
             Err(_) => return Turn::Run(None),
         }
     }

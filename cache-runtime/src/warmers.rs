@@ -1,16 +1,19 @@
-//! Warmers that run when a cache starts, while `health` says `warming`.
+//! Warmers that run when a cache starts, while `health` says `ready: false`.
 //!
 //! Each warmer is a function of the new cache, typically loading what the
 //! service reads first and writing it with [`Cache::warm`]. They run in the
-//! background on the cache's own runtime, `warmup_concurrency` at a time, so
+//! background on the caller's runtime, `warmup_concurrency` at a time, so
 //! that `Cache::new` returns at once and an orchestrator waits on readiness
 //! instead. A warmer that fails, or panics, is logged at error level and
 //! counted as done: a service with a cold cache still serves.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
+
+use futures_util::FutureExt;
 
 use crate::store::BoxFuture;
 use crate::{Cache, CacheError};
@@ -89,8 +92,11 @@ impl Cache {
             );
             return;
         }
-        let Some(runtime) = self.runtime().cloned() else {
-            tracing::error!("the cache has no runtime of its own: warmers not run");
+        // The caller's runtime: a warmer is the application's code, and may
+        // block or hog; the cache's own thread keeps its upkeep.
+        let Some(runtime) = tokio::runtime::Handle::try_current().ok().or_else(|| self.runtime().cloned())
+        else {
+            tracing::error!("no runtime to run the warmers on: warmers not run");
             return;
         };
         self.inner.warming.store(warmers.len(), Ordering::Release);
@@ -106,7 +112,10 @@ impl Cache {
                     running.spawn(async move {
                         let began = Instant::now();
                         // Called in the task: a warmer that panics building its future is caught too.
-                        let result = warm(cache).await;
+                        let result = AssertUnwindSafe(async move { warm(cache).await }).catch_unwind().await;
+                        let result = result.unwrap_or_else(|panic| {
+                            Err(CacheError::InvalidArgument(crate::fail_safe::describe(panic.as_ref())))
+                        });
                         (name, result, began.elapsed())
                     });
                 }

@@ -48,6 +48,23 @@ async fn slow(id: u32, hang: bool) -> u32 {
     id
 }
 
+/// A body that invalidates its own key while it runs, then fails (`1`), or
+/// outlives the hard timeout and succeeds (`2`).
+#[cached(fail_safe = true, ttl = TTL, cache = support::current(), prefix = "racing", skip = [mode])]
+async fn racing(id: u32, mode: u8) -> Result<u32, String> {
+    if mode > 0 {
+        racing_invalidate(id).await.unwrap();
+    }
+    match mode {
+        1 => Err("the origin is down".into()),
+        2 => {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            Ok(99)
+        }
+        _ => Ok(id),
+    }
+}
+
 async fn cache(redis: &Redis) -> Cache {
     let config = redis
         .config("fail_safe")
@@ -103,10 +120,24 @@ async fn the_last_value_is_served_when_the_body_fails_and_never_after_an_invalid
             assert_eq!(slow(4, true).await, 4);
             assert!(started.elapsed() < Duration::from_secs(10), "cut off at the hard timeout");
             assert_eq!(cache.stats().await.unwrap().stale_served, 4);
+
             // Written back for the throttle, then expired again: a plain `get` sees it missing.
             assert_eq!(cache.get::<u32>(&slow_key(4)).await.unwrap(), Some(4));
             tokio::time::sleep(Duration::from_millis(500)).await;
             assert_eq!(cache.get::<u32>(&slow_key(4)).await.unwrap(), None);
+            // Invalidated while the body runs: the last value is not served,
+            // the body's own result is, even past the hard timeout.
+            assert_eq!(racing(5, 0).await, Ok(5));
+            tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+            assert_eq!(racing(5, 1).await, Err("the origin is down".into()));
+            assert_eq!(racing(5, 0).await, Ok(5));
+            tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+            assert_eq!(racing(5, 2).await, Ok(99));
+            assert_eq!(
+                cache.stats().await.unwrap().stale_served,
+                4,
+                "no last value served after an invalidation"
+            );
         })
         .await;
 }

@@ -72,3 +72,11 @@ async fn a_big_value_body_changed_in_place_reads_as_a_miss() {
     assert_eq!(signed.stats().await.unwrap().bad_signatures, 1);
     assert!(!format!("{:?}", signed.config()).contains("k3y-of-the-fleet"), "the secret is never printed");
 }
+
+#[tokio::test]
+async fn a_short_signing_key_is_refused_at_start() {
+    let redis = Redis::start();
+    let config = CacheConfig::builder().redis_url(redis.url()).signing_key("short").build().unwrap();
+    let err = Cache::new(config).await.unwrap_err();
+    assert!(err.to_string().contains("signing_key") && !err.to_string().contains("short"), "{err}");
+}

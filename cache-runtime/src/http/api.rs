@@ -243,7 +243,7 @@ async fn stats(State(s): State<Arc<Shared>>) -> Reply {
 /// One PING and in-memory counters: cheap enough for a probe every few seconds.
 /// For an orchestrator's readiness probe: 503 while start-up warmers run.
 async fn ready(State(s): State<Arc<Shared>>) -> (axum::http::StatusCode, Json<Value>) {
-    let ready = s.api.cache.health().await.ready;
+    let ready = s.api.cache.is_ready();
     let status = if ready { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "ready": ready })))
 }

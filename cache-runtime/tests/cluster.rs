@@ -10,6 +10,7 @@ use std::time::Duration;
 use cache_runtime::{Cache, Mode};
 use support::cluster::Cluster;
 use support::cluster_load::{run_through, Fault};
+use support::eventually;
 
 /// Masters whose keyspace holds at least one key under `prefix`.
 fn masters_holding(cluster: &Cluster, prefix: &str) -> usize {
@@ -445,19 +446,6 @@ async fn a_cluster_over_tls_works_and_a_wrong_ca_gets_nowhere() {
     match Cache::new(wrong).await {
         Ok(cache) => assert_eq!(cache.mode(), Mode::Local, "a wrong CA reached Redis"),
         Err(e) => assert!(e.is_misconfiguration(), "{e}"),
-    }
-}
-
-/// Waits until `check` holds, for at most 10 s.
-async fn eventually<F, Fut>(what: &str, check: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(std::time::Instant::now() < deadline, "{what}: not within 10 s");
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

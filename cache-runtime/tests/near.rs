@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use cache_runtime::{cached, Cache, CacheConfigBuilder, Event};
 use redis::AsyncCommands;
-use support::{unique_prefix, Redis};
+use support::{eventually, unique_prefix, Redis};
 
 /// `count` caches on `redis` sharing one prefix, built by `configure`, each
 /// listening on the bus before it is returned.
@@ -39,20 +39,6 @@ fn near(builder: CacheConfigBuilder) -> CacheConfigBuilder {
 
 async fn listening(cache: &Cache) {
     eventually("the bus listener subscribes", || async { cache.stats().await.unwrap().bus_listening }).await;
-}
-
-/// Waits until `check` holds, for at most 5 s: message delivery is
-/// asynchronous, and a loaded CI machine is slow.
-async fn eventually<F, Fut>(what: &str, check: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what}: not within 5 s");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 async fn read(cache: &Cache, key: &str, value: u32, runs: &AtomicU32) -> u32 {

@@ -5,23 +5,11 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cache_runtime::{Cache, CacheError, Warmers};
-use support::Redis;
+use support::{eventually, Redis};
 use tokio::sync::Notify;
-
-async fn eventually<F, Fut>(what: &str, check: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what}: not within 10 s");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 fn warmers(gate: Arc<Notify>) -> Warmers {
     Warmers::new()

@@ -301,6 +301,20 @@ pub async fn load(cache: &Cache, key: &str, runs: &std::sync::atomic::AtomicU32)
         .await
 }
 
+/// Waits until `check` holds, for at most 10 s: for what arrives
+/// asynchronously (a bus message, a background warmer) on a loaded machine.
+pub async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A Redis-mode and a local-mode cache, for tests that must hold in both.
 pub async fn both_modes(redis: &Redis, name: &str) -> [Cache; 2] {
     [redis.cache(name, FORMATS[0]).await, local_cache(name, FORMATS[1])]

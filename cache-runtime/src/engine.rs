@@ -470,7 +470,10 @@ where
                 failed => {
                     let tags_now = call.spec.tags(cache, tags.to_vec());
                     let checking = std::time::Instant::now();
-                    if cache.unfenced(full, &tags_now, stale.fence).await {
+                    // Within its last-resort deadline (a value read before its
+                    // entry went may be older), and not invalidated since.
+                    if fail_safe::servable(&stale.bytes) && cache.unfenced(full, &tags_now, stale.fence).await
+                    {
                         let cause = match &failed {
                             Some(Ok(_)) => "an error".to_owned(),
                             Some(Err(panic)) => fail_safe::describe(panic),

@@ -27,6 +27,11 @@ pub(crate) fn expired(bytes: &[u8]) -> bool {
     codec::logical_expiry(bytes).is_some_and(|at| at <= now_ms())
 }
 
+/// Whether a stamped entry is still within its last-resort deadline.
+pub(crate) fn servable(bytes: &[u8]) -> bool {
+    codec::stamped(bytes).is_some_and(|(_, stale_until)| stale_until > now_ms())
+}
+
 /// A last value kept to serve if the body fails: decoded up front, so that
 /// the body is guarded only when there is something to serve.
 pub(crate) struct Stale<V> {

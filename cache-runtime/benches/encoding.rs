@@ -44,15 +44,7 @@ struct Filter<'a> {
     statuses: &'a [&'a str],
 }
 
-const SPEC: Spec = Spec {
-    name: "get_mission",
-    prefix: Some("missions"),
-    ttl: None,
-    profile: None,
-    version: 0,
-    near: None,
-    fail_safe: None,
-};
+const SPEC: Spec = Spec::named("get_mission").with_prefix("missions");
 
 fn keys(c: &mut Criterion) {
     let cache = Cache::local(CacheConfig::default());

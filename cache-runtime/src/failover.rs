@@ -219,12 +219,7 @@ impl Failover {
                 // first application and Redis's own took the old value.
                 self.near.apply(&what);
                 let result = match applied {
-                    Ok(deleted) => {
-                        let unannounced = Unannounced::new(&self.pending, &what);
-                        let announced = self.announce(shared, &what).await;
-                        unannounced.disarm();
-                        announced.map(|()| deleted)
-                    }
+                    Ok(deleted) => self.announce_applied(shared, &what).await.map(|()| deleted),
                     Err(e) => Err(e),
                 };
                 match self.settle(permit, result) {
@@ -278,9 +273,7 @@ impl Failover {
                     Ok(stored) => stored,
                     Err(e) => return self.settle(permit, Err(e)),
                 };
-                let unannounced = Unannounced::new(&self.pending, &what);
-                let announced = self.announce(shared, &what).await;
-                unannounced.disarm();
+                let announced = self.announce_applied(shared, &what).await;
                 match self.settle(permit, announced) {
                     Ok(()) => Ok(stored),
                     // Stored, but the others' near tiers can't be told: an
@@ -355,6 +348,16 @@ impl Failover {
             },
             None => Err(only_here(not_serving())),
         }
+    }
+
+    /// [`announce`](Self::announce), for a call that has just applied `what`
+    /// to Redis: if the call is dropped before the announcement is made, it
+    /// is queued, and its replay announces it.
+    async fn announce_applied(&self, shared: &dyn Store, what: &Pending) -> Result<(), CacheError> {
+        let unannounced = Unannounced::new(&self.pending, what);
+        let announced = self.announce(shared, what).await;
+        unannounced.disarm();
+        announced
     }
 
     /// Announces an invalidation Redis applied. Only an unreachable store is

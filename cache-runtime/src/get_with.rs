@@ -16,15 +16,7 @@ use crate::{Cache, IntoTtl};
 
 /// The spec of a call made without the macro: the cache's own prefix, nothing more.
 fn spec(ttl: Option<Duration>) -> Spec {
-    Spec {
-        name: "get_with",
-        prefix: None,
-        ttl: ttl.map(TtlSpec::Fixed),
-        profile: None,
-        version: 0,
-        near: None,
-        fail_safe: None,
-    }
+    Spec { ttl: ttl.map(TtlSpec::Fixed), ..Spec::named("get_with") }
 }
 
 impl Cache {

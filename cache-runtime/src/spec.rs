@@ -41,6 +41,17 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// The spec of `name` with every option unset, for specs written by hand.
+    pub const fn named(name: &'static str) -> Spec {
+        Spec { name, prefix: None, ttl: None, profile: None, version: 0, near: None, fail_safe: None }
+    }
+
+    /// This spec with the `prefix` option set.
+    pub const fn with_prefix(mut self, prefix: &'static str) -> Spec {
+        self.prefix = Some(prefix);
+        self
+    }
+
     pub(crate) fn prefix<'a>(&'a self, cache: &'a Cache) -> &'a str {
         if let Some(prefix) = self.prefix {
             return prefix;

@@ -18,15 +18,7 @@ use support::{unique_prefix, Redis};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
 
-const SPEC: Spec = Spec {
-    name: "race",
-    prefix: Some("race"),
-    ttl: None,
-    profile: None,
-    version: 0,
-    near: None,
-    fail_safe: None,
-};
+const SPEC: Spec = Spec::named("race").with_prefix("race");
 /// What the database held when the racing fill read it; the update writes 2.
 const OLD: u64 = 1;
 

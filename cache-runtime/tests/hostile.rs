@@ -13,15 +13,7 @@ use cache_runtime::{Cache, CacheError};
 use redis::AsyncCommands;
 use support::{both_modes, Redis};
 
-const SPEC: Spec = Spec {
-    name: "echo",
-    prefix: Some("echo"),
-    ttl: None,
-    profile: None,
-    version: 0,
-    near: None,
-    fail_safe: None,
-};
+const SPEC: Spec = Spec::named("echo").with_prefix("echo");
 
 fn nasty() -> Vec<String> {
     let mut v: Vec<String> = [

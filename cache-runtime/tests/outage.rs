@@ -12,15 +12,7 @@ use redis::AsyncCommands;
 use support::proxy::{Fault, Proxy};
 use support::{unique_prefix, Redis};
 
-const SPEC: Spec = Spec {
-    name: "load",
-    prefix: Some("load"),
-    ttl: None,
-    profile: None,
-    version: 0,
-    near: None,
-    fail_safe: None,
-};
+const SPEC: Spec = Spec::named("load").with_prefix("load");
 const OP_TIMEOUT: Duration = Duration::from_millis(150);
 const BREAKER_TIMEOUT: Duration = Duration::from_millis(400);
 const HEALTH_EVERY: Duration = Duration::from_millis(100);

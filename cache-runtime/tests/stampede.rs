@@ -15,15 +15,7 @@ use cache_runtime::Cache;
 use support::{local_cache, Redis, FORMATS};
 use tokio::sync::{Barrier, Notify};
 
-const SPEC: Spec = Spec {
-    name: "load",
-    prefix: Some("load"),
-    ttl: None,
-    profile: None,
-    version: 0,
-    near: None,
-    fail_safe: None,
-};
+const SPEC: Spec = Spec::named("load").with_prefix("load");
 
 fn call(cache: &Cache, id: u32) -> Call<'_> {
     let mut key = KeyBuilder::new(cache, &SPEC);

@@ -327,14 +327,11 @@ where
     let if_none_match: Vec<HeaderValue> =
         req.headers().get_all(header::IF_NONE_MATCH).iter().cloned().collect();
     let spec = Spec {
-        name: "http",
-        prefix: None,
         ttl: Some(TtlSpec::Fixed(config.ttl)),
-        profile: None,
-        version: 0,
         // Its `miss` takes the request: a Redis hit must not call it for tags.
         near: Some(false),
         fail_safe: Some(false),
+        ..Spec::named("http")
     };
     let cache = &config.cache;
     let call = Call { cache, spec: &spec, key };

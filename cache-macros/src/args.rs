@@ -20,6 +20,8 @@ const OPTIONS: &[&str] = &[
     "cache_none",
     "near",
     "fail_safe",
+    "early_refresh",
+    "soft_timeout",
 ];
 
 /// `ttl = 300`, `ttl = Duration::from_secs(5)` or `ttl = "quantum_state"`.
@@ -43,6 +45,8 @@ pub(crate) struct Args {
     pub(crate) cache_none: Option<LitBool>,
     pub(crate) near: Option<LitBool>,
     pub(crate) fail_safe: Option<LitBool>,
+    pub(crate) early_refresh: Option<LitBool>,
+    pub(crate) soft_timeout: Option<Expr>,
 }
 
 impl Parse for Args {
@@ -140,6 +144,8 @@ impl Args {
             "cache_none" => self.cache_none = Some(lit_bool(input)?),
             "near" => self.near = Some(lit_bool(input)?),
             "fail_safe" => self.fail_safe = Some(lit_bool(input)?),
+            "early_refresh" => self.early_refresh = Some(lit_bool(input)?),
+            "soft_timeout" => self.soft_timeout = Some(duration(input.parse()?)?),
             _ => unreachable!("checked against OPTIONS"),
         }
         Ok(())
@@ -176,6 +182,22 @@ fn not_lit(expr: Expr, expected: &str) -> syn::Result<Expr> {
         Expr::Lit(_) => Err(syn::Error::new_spanned(expr, format!("expected {expected}"))),
         expr => Ok(expr),
     }
+}
+
+/// A positive duration: whole seconds or an expression giving a `Duration`.
+fn duration(expr: Expr) -> syn::Result<Expr> {
+    let wrong = match &expr {
+        Expr::Lit(syn::ExprLit { lit: Lit::Int(i), .. }) => i.base10_parse::<u64>().map_or(true, |n| n == 0),
+        Expr::Lit(_) | Expr::Array(_) | Expr::Tuple(_) | Expr::Closure(_) | Expr::Range(_) => true,
+        _ => false,
+    };
+    if wrong {
+        return Err(syn::Error::new_spanned(
+            expr,
+            "expected a positive duration: `soft_timeout = Duration::from_millis(200)`, or whole seconds",
+        ));
+    }
+    Ok(expr)
 }
 
 fn idents(input: ParseStream<'_>) -> syn::Result<Vec<Ident>> {

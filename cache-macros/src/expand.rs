@@ -169,11 +169,17 @@ fn expand(args: &Args, func: &ItemFn, shape: &Shape) -> TokenStream {
     let values = probe(quote_spanned! {output.span()=>
         <#output as #rt_out::__private::Cacheable<#marker>>::Value
     });
-    let sharing = quote!(#sharing #values);
+    let detach = if shape.detached {
+        quote_spanned!(output.span()=> #rt_out::__private::Detached,)
+    } else {
+        quote_spanned!(output.span()=> #rt_out::__private::Attached,)
+    };
+    let sharing = quote!(#sharing #values #detach);
     let run = |function: &str, sharing: Option<&TokenStream>| {
         let function = Ident::new(function, output.span());
+        let inferred = if sharing.is_some() { quote!(_, _, _, _) } else { quote!(_, _, _) };
         quote_spanned! {output.span()=>
-            #rt_out::__private::#function::<#marker, #output, _, _, _>(
+            #rt_out::__private::#function::<#marker, #output, #inferred>(
                 #rt::__private::Call {
                     cache: __cache,
                     spec: &__cache_spec,
@@ -327,10 +333,15 @@ fn spec(args: &Args, name: &Ident, rt: &TokenStream) -> TokenStream {
         None => quote!(::core::option::Option::None),
     };
     let (near, fail_safe) = (opt_bool(&args.near), opt_bool(&args.fail_safe));
+    let early_refresh = args.early_refresh.as_ref().is_some_and(|b| b.value);
+    let soft_timeout = match &args.soft_timeout {
+        Some(e) => quote_spanned!(e.span()=> ::core::option::Option::Some(#rt::__private::duration(#e))),
+        None => quote!(::core::option::Option::None),
+    };
     quote! {
         #rt::__private::Spec {
             name: #name, prefix: #prefix, ttl: #ttl, profile: #profile, version: #version,
-            near: #near, fail_safe: #fail_safe,
+            near: #near, fail_safe: #fail_safe, early_refresh: #early_refresh, soft_timeout: #soft_timeout,
         }
     }
 }

@@ -30,6 +30,8 @@ pub(crate) struct Shape {
     pub(crate) output: Type,
     /// Whether the `cache` expression reads `self` (companions then take `&self`).
     pub(crate) cache_uses_self: bool,
+    /// Whether the body may run in a task of its own (`early_refresh`, `soft_timeout`).
+    pub(crate) detached: bool,
 }
 
 pub(crate) fn check(args: &Args, func: &ItemFn) -> syn::Result<Shape> {
@@ -147,7 +149,62 @@ pub(crate) fn check(args: &Args, func: &ItemFn) -> syn::Result<Shape> {
             "`cache` reads `self`, but this function has no `&self`",
         ));
     }
-    Ok(Shape { receiver, args: fn_args, key_args, key_format, tags, marker, output, cache_uses_self })
+    let detached = detachable(args, func, receiver.as_ref(), &fn_args)?;
+    Ok(Shape {
+        receiver,
+        args: fn_args,
+        key_args,
+        key_format,
+        tags,
+        marker,
+        output,
+        cache_uses_self,
+        detached,
+    })
+}
+
+/// Whether the options run the body in a task of its own, and if so, that
+/// it can: a task outlives the call, so the body may borrow nothing.
+fn detachable(args: &Args, func: &ItemFn, receiver: Option<&Receiver>, fn_args: &[Arg]) -> syn::Result<bool> {
+    let option = match (&args.early_refresh, &args.soft_timeout) {
+        (Some(b), _) if b.value => "early_refresh",
+        (_, Some(_)) => "soft_timeout",
+        _ => return Ok(false),
+    };
+    if let (Some(timeout), Some(b)) = (&args.soft_timeout, &args.fail_safe) {
+        if !b.value {
+            return Err(syn::Error::new_spanned(
+                timeout,
+                "`soft_timeout` serves the last value while the body runs on: it needs `fail_safe` (drop `fail_safe = false`)",
+            ));
+        }
+    }
+    let borrowed = |what: String| {
+        format!("`{option}` runs the body in a task of its own, which outlives the call: {what}; take owned values (an `Arc` for shared state)")
+    };
+    if let Some(r) = receiver {
+        return Err(syn::Error::new_spanned(r, borrowed("a method borrows `self`".into())));
+    }
+    if let Some(lifetime) = func.sig.generics.lifetimes().next() {
+        return Err(syn::Error::new_spanned(lifetime, borrowed("the arguments borrow".into())));
+    }
+    for arg in fn_args {
+        let ty = &arg.ty;
+        if borrows(quote::quote!(#ty)) {
+            return Err(syn::Error::new_spanned(ty, borrowed(format!("`{}` is borrowed", arg.ident))));
+        }
+    }
+    Ok(true)
+}
+
+/// Whether a type is or holds a reference (`&T`, `Cow<'a, str>`, `impl Trait` which may).
+fn borrows(tokens: proc_macro2::TokenStream) -> bool {
+    tokens.into_iter().any(|t| match t {
+        proc_macro2::TokenTree::Punct(p) => p.as_char() == '&' || p.as_char() == '\'',
+        proc_macro2::TokenTree::Ident(i) => i == "impl",
+        proc_macro2::TokenTree::Group(g) => borrows(g.stream()),
+        _ => false,
+    })
 }
 
 /// Whether a type has an `impl Trait` anywhere, as in `&[impl Serialize]`.

@@ -919,11 +919,7 @@ impl Cache {
         if percent == 0 {
             return ttl;
         }
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let draw = xxhash_rust::xxh3::xxh3_64_with_seed(full.as_bytes(), nanos.as_nanos() as u64);
-        // A fraction in [0, 1) from 53 bits, scaled to at most `percent` of the TTL.
-        let fraction = (draw >> 11) as f64 / (1u64 << 53) as f64;
-        let cut = ttl.mul_f64(fraction * percent as f64 / 100.0);
+        let cut = ttl.mul_f64(crate::detached::draw(full.as_bytes()) * percent as f64 / 100.0);
         ttl.saturating_sub(cut).max(Duration::from_millis(1))
     }
 

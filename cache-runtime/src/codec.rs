@@ -9,11 +9,13 @@
 //! another shape of the type (fields reordered, renamed or retyped by another
 //! build) into a miss instead of into different values.
 //!
-//! An entry of a fail-safe function (`fail_safe`) is stamped: seventeen
-//! bytes in front of the header, a marker, the moment (Unix milliseconds) it
-//! expires logically and the moment it may no longer be served even as a
-//! last resort. It lives that long, as the value to serve when its function
-//! fails; [`decode`] reads through the stamp.
+//! An entry of a fail-safe or early-refreshed function is stamped: bytes in
+//! front of the header, a marker, the moment (Unix milliseconds) it expires
+//! logically, the moment it may no longer be served even as a last resort,
+//! and how long the body that computed it took (the early refresh's measure
+//! of how soon to start). A fail-safe entry lives until its last-resort
+//! moment, as the value to serve when its function fails; [`decode`] reads
+//! through the stamp.
 //!
 //! What is stored reads back equal: a value JSON can't represent (a NaN or an
 //! infinity, which serde_json writes as `null`) is refused at encode.
@@ -30,9 +32,13 @@ mod finite;
 mod shape;
 
 const MAGIC: u8 = 0xCA;
-/// The marker of a stamped entry; never a header's first byte.
+/// The marker of a stamped entry without the body's time, as the first
+/// fail-safe builds wrote them; never a header's first byte.
 const STAMP: u8 = 0xCE;
 const STAMP_LEN: usize = 17;
+/// The marker of a stamped entry that carries the body's time.
+const TIMED_STAMP: u8 = 0xCF;
+const TIMED_STAMP_LEN: usize = 21;
 /// Bumped when the header or an encoding changes incompatibly; also part of macro keys.
 pub const WIRE_VERSION: u8 = 2;
 /// [`WIRE_VERSION`] as a key names it, written out so building a key formats nothing.
@@ -239,21 +245,36 @@ pub fn fingerprint<T: Deserialize<'static>>() -> u64 {
     shape::of::<T>()
 }
 
-/// `encoded`, stamped to expire logically at `expires_ms` and to be served
-/// as a last resort until `stale_until_ms` (Unix milliseconds).
-pub(crate) fn stamp(expires_ms: u64, stale_until_ms: u64, encoded: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(STAMP_LEN + encoded.len());
-    out.push(STAMP);
-    out.extend_from_slice(&expires_ms.to_le_bytes());
-    out.extend_from_slice(&stale_until_ms.to_le_bytes());
+/// What a stamp says of its entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    /// When the entry expires logically (Unix milliseconds).
+    pub(crate) expires_ms: u64,
+    /// When it may no longer be served, even as a last resort.
+    pub(crate) stale_until_ms: u64,
+    /// How long the body that computed it took, in milliseconds (0: unknown).
+    pub(crate) took_ms: u32,
+}
+
+/// `encoded`, stamped.
+pub(crate) fn stamp(stamp: Stamp, encoded: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(TIMED_STAMP_LEN + encoded.len());
+    out.push(TIMED_STAMP);
+    out.extend_from_slice(&stamp.expires_ms.to_le_bytes());
+    out.extend_from_slice(&stamp.stale_until_ms.to_le_bytes());
+    out.extend_from_slice(&stamp.took_ms.to_le_bytes());
     out.extend_from_slice(encoded);
     out
 }
 
-/// A stamped entry's logical expiry and last-resort deadline (Unix
-/// milliseconds); `None` for an unstamped one.
-pub(crate) fn stamped(bytes: &[u8]) -> Option<(u64, u64)> {
-    if bytes.len() < STAMP_LEN || bytes[0] != STAMP {
+/// A stamped entry's stamp, and how many bytes it takes; `None` for an unstamped entry.
+fn stamp_of(bytes: &[u8]) -> Option<(Stamp, usize)> {
+    let len = match bytes.first() {
+        Some(&STAMP) => STAMP_LEN,
+        Some(&TIMED_STAMP) => TIMED_STAMP_LEN,
+        _ => return None,
+    };
+    if bytes.len() < len {
         return None;
     }
     let field = |at: usize| {
@@ -261,20 +282,30 @@ pub(crate) fn stamped(bytes: &[u8]) -> Option<(u64, u64)> {
         ms.copy_from_slice(&bytes[at..at + 8]);
         u64::from_le_bytes(ms)
     };
-    Some((field(1), field(9)))
+    let took_ms = match len {
+        TIMED_STAMP_LEN => u32::from_le_bytes([bytes[17], bytes[18], bytes[19], bytes[20]]),
+        _ => 0,
+    };
+    Some((Stamp { expires_ms: field(1), stale_until_ms: field(9), took_ms }, len))
+}
+
+/// A stamped entry's stamp; `None` for an unstamped one.
+#[inline]
+pub(crate) fn stamped(bytes: &[u8]) -> Option<Stamp> {
+    stamp_of(bytes).map(|(stamp, _)| stamp)
 }
 
 /// When a stamped entry expires logically (Unix milliseconds); `None` for an unstamped one.
+#[inline]
 pub(crate) fn logical_expiry(bytes: &[u8]) -> Option<u64> {
-    stamped(bytes).map(|(expires, _)| expires)
+    stamped(bytes).map(|stamp| stamp.expires_ms)
 }
 
 /// The encoded entry behind a stamp, if any.
 pub(crate) fn unstamped(bytes: &[u8]) -> &[u8] {
-    if logical_expiry(bytes).is_some() {
-        &bytes[STAMP_LEN..]
-    } else {
-        bytes
+    match stamp_of(bytes) {
+        Some((_, len)) => &bytes[len..],
+        None => bytes,
     }
 }
 
@@ -465,6 +496,25 @@ mod tests {
         assert_eq!(fingerprint::<String>(), fingerprint::<&str>());
         assert_eq!(<str as Storable>::fingerprint(), fingerprint::<String>());
         assert_eq!(<[u8] as Storable>::fingerprint(), fingerprint::<Vec<u8>>());
+    }
+
+    #[test]
+    fn stamps_of_both_layouts_read_back_and_decode_through() {
+        let encoded = encode(Serialization::Json, &42u32).unwrap();
+        let stamp = Stamp { expires_ms: 1_000, stale_until_ms: 5_000, took_ms: 37 };
+        let timed = super::stamp(stamp, &encoded);
+        assert_eq!(stamped(&timed), Some(stamp));
+        assert_eq!(unstamped(&timed), &encoded[..]);
+        assert_eq!(decode::<u32>(&timed).unwrap(), 42);
+        // The earlier layout: no body time, read as 0.
+        let mut old = vec![STAMP];
+        old.extend_from_slice(&1_000u64.to_le_bytes());
+        old.extend_from_slice(&5_000u64.to_le_bytes());
+        old.extend_from_slice(&encoded);
+        assert_eq!(stamped(&old), Some(Stamp { took_ms: 0, ..stamp }));
+        assert_eq!(decode::<u32>(&old).unwrap(), 42);
+        assert_eq!(stamped(&encoded), None, "an unstamped entry");
+        assert_eq!(stamped(&timed[..TIMED_STAMP_LEN - 1]), None, "a truncated stamp");
     }
 
     #[test]

@@ -357,6 +357,9 @@ settings! {
     /// Up to this percentage is taken off each entry's TTL, at random, so
     /// that entries written together don't expire together.
     ttl_jitter_percent: u8 = 0, read as wire::Percent, env "CACHE_TTL_JITTER_PERCENT";
+    /// How eagerly an `early_refresh` function refreshes a hot entry before
+    /// it expires: XFetch's β (1 is the paper's optimum; larger starts sooner).
+    early_refresh_beta: f64 = 1.0, read as wire::Factor, env "CACHE_EARLY_REFRESH_BETA";
     /// Whether `Cache::warm` writes anything.
     warmup_enabled: bool = true, read as wire::Flag;
     /// Entries one warm-up task writes per batch.
@@ -810,6 +813,10 @@ impl CacheConfig {
     pub fn ttl_jitter_percent(&self) -> u8 {
         self.ttl_jitter_percent
     }
+    /// XFetch's β for `early_refresh` functions (default 1).
+    pub fn early_refresh_beta(&self) -> f64 {
+        self.early_refresh_beta
+    }
     /// Whether [`Cache::warm`](crate::Cache::warm) writes anything.
     pub fn warmup_enabled(&self) -> bool {
         self.warmup_enabled
@@ -1061,6 +1068,16 @@ impl CacheConfigBuilder {
     /// never lives longer than asked.
     pub fn ttl_jitter_percent(mut self, percent: u8) -> Self {
         self.config.ttl_jitter_percent = percent.min(100);
+        self
+    }
+    /// Sets XFetch's β for `early_refresh` functions: a hit refreshes its
+    /// entry in the background with a probability that rises as expiry nears,
+    /// scaled by how long the body took and by `beta` (1 by default; 2 starts
+    /// about twice as early). Clamped to (0, 100].
+    pub fn early_refresh_beta(mut self, beta: f64) -> Self {
+        if beta.is_finite() && beta > 0.0 {
+            self.config.early_refresh_beta = beta.min(100.0);
+        }
         self
     }
     /// Sets whether every cached function keeps decoded values in this

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -16,15 +17,17 @@ use tracing::field::Empty;
 use tracing::level_filters::LevelFilter;
 use tracing::{debug_span, Instrument, Level, Span};
 
+use crate::detached::{Detach, Late, Waited};
 use crate::flight::{self, Outcome, Role, Shared};
 use crate::key::escape_glob;
 use crate::schema::Key;
 use crate::spec::Spec;
 use crate::store::{FillFence, Raw};
 use crate::{codec, Cache, CacheError, Serialization};
-use crate::{fail_safe, lease};
+use crate::{detached, fail_safe, lease};
 
 /// A call's tags: literal ones cost no allocation on a hit.
+#[derive(Clone)]
 pub enum Tags {
     /// Tags written as literals.
     Static(&'static [&'static str]),
@@ -187,22 +190,25 @@ pub struct Call<'a> {
 ///
 /// `miss` is called only when the body must run, so a hit neither builds the
 /// tags nor the body's future. Values are stored in the cache's configured
-/// serialization.
-pub fn get_or_compute<'a, M, Out, C, B, Fut>(
+/// serialization. `detach` says whether the body may run in a task of its
+/// own (`detached.rs`: early refresh, soft timeouts).
+pub fn get_or_compute<'a, M, Out, C, B, Fut, D>(
     call: Call<'a>,
     condition: C,
     sharing: Sharing<Out>,
     values: Sharing<Out::Value>,
+    detach: D,
     miss: B,
-) -> impl Future<Output = Out> + use<'a, M, Out, C, B, Fut>
+) -> impl Future<Output = Out> + use<'a, M, Out, C, B, Fut, D>
 where
     Out: Cacheable<M>,
     C: FnOnce(&Out::Value) -> bool,
     B: FnOnce() -> (Tags, Fut),
     Fut: Future<Output = Out>,
+    D: Detach<M, Out, C, B, Fut>,
 {
     let format = call.cache.config().serialization;
-    get_or_compute_as(format, call, condition, sharing, values, miss)
+    get_or_compute_as(format, call, condition, sharing, values, detach, miss)
 }
 
 /// [`get_or_compute`], storing values in `format` whatever the cache's
@@ -214,25 +220,28 @@ where
 /// A plain function rather than an `async fn`: whether the call is traced is
 /// decided once, here, and an untraced call is the engine's own future with
 /// no layer around it (a layer cost a local hit ~3%, the span's state in it more).
-pub fn get_or_compute_as<'a, M, Out, C, B, Fut>(
+#[allow(clippy::too_many_arguments)]
+pub fn get_or_compute_as<'a, M, Out, C, B, Fut, D>(
     format: Serialization,
     call: Call<'a>,
     condition: C,
     sharing: Sharing<Out>,
     values: Sharing<Out::Value>,
+    detach: D,
     miss: B,
-) -> impl Future<Output = Out> + use<'a, M, Out, C, B, Fut>
+) -> impl Future<Output = Out> + use<'a, M, Out, C, B, Fut, D>
 where
     Out: Cacheable<M>,
     C: FnOnce(&Out::Value) -> bool,
     B: FnOnce() -> (Tags, Fut),
     Fut: Future<Output = Out>,
+    D: Detach<M, Out, C, B, Fut>,
 {
     // Decided before the engine's future is built, and kept beside it: one
     // future type built in place either way. Moving the engine's future (hundreds
     // of bytes) between branches and boxes cost a local hit a tenth in copies.
     let span = if debugging() { Some(call_span(&call)).filter(|span| !span.is_disabled()) } else { None };
-    CallFuture { inner: lookup(format, call, condition, sharing, values, miss), span }
+    CallFuture { inner: lookup(format, call, condition, sharing, values, detach, miss), span }
 }
 
 /// The span of one call, its fields filled in if a subscriber wants it.
@@ -290,7 +299,7 @@ fn described(span: Span, call: &Call<'_>) -> Span {
 
 /// How a call ended, for its span's `outcome` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Traced {
+pub(crate) enum Traced {
     /// The stored value was returned.
     Hit,
     /// The body ran and its result was not stored (not cacheable, or refused by the condition or size).
@@ -322,12 +331,14 @@ impl Traced {
 }
 
 /// The cache-aside path of [`get_or_compute_as`], saying how it ended.
-async fn lookup<M, Out, C, B, Fut>(
+#[allow(clippy::too_many_arguments)]
+async fn lookup<M, Out, C, B, Fut, D>(
     format: Serialization,
     call: Call<'_>,
     condition: C,
     sharing: Sharing<Out>,
     values: Sharing<Out::Value>,
+    detach: D,
     miss: B,
 ) -> (Out, Traced)
 where
@@ -335,18 +346,23 @@ where
     C: FnOnce(&Out::Value) -> bool,
     B: FnOnce() -> (Tags, Fut),
     Fut: Future<Output = Out>,
+    D: Detach<M, Out, C, B, Fut>,
 {
     let cache = call.cache;
     if is_uncacheable(&call.key) {
         return (miss().1.await, Traced::Miss);
     }
     let full = call.key.full.as_str();
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let near = call.spec.near(cache).then(|| &cache.inner.tiers.near);
     if let Some(near) = near {
         if let Some(entry) = near.get(full, started).filter(|e| !fail_safe::expired(&e.bytes)) {
+            let due = refresh_due(&call, &entry.bytes);
             if let Some(v) = decode_or_reuse(cache, full, &Raw::Local(entry), &values) {
                 cache.record_near_hit();
+                if let Some(seen) = due {
+                    detach.refresh(&call, format, seen, condition, miss);
+                }
                 return (Out::from_cached(v), Traced::Hit);
             }
         }
@@ -360,6 +376,7 @@ where
     match cache.read(full, started).await {
         Ok(Some(raw)) if fail_safe::expired(&raw) => expired = Some((raw, fence)),
         Ok(Some(raw)) => {
+            let due = refresh_due(&call, &raw);
             let kept = match (&raw, near_fence) {
                 (Raw::Owned(bytes), Some(near_fence)) if bytes.len() <= cache.config().big_value_bytes() => {
                     Some((bytes.clone(), near_fence))
@@ -368,7 +385,10 @@ where
             };
             if let Some(v) = decode_hit(cache, full, raw, &values).await {
                 cache.record_lookup(true);
-                if let Some((bytes, near_fence)) = kept {
+                if let Some(seen) = due {
+                    // Its fill keeps the new value near.
+                    detach.refresh(&call, format, seen, condition, miss);
+                } else if let Some((bytes, near_fence)) = kept {
                     // The body is not run: its future is dropped unpolled, built for its tags.
                     let tags = call.spec.tags(cache, miss().0.to_vec());
                     keep_near(cache, full, bytes, call.spec.ttl(cache), &tags, near_fence).await;
@@ -410,7 +430,7 @@ where
             // A flight stored its value since this caller read (rare), or its
             // leader went away, perhaps after storing: read again before leading.
             None => {
-                started = std::time::Instant::now();
+                started = Instant::now();
                 // A fill after this read is checked against what is newer than it.
                 fence = cache.fill_fence(full, started);
                 reread = true;
@@ -455,50 +475,26 @@ where
     // No second read: the fill is checked against the fence taken before the
     // read, so the miss path is one GET and one write.
     let (tags, body) = miss();
-    let out = match stale {
-        None => body.await,
-        Some(stale) => {
-            let mut body = std::pin::pin!(fail_safe::caught(body));
-            let done = match cache.config().hard_timeout() {
-                Some(limit) => tokio::time::timeout(limit, body.as_mut()).await.ok(),
-                None => Some(body.as_mut().await),
-            };
-            match done {
-                Some(Ok(out)) if !out.failed() => out,
-                // The body failed: its last value, kept for this, unless
-                // something covering the key was invalidated since it was read.
-                failed => {
-                    let tags_now = call.spec.tags(cache, tags.to_vec());
-                    let checking = std::time::Instant::now();
-                    // Within its last-resort deadline (a value read before its
-                    // entry went may be older), and not invalidated since.
-                    if fail_safe::servable(&stale.bytes) && cache.unfenced(full, &tags_now, stale.fence).await
-                    {
-                        let cause = match &failed {
-                            Some(Ok(_)) => "an error".to_owned(),
-                            Some(Err(panic)) => fail_safe::describe(panic),
-                            None => "the hard timeout".to_owned(),
-                        };
-                        let (out, bytes) = serve_stale(&call, &cause, stale, &tags_now).await;
-                        leader.publish(Outcome::Value(bytes.into(), checking));
-                        drop(lease);
-                        return (out, Traced::Stale);
-                    }
-                    // Invalidated: the last value must not be served; the body's own result is.
-                    match failed {
-                        Some(Ok(out)) => out,
-                        Some(Err(panic)) => std::panic::resume_unwind(panic),
-                        None => match body.await {
-                            Ok(out) => out,
-                            Err(panic) => std::panic::resume_unwind(panic),
-                        },
-                    }
+    let fill = Fill { format, fence: Some(fence), bump: false, near: near_fence, took: Duration::ZERO };
+    let began = Instant::now();
+    let (out, condition) = match stale {
+        None => (body.await, condition),
+        Some(stale) => match guarded(&call, &detach, &tags, body, condition, fill, stale).await {
+            Guarded::Fresh(out, condition) => (out, condition),
+            Guarded::Stale { out, bytes, at, late } => {
+                leader.publish(Outcome::Value(bytes.into(), at));
+                // Its body goes on, holding the lease, and fills; or it ended just now.
+                if let Some((fresh, condition)) = late.and_then(|late| late.leave(lease.take())) {
+                    let fill = Fill { took: began.elapsed(), ..fill };
+                    store(&call, fresh.stored(), &tags, condition, fill).await;
                 }
+                drop(lease);
+                return (out, Traced::Stale);
             }
-        }
+        },
     };
-    let (outcome, traced) =
-        store(&call, format, &out, &tags, condition, Some(fence), false, near_fence).await;
+    let fill = Fill { took: began.elapsed(), ..fill };
+    let (outcome, traced) = store(&call, out.stored(), &tags, condition, fill).await;
     // Released once the fill is written, so that the instances it wakes read
     // it; in the background, so that the caller does not wait for it.
     drop(lease);
@@ -508,6 +504,127 @@ where
     };
     leader.publish(outcome);
     (out, traced)
+}
+
+/// Whether a hit on `bytes` should refresh its entry in the background (`detached.rs`).
+#[inline]
+fn refresh_due(call: &Call<'_>, bytes: &[u8]) -> Option<u64> {
+    if !call.spec.early_refresh {
+        return None;
+    }
+    detached::due(bytes, call.cache.config().early_refresh_beta(), &call.key.full)
+}
+
+/// How a body guarded by a last value ended.
+enum Guarded<Out, C> {
+    /// The body's own result, to store as usual.
+    Fresh(Out, C),
+    /// The last value, served; `bytes` and `at` are for the flight's
+    /// followers. `late`: the body, still running in the background (soft timeout).
+    Stale { out: Out, bytes: Vec<u8>, at: Instant, late: Option<Late<Out, C>> },
+}
+
+/// Runs `body` for a fail-safe call that has `stale` to serve if the body
+/// fails (an `Err`, a panic), runs past `hard_timeout` or, with a soft
+/// timeout and a body that can run in a task of its own, past `soft_timeout`.
+/// The last value is served only if nothing covering the key was
+/// invalidated since the read that found it; else the body's own result is.
+async fn guarded<M, Out, C, B, Fut, D>(
+    call: &Call<'_>,
+    detach: &D,
+    tags: &Tags,
+    body: Fut,
+    condition: C,
+    fill: Fill,
+    stale: fail_safe::Stale<Out::Value>,
+) -> Guarded<Out, C>
+where
+    Out: Cacheable<M>,
+    Fut: Future<Output = Out>,
+    D: Detach<M, Out, C, B, Fut>,
+{
+    let body = match call.spec.soft_timeout {
+        Some(limit) => match detach.soft(call, tags, body, fill) {
+            Ok(soft) => {
+                return match soft.wait(limit, condition).await {
+                    Waited::Done(done, condition) => settle(call, tags, stale, done, condition).await,
+                    Waited::Late(late) => match last_value(call, "the soft timeout", stale, tags).await {
+                        Ok((out, bytes, at)) => {
+                            call.cache.inner.counters.soft_timeouts.fetch_add(1, Ordering::Relaxed);
+                            Guarded::Stale { out, bytes, at, late: Some(late) }
+                        }
+                        // Invalidated since it was read: this caller waits for the body after all.
+                        Err(_) => match late.finish().await {
+                            Waited::Done(done, condition) => settle_fresh(done, condition),
+                            Waited::Late(_) => unreachable!("a finished body is done"),
+                        },
+                    },
+                };
+            }
+            Err(body) => body,
+        },
+        None => body,
+    };
+    let mut body = std::pin::pin!(fail_safe::caught(body));
+    match call.cache.config().hard_timeout() {
+        Some(limit) => match tokio::time::timeout(limit, body.as_mut()).await {
+            Ok(done) => settle(call, tags, stale, done, condition).await,
+            Err(_) => match last_value(call, "the hard timeout", stale, tags).await {
+                Ok((out, bytes, at)) => Guarded::Stale { out, bytes, at, late: None },
+                Err(_) => settle_fresh(body.await, condition),
+            },
+        },
+        None => {
+            let done = body.await;
+            settle(call, tags, stale, done, condition).await
+        }
+    }
+}
+
+/// A finished body's result, or the last value where it failed.
+async fn settle<M, Out: Cacheable<M>, C>(
+    call: &Call<'_>,
+    tags: &Tags,
+    stale: fail_safe::Stale<Out::Value>,
+    done: Result<Out, detached::Panic>,
+    condition: C,
+) -> Guarded<Out, C> {
+    let cause = match &done {
+        Ok(out) if !out.failed() => return settle_fresh(done, condition),
+        Ok(_) => "an error".to_owned(),
+        Err(panic) => fail_safe::describe(&**panic),
+    };
+    match last_value(call, &cause, stale, tags).await {
+        Ok((out, bytes, at)) => Guarded::Stale { out, bytes, at, late: None },
+        Err(_) => settle_fresh(done, condition),
+    }
+}
+
+/// The body's own result: its value, or its panic raised again.
+fn settle_fresh<Out, C>(done: Result<Out, detached::Panic>, condition: C) -> Guarded<Out, C> {
+    match done {
+        Ok(out) => Guarded::Fresh(out, condition),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Serves `stale` for `cause` if it may be: within its last-resort deadline
+/// (a value read before its entry went may be older) and not invalidated
+/// since it was read. The bytes and the instant of the check are for the
+/// flight's followers; `Err` gives the value back, unserved.
+async fn last_value<M, Out: Cacheable<M>>(
+    call: &Call<'_>,
+    cause: &str,
+    stale: fail_safe::Stale<Out::Value>,
+    tags: &Tags,
+) -> Result<(Out, Vec<u8>, Instant), fail_safe::Stale<Out::Value>> {
+    let tags = call.spec.tags(call.cache, tags.to_vec());
+    let checking = Instant::now();
+    if !fail_safe::servable(&stale.bytes) || !call.cache.unfenced(&call.key.full, &tags, stale.fence).await {
+        return Err(stale);
+    }
+    let (out, bytes) = serve_stale(call, cause, stale, &tags).await;
+    Ok((out, bytes, checking))
 }
 
 /// Serves `stale`, checked unfenced, in place of what the body gave, and
@@ -554,7 +671,7 @@ async fn share<M, Out: Cacheable<M>>(
     let Some(shared) = (sharing.share)(out) else {
         return Outcome::Unshared;
     };
-    let checking = std::time::Instant::now();
+    let checking = Instant::now();
     let tags = call.spec.tags(call.cache, tags.to_vec());
     if call.cache.unfenced(full, &tags, fence).await {
         Outcome::Shared(shared, checking)
@@ -668,10 +785,12 @@ where
     }
     // Fenced like a fill, and fencing the key: fills that read before this one
     // wrote can't put an older value back.
-    let fence = call.cache.fill_fence(&call.key.full, std::time::Instant::now());
+    let fence = call.cache.fill_fence(&call.key.full, Instant::now());
+    let began = Instant::now();
     let out = body.await;
     let format = call.cache.config().serialization;
-    let (_, traced) = store(&call, format, &out, &tags, condition, Some(fence), true, None).await;
+    let fill = Fill { format, fence: Some(fence), bump: true, near: None, took: began.elapsed() };
+    let (_, traced) = store(&call, out.stored(), &tags, condition, fill).await;
     (out, traced)
 }
 
@@ -685,25 +804,41 @@ pub async fn invalidate_all(cache: &Cache, spec: &Spec) -> Result<u64, CacheErro
     cache.delete_pattern(&format!("{}:*", escape_glob(spec.prefix(cache)))).await
 }
 
+/// How a body's result is stored (the engine's own: fields are private).
+#[derive(Clone, Copy)]
+pub struct Fill {
+    /// The format it is encoded in.
+    pub(crate) format: Serialization,
+    /// The fence taken before the read that missed: the write lands only if
+    /// nothing covering the key was invalidated since (none: unfenced).
+    pub(crate) fence: Option<FillFence>,
+    /// Whether the write fences the key itself (write-through).
+    pub(crate) bump: bool,
+    /// The near tier's fence taken before that read, to keep the value near.
+    pub(crate) near: Option<FillFence>,
+    /// How long the body ran (stamped for early refresh).
+    pub(crate) took: Duration,
+}
+
 /// Stores what the body returned, and keeps it in the near tier under
-/// `near` (the near tier's fence taken before the read that missed).
-#[allow(clippy::too_many_arguments)]
-async fn store<M, Out, C>(
+/// `fill.near`.
+///
+/// Takes what is stored (`Cacheable::stored`), not the whole result: that is
+/// `Sync` where a result may not be, so a background fill can hold it.
+pub(crate) async fn store<V, C>(
     call: &Call<'_>,
-    format: Serialization,
-    out: &Out,
+    value: Option<&V>,
     tags: &Tags,
     condition: C,
-    fence: Option<FillFence>,
-    bump: bool,
-    near: Option<FillFence>,
+    fill: Fill,
 ) -> (Outcome, Traced)
 where
-    Out: Cacheable<M>,
-    C: FnOnce(&Out::Value) -> bool,
+    V: Serialize + DeserializeOwned + Sync,
+    C: FnOnce(&V) -> bool,
 {
+    let Fill { format, fence, bump, near, took } = fill;
     let (cache, full) = (call.cache, call.key.full.as_str());
-    let Some(value) = out.stored() else {
+    let Some(value) = value else {
         return (Outcome::Unshared, Traced::Miss);
     };
     let mut bytes = match codec::encode(format, value) {
@@ -714,7 +849,7 @@ where
         }
     };
     // Followers that started before this instant may share the value (flight.rs).
-    let writing = std::time::Instant::now();
+    let writing = Instant::now();
     // A value no fence check let through (not stored: too large, the condition
     // said no, a cache fault) is shared only with callers that started before
     // the leader's read: for them it is as if they had read first.
@@ -723,8 +858,10 @@ where
         tracing::debug!(key = full, size = bytes.len(), "result too large to cache");
     } else if condition(value) {
         let mut ttl = cache.jittered(full, call.spec.ttl(cache));
-        if call.spec.fail_safe(cache) {
-            (bytes, ttl) = fail_safe::stamp(&bytes, ttl, cache.config().fail_safe_max());
+        if call.spec.stamped(cache) {
+            let max =
+                if call.spec.fail_safe(cache) { cache.config().fail_safe_max() } else { Duration::ZERO };
+            (bytes, ttl) = fail_safe::stamp(&bytes, ttl, max, took);
         }
         let tags = call.spec.tags(cache, tags.to_vec());
         match cache.write(full, &bytes, ttl, &tags, fence, bump).await {

@@ -29,7 +29,7 @@ pub(crate) fn expired(bytes: &[u8]) -> bool {
 
 /// Whether a stamped entry is still within its last-resort deadline.
 pub(crate) fn servable(bytes: &[u8]) -> bool {
-    codec::stamped(bytes).is_some_and(|(_, stale_until)| stale_until > now_ms())
+    codec::stamped(bytes).is_some_and(|stamp| stamp.stale_until_ms > now_ms())
 }
 
 /// A last value kept to serve if the body fails: decoded up front, so that
@@ -57,21 +57,23 @@ pub(crate) fn describe(panic: &(dyn Any + Send)) -> String {
     format!("a panic: {message}")
 }
 
-/// A fresh value's bytes as a fail-safe function stores them, and their TTL
-/// in the store: `ttl` logically, `max` more in all.
-pub(crate) fn stamp(encoded: &[u8], ttl: Duration, max: Duration) -> (Vec<u8>, Duration) {
+/// A fresh value's bytes as a fail-safe or early-refreshed function stores
+/// them, and their TTL in the store: `ttl` logically, `max` more in all (0
+/// for a function that is not fail-safe). `took` is how long its body ran.
+pub(crate) fn stamp(encoded: &[u8], ttl: Duration, max: Duration, took: Duration) -> (Vec<u8>, Duration) {
     let now = now_ms();
-    let expires = now + ttl.as_millis() as u64;
-    let stale_until = expires + max.as_millis() as u64;
-    (codec::stamp(expires, stale_until, encoded), ttl + max)
+    let expires_ms = now + ttl.as_millis() as u64;
+    let stale_until_ms = expires_ms + max.as_millis() as u64;
+    let took_ms = u32::try_from(took.as_millis()).unwrap_or(u32::MAX);
+    (codec::stamp(codec::Stamp { expires_ms, stale_until_ms, took_ms }, encoded), ttl + max)
 }
 
 /// A served last value written back to expire after `throttle`, for no
 /// longer than its last-resort deadline; `None` once that has passed.
 pub(crate) fn throttled(bytes: &[u8], throttle: Duration) -> Option<(Vec<u8>, Duration)> {
-    let (_, stale_until) = codec::stamped(bytes)?;
+    let stamp = codec::stamped(bytes)?;
     let now = now_ms();
-    let left = Duration::from_millis(stale_until.checked_sub(now).filter(|&ms| ms > 0)?);
-    let expires = now + throttle.min(left).as_millis() as u64;
-    Some((codec::stamp(expires, stale_until, codec::unstamped(bytes)), left))
+    let left = Duration::from_millis(stamp.stale_until_ms.checked_sub(now).filter(|&ms| ms > 0)?);
+    let expires_ms = now + throttle.min(left).as_millis() as u64;
+    Some((codec::stamp(codec::Stamp { expires_ms, ..stamp }, codec::unstamped(bytes)), left))
 }

@@ -24,7 +24,7 @@ use tracing::instrument::WithSubscriber;
 use crate::breaker::{Breaker, BreakerState, Permit};
 use crate::bus::{Bus, Event};
 use crate::cache::{KeyTtl, Mode};
-use crate::lease::Claim;
+use crate::lease::{Claim, Purpose};
 use crate::local::LocalTier;
 use crate::misconfig::Misconfig;
 use crate::near::Near;
@@ -300,9 +300,10 @@ impl Failover {
         full: &str,
         token: &str,
         ttl: Duration,
+        purpose: Purpose,
     ) -> Result<Claim, CacheError> {
         let Some((shared, permit)) = self.shared().await else { return Err(not_serving()) };
-        self.settle(permit, shared.acquire_lease(full, token, ttl).await)
+        self.settle(permit, shared.acquire_lease(full, token, ttl, purpose).await)
     }
 
     pub(crate) async fn renew_lease(

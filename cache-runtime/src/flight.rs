@@ -126,6 +126,11 @@ impl Flights {
         Role::Leader(Leader { owner: self, key, id, tx })
     }
 
+    /// Whether a flight for `key` is running.
+    pub(crate) fn running(&self, key: &str) -> bool {
+        matches!(self.shard(key).map.get(key), Some(Flight::Running { .. }))
+    }
+
     /// Flights running or remembered, for tests.
     #[cfg(test)]
     fn len(&self) -> usize {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::detached::Attached;
 use crate::engine::{get_or_compute, Cacheable, Call, OkOnly, Plain, Sharing, Tags};
 use crate::spec::{Spec, TtlSpec};
 use crate::{Cache, IntoTtl};
@@ -121,7 +122,15 @@ where
     let spec = spec(ttl);
     let call = Call { cache, spec: &spec, key: cache.inner.schema.entry_key(key) };
     let miss = move || (Tags::Owned(tags), init);
-    get_or_compute::<M, Out, _, _, _>(call, condition, Sharing::cloned(), Sharing::cloned(), miss).await
+    get_or_compute::<M, Out, _, _, _, _>(
+        call,
+        condition,
+        Sharing::cloned(),
+        Sharing::cloned(),
+        Attached,
+        miss,
+    )
+    .await
 }
 
 fn always<T>(_: &T) -> bool {

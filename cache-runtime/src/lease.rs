@@ -35,19 +35,24 @@ const POLL: Duration = Duration::from_millis(100);
 
 // The entry is checked first: a caller whose read missed just before
 // another instance's fill and release must not run the body again. A
-// fail-safe entry past its logical expiry (its stamp: a 0xCE byte, then the
-// expiry in little-endian milliseconds; ARGV[3] is now) is not a fill.
+// fail-safe entry past its logical expiry (its stamp: a 0xCE or 0xCF byte,
+// then the expiry in little-endian milliseconds; ARGV[3] is now) is not a fill.
+// An early refresh (ARGV[4] is 1) replaces a live entry and waits for nobody:
+// it skips the check and asks for no wake-up.
 const ACQUIRE: &str = r"
-local head = redis.call('GETRANGE', KEYS[3], 0, 8)
-if #head == 9 and string.byte(head, 1) == 206 then
-  local at = 0
-  for i = 9, 2, -1 do at = at * 256 + string.byte(head, i) end
-  if at > tonumber(ARGV[3]) then return 2 end
-elseif #head > 0 then
-  return 2
+local refresh = ARGV[4] == '1'
+if not refresh then
+  local head = redis.call('GETRANGE', KEYS[3], 0, 8)
+  if #head == 9 and (string.byte(head, 1) == 206 or string.byte(head, 1) == 207) then
+    local at = 0
+    for i = 9, 2, -1 do at = at * 256 + string.byte(head, i) end
+    if at > tonumber(ARGV[3]) then return 2 end
+  elseif #head > 0 then
+    return 2
+  end
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+if not refresh then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
 return redis.call('GET', KEYS[1]) or ''
 ";
 
@@ -90,6 +95,15 @@ pub(crate) struct LeaseKeys {
     pub(crate) entry: String,
 }
 
+/// What a lease is taken for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// Filling a missing or expired entry: a live entry means someone filled it.
+    Fill,
+    /// Replacing a live entry before it expires (early refresh).
+    Refresh,
+}
+
 /// What a try for a lease found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Claim {
@@ -107,9 +121,11 @@ impl RedisStore {
         keys: &LeaseKeys,
         token: &str,
         ttl: Duration,
+        purpose: Purpose,
     ) -> Result<Claim, CacheError> {
         let mut call = self.leases.acquire.key(&keys.held);
         call.key(&keys.waited).key(&keys.entry).arg(token).arg(millis(ttl)).arg(crate::codec::now_ms());
+        call.arg(u8::from(purpose == Purpose::Refresh));
         let got: redis::Value =
             self.run_in(Lane::Hot, |mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         Ok(match got {
@@ -174,7 +190,7 @@ pub(crate) async fn turn(cache: &Cache, full: &str, fence: &mut FillFence) -> Tu
     let (mut holder, mut since) = (String::new(), Instant::now());
     let mut unreadable = 0;
     loop {
-        match tiers.acquire_lease(full, &token, ttl).await {
+        match tiers.acquire_lease(full, &token, ttl, Purpose::Fill).await {
             Ok(Claim::Won) => return Turn::Run(Some(Held::new(cache, full, token, ttl))),
             Ok(Claim::Held(other)) if other != holder => (holder, since) = (other, Instant::now()),
             Ok(Claim::Held(_)) => {}
@@ -214,6 +230,17 @@ pub(crate) async fn turn(cache: &Cache, full: &str, fence: &mut FillFence) -> Tu
             Ok(_) => {}
             Err(_) => return Turn::Run(None),
         }
+    }
+}
+
+/// The lease on `full` for an early refresh, if nobody holds it: a refresh
+/// never waits, since a live entry serves meanwhile.
+pub(crate) async fn try_take(cache: &Cache, full: &str) -> Option<Held> {
+    let ttl = cache.config().fleet_lease_ttl();
+    let token = next_token(cache.inner.tiers.bus.me());
+    match cache.inner.tiers.acquire_lease(full, &token, ttl, Purpose::Refresh).await {
+        Ok(Claim::Won) => Some(Held::new(cache, full, token, ttl)),
+        Ok(_) | Err(_) => None,
     }
 }
 

@@ -10,6 +10,7 @@ mod cluster;
 pub mod codec;
 mod config;
 mod conn;
+mod detached;
 mod engine;
 mod error;
 mod fail_safe;

@@ -1,11 +1,12 @@
 //! What `#[cached]` expansions call. Not a stable API: only the macro uses it.
 
+pub use crate::detached::{Attached, Detach, Detached, Soft};
 pub use crate::engine::{
     get_or_compute, invalidate, invalidate_all, refresh, ByClone, Cacheable, Call, NotShared, OkOnly, Plain,
     Probe, Sharing, SomeOnly, Tags,
 };
 pub use crate::schema::{push_part, Key, KeyArg, KeyBuilder};
-pub use crate::spec::{ttl, Spec, TtlSpec};
+pub use crate::spec::{duration, ttl, Spec, TtlSpec};
 pub use crate::IntoTtl;
 pub use serde;
 

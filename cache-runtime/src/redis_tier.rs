@@ -9,7 +9,7 @@ use crate::bus::Listener;
 use crate::cache::KeyTtl;
 use crate::fence::{Fill, Observed, TagKeys, WINDOW};
 use crate::glob::to_lua_pattern;
-use crate::lease::Claim;
+use crate::lease::{Claim, Purpose};
 use crate::pending::Pending;
 use crate::redis_store::{Lane, RedisStore};
 use crate::schema::Schema;
@@ -544,8 +544,9 @@ impl Store for RedisTier {
         full: &'a str,
         token: &'a str,
         ttl: Duration,
+        purpose: Purpose,
     ) -> BoxFuture<'a, Result<Claim, CacheError>> {
-        Box::pin(async move { self.redis.acquire_lease(&self.schema.lease(full), token, ttl).await })
+        Box::pin(async move { self.redis.acquire_lease(&self.schema.lease(full), token, ttl, purpose).await })
     }
 
     fn renew_lease<'a>(

@@ -19,8 +19,13 @@ pub fn ttl(v: impl IntoTtl) -> TtlSpec {
     TtlSpec::Fixed(v.into_ttl())
 }
 
+/// Converts a `soft_timeout = ...` expression.
+pub fn duration(v: impl IntoTtl) -> Duration {
+    v.into_ttl()
+}
+
 /// Static description of one cached function.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Spec {
     /// The function's name.
     pub name: &'static str,
@@ -38,12 +43,28 @@ pub struct Spec {
     /// The `fail_safe` option: `Some(true)` serves the last value when the
     /// body fails, `Some(false)` never, `None` as the cache's `fail_safe` says.
     pub fail_safe: Option<bool>,
+    /// The `early_refresh` option: a hit near its entry's expiry may refresh
+    /// it in the background (XFetch), so that callers keep hitting.
+    pub early_refresh: bool,
+    /// The `soft_timeout` option: how long a caller waits for a body while a
+    /// last value (fail-safe) could be served, the body going on in the background.
+    pub soft_timeout: Option<Duration>,
 }
 
 impl Spec {
     /// The spec of `name` with every option unset, for specs written by hand.
     pub const fn named(name: &'static str) -> Spec {
-        Spec { name, prefix: None, ttl: None, profile: None, version: 0, near: None, fail_safe: None }
+        Spec {
+            name,
+            prefix: None,
+            ttl: None,
+            profile: None,
+            version: 0,
+            near: None,
+            fail_safe: None,
+            early_refresh: false,
+            soft_timeout: None,
+        }
     }
 
     /// This spec with the `prefix` option set.
@@ -92,10 +113,18 @@ impl Spec {
         self.near.unwrap_or_else(|| cache.config().near_cache())
     }
 
-    /// Whether this function's calls are fail-safe: its own option, else the cache's `fail_safe`.
+    /// Whether this function's calls are fail-safe: its own option, else
+    /// on with a soft timeout (which serves the last value), else the cache's `fail_safe`.
     #[inline]
     pub(crate) fn fail_safe(&self, cache: &Cache) -> bool {
-        self.fail_safe.unwrap_or_else(|| cache.config().fail_safe())
+        self.fail_safe.unwrap_or_else(|| self.soft_timeout.is_some() || cache.config().fail_safe())
+    }
+
+    /// Whether this function's entries carry a stamp (`codec.rs`): fail-safe
+    /// ones, for their expiry, and early-refreshed ones, for the body's time too.
+    #[inline]
+    pub(crate) fn stamped(&self, cache: &Cache) -> bool {
+        self.early_refresh || self.fail_safe(cache)
     }
 
     pub(crate) fn tags(&self, cache: &Cache, mut tags: Vec<String>) -> Vec<String> {

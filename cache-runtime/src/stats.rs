@@ -18,6 +18,8 @@ pub(crate) struct Counters {
     pub(crate) fills_refused: AtomicU64,
     pub(crate) oversized: AtomicU64,
     pub(crate) stale_served: AtomicU64,
+    pub(crate) early_refreshes: AtomicU64,
+    pub(crate) soft_timeouts: AtomicU64,
 }
 
 impl Counters {
@@ -51,6 +53,8 @@ impl Counters {
             fills_refused: self.fills_refused.load(Ordering::Relaxed),
             oversized: self.oversized.load(Ordering::Relaxed),
             stale_served: self.stale_served.load(Ordering::Relaxed),
+            early_refreshes: self.early_refreshes.load(Ordering::Relaxed),
+            soft_timeouts: self.soft_timeouts.load(Ordering::Relaxed),
             breaker: BreakerState::Closed,
             breaker_opened: 0,
             pending_invalidations: 0,
@@ -117,6 +121,11 @@ pub struct CacheStats {
     pub oversized: u64,
     /// Calls whose body failed and that got the function's last value instead (`fail_safe`).
     pub stale_served: u64,
+    /// Entries refreshed in the background before they expired (`early_refresh`).
+    pub early_refreshes: u64,
+    /// Calls that got the last value once their body ran past its
+    /// `soft_timeout`, the body going on in the background (counted in `stale_served` too).
+    pub soft_timeouts: u64,
     /// The circuit breaker's state.
     pub breaker: BreakerState,
     /// How often the breaker has opened.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::bus::Listener;
 use crate::cache::KeyTtl;
 use crate::fence::Fence;
-use crate::lease::Claim;
+use crate::lease::{Claim, Purpose};
 use crate::local::Entry;
 use crate::pending::Pending;
 use crate::CacheError;
@@ -170,8 +170,9 @@ pub(crate) trait Store: Send + Sync {
         full: &'a str,
         token: &'a str,
         ttl: Duration,
+        purpose: Purpose,
     ) -> BoxFuture<'a, Result<Claim, CacheError>> {
-        let _ = (full, token, ttl);
+        let _ = (full, token, ttl, purpose);
         Box::pin(async { Ok(Claim::Won) })
     }
 

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_runtime::__private::{always, get_or_compute, Call, KeyBuilder, Plain, Sharing, Spec, Tags};
+use cache_runtime::__private::{
+    always, get_or_compute, Attached, Call, KeyBuilder, Plain, Sharing, Spec, Tags,
+};
 use cache_runtime::{Cache, CacheConfig, CacheError, Mode};
 use redis::AsyncCommands;
 use support::{unique_prefix, Redis};
@@ -35,8 +37,15 @@ fn tags(id: u32) -> Tags {
 /// The engine on key `id` with its tags: what a `#[cached]` function expands to.
 async fn fill(cache: &Cache, id: u32, body: impl std::future::Future<Output = u64>) -> u64 {
     let miss = move || (tags(id), body);
-    get_or_compute::<Plain, u64, _, _, _>(call(cache, id), always, Sharing::none(), Sharing::none(), miss)
-        .await
+    get_or_compute::<Plain, u64, _, _, _, _>(
+        call(cache, id),
+        always,
+        Sharing::none(),
+        Sharing::none(),
+        Attached,
+        miss,
+    )
+    .await
 }
 
 fn relative_key(cache: &Cache, id: u32) -> String {

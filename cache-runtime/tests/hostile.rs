@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use cache_runtime::__private::{
-    always, get_or_compute, push_part, Call, KeyBuilder, Plain, Sharing, Spec, Tags,
+    always, get_or_compute, push_part, Attached, Call, KeyBuilder, Plain, Sharing, Spec, Tags,
 };
 use cache_runtime::{Cache, CacheError};
 use redis::AsyncCommands;
@@ -55,12 +55,19 @@ async fn echo(cache: &Cache, arg: &str, runs: &AtomicU32) -> String {
     let mut key = KeyBuilder::new(cache, &SPEC);
     key.arg(arg);
     let call = Call { cache, spec: &SPEC, key: key.finish() };
-    get_or_compute::<Plain, _, _, _, _>(call, always, Sharing::none(), Sharing::none(), move || {
-        (Tags::Static(&[]), async move {
-            runs.fetch_add(1, Ordering::SeqCst);
-            arg.to_owned()
-        })
-    })
+    get_or_compute::<Plain, _, _, _, _, _>(
+        call,
+        always,
+        Sharing::none(),
+        Sharing::none(),
+        Attached,
+        move || {
+            (Tags::Static(&[]), async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                arg.to_owned()
+            })
+        },
+    )
     .await
 }
 

@@ -6,7 +6,9 @@ mod support;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use cache_runtime::__private::{always, get_or_compute, Call, KeyBuilder, Plain, Sharing, Spec, Tags};
+use cache_runtime::__private::{
+    always, get_or_compute, Attached, Call, KeyBuilder, Plain, Sharing, Spec, Tags,
+};
 use cache_runtime::{BreakerState, Cache, CacheConfigBuilder, CacheError, Mode};
 use redis::AsyncCommands;
 use support::proxy::{Fault, Proxy};
@@ -42,12 +44,19 @@ async fn load(cache: &Cache, id: u32, runs: &AtomicU32) -> String {
     let mut key = KeyBuilder::new(cache, &SPEC);
     key.arg(&id);
     let call = Call { cache, spec: &SPEC, key: key.finish() };
-    get_or_compute::<Plain, _, _, _, _>(call, always, Sharing::none(), Sharing::none(), move || {
-        (Tags::Static(&["load"]), async move {
-            runs.fetch_add(1, Ordering::SeqCst);
-            format!("value {id}")
-        })
-    })
+    get_or_compute::<Plain, _, _, _, _, _>(
+        call,
+        always,
+        Sharing::none(),
+        Sharing::none(),
+        Attached,
+        move || {
+            (Tags::Static(&["load"]), async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                format!("value {id}")
+            })
+        },
+    )
     .await
 }
 

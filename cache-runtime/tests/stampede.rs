@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cache_runtime::__private::{
-    always, get_or_compute, Cacheable, Call, KeyBuilder, OkOnly, Plain, Sharing, Spec, Tags,
+    always, get_or_compute, Attached, Cacheable, Call, KeyBuilder, OkOnly, Plain, Sharing, Spec, Tags,
 };
 use cache_runtime::Cache;
 use support::{local_cache, Redis, FORMATS};
@@ -36,7 +36,15 @@ async fn load(cache: &Cache, id: u32, runs: &AtomicU32, delay: Duration) -> u64 
 /// function expands to, with `body` as its body.
 async fn compute<M, Out: Cacheable<M>>(cache: &Cache, id: u32, body: impl Future<Output = Out>) -> Out {
     let miss = move || (Tags::Static(&["load"]), body);
-    get_or_compute::<M, Out, _, _, _>(call(cache, id), always, Sharing::none(), Sharing::none(), miss).await
+    get_or_compute::<M, Out, _, _, _, _>(
+        call(cache, id),
+        always,
+        Sharing::none(),
+        Sharing::none(),
+        Attached,
+        miss,
+    )
+    .await
 }
 
 /// A body that says it runs, then waits for `release` before returning `value`.

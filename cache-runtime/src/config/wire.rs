@@ -250,6 +250,53 @@ impl<'de> Deserialize<'de> for Percent {
     }
 }
 
+/// A positive, finite factor (`1`, `0.5`, `"2"`), at most 100.
+pub(super) struct Factor(f64);
+
+impl Wire for Factor {
+    type Value = f64;
+    fn value(self) -> f64 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Factor {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct FactorVisitor;
+        impl FactorVisitor {
+            fn factor<E: de::Error>(self, v: f64, shown: Unexpected<'_>) -> Result<Factor, E> {
+                if v.is_finite() && v > 0.0 && v <= 100.0 {
+                    Ok(Factor(v))
+                } else {
+                    Err(E::invalid_value(shown, &self))
+                }
+            }
+        }
+        impl Visitor<'_> for FactorVisitor {
+            type Value = Factor;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a positive number, at most 100")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Factor, E> {
+                self.factor(v as f64, Unexpected::Unsigned(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Factor, E> {
+                self.factor(v as f64, Unexpected::Signed(v))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Factor, E> {
+                self.factor(v, Unexpected::Float(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Factor, E> {
+                match v.trim().parse::<f64>() {
+                    Ok(n) => self.factor(n, Unexpected::Str(v)),
+                    Err(_) => Err(E::invalid_value(Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(FactorVisitor)
+    }
+}
+
 /// A text setting that follows the rule `R` names.
 pub(super) struct Text<R>(String, PhantomData<R>);
 

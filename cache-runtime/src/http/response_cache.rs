@@ -29,6 +29,7 @@ use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use tower::{Layer, Service};
 
+use crate::detached::Attached;
 use crate::engine::{get_or_compute_as, Cacheable, Call, Sharing, Tags};
 use crate::key::push_part;
 use crate::schema::Key;
@@ -357,12 +358,13 @@ where
             }
         })
     };
-    let fetched = get_or_compute_as::<WholeResponse, Fetched, _, _, _>(
+    let fetched = get_or_compute_as::<WholeResponse, Fetched, _, _, _, _>(
         Serialization::Binary,
         call,
         |_| true,
         Sharing::cloned(),
         Sharing::none(),
+        Attached,
         miss,
     )
     .await;

@@ -1,16 +1,6 @@
-//! Serving through trouble: 64 callers read 100 keys with a 1 s TTL while
-//! the origin behind them fails for 10 s in the middle of a 20 s run, once
-//! with `fail_safe = true` and once without (the control). Starts its own
-//! `redis-server` unless `REDIS_URL` is set.
-//!
-//! ```text
-//! cargo run --release --example trouble -- --seconds 20
-//! ```
-//!
-//! A readable table on stdout, one JSON line per figure on stderr.
-
-#[path = "../tests/support/mod.rs"]
-mod support;
+//! Fail-safe: 64 callers read 100 keys with a 1 s TTL while the origin behind
+//! them fails for the middle half of the run, once with `fail_safe = true`
+//! and once without (the control).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
@@ -18,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use cache_runtime::{cached, Cache, CacheConfig};
 use hdrhistogram::Histogram;
+
+use crate::support;
 
 static CACHE: OnceLock<Cache> = OnceLock::new();
 /// Whether the origin fails every call.
@@ -101,43 +93,39 @@ async fn run(fail_safe: bool, seconds: u64) -> Figures {
     }
 }
 
-fn main() {
-    let seconds = support::arg("--seconds", 20).max(4);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        let redis = support::Redis::start();
-        let config = CacheConfig::builder()
-            .redis_url(redis.url())
-            .key_prefix(support::unique_prefix("trouble"))
-            .fail_safe_throttle(Duration::from_secs(1))
-            .hard_timeout(Duration::from_millis(200))
-            .build()
-            .unwrap();
-        CACHE.set(Cache::new(config).await.unwrap()).unwrap();
+/// Runs the scenario for `seconds` on the Redis at `url`, printing its table and figures.
+pub async fn scenario(url: &str, seconds: u64) {
+    let config = CacheConfig::builder()
+        .redis_url(url)
+        .key_prefix(support::unique_prefix("trouble"))
+        .fail_safe_throttle(Duration::from_secs(1))
+        .hard_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    CACHE.set(Cache::new(config).await.unwrap()).unwrap();
+    println!(
+        "fail-safe: 64 callers, 100 keys, TTL 1 s, the origin down for {} s of {seconds} s",
+        seconds / 2
+    );
+    println!(
+        "{:<12} {:>9} {:>14} {:>13} {:>13} {:>9}",
+        "function", "calls", "caller errors", "stale served", "origin calls", "p99 µs"
+    );
+    for fail_safe in [true, false] {
+        let f = run(fail_safe, seconds).await;
+        let name = if fail_safe { "fail_safe" } else { "control" };
         println!(
-            "fail-safe: 64 callers, 100 keys, TTL 1 s, the origin down for {} s of {seconds} s",
-            seconds / 2
+            "{name:<12} {:>9} {:>14} {:>13} {:>13} {:>9}",
+            f.calls, f.caller_errors, f.stale_served, f.origin_calls, f.p99_us
         );
-        println!(
-            "{:<12} {:>9} {:>14} {:>13} {:>13} {:>9}",
-            "function", "calls", "caller errors", "stale served", "origin calls", "p99 µs"
+        let figure = if fail_safe { "fail_safe" } else { "fail_safe_control" };
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "figure": figure, "calls": f.calls, "caller_errors": f.caller_errors,
+                "stale_served": f.stale_served, "origin_calls": f.origin_calls, "p99_us": f.p99_us,
+                "outage_seconds": seconds / 2, "concurrency": 64,
+            })
         );
-        for fail_safe in [true, false] {
-            let f = run(fail_safe, seconds).await;
-            let name = if fail_safe { "fail_safe" } else { "control" };
-            println!(
-                "{name:<12} {:>9} {:>14} {:>13} {:>13} {:>9}",
-                f.calls, f.caller_errors, f.stale_served, f.origin_calls, f.p99_us
-            );
-            let figure = if fail_safe { "fail_safe" } else { "fail_safe_control" };
-            eprintln!(
-                "{}",
-                serde_json::json!({
-                    "figure": figure, "calls": f.calls, "caller_errors": f.caller_errors,
-                    "stale_served": f.stale_served, "origin_calls": f.origin_calls, "p99_us": f.p99_us,
-                    "outage_seconds": seconds / 2, "concurrency": 64,
-                })
-            );
-        }
-    });
+    }
 }

@@ -22,6 +22,7 @@ const OPTIONS: &[&str] = &[
     "fail_safe",
     "early_refresh",
     "soft_timeout",
+    "sensitive",
 ];
 
 /// `ttl = 300`, `ttl = Duration::from_secs(5)` or `ttl = "quantum_state"`.
@@ -47,6 +48,7 @@ pub(crate) struct Args {
     pub(crate) fail_safe: Option<LitBool>,
     pub(crate) early_refresh: Option<LitBool>,
     pub(crate) soft_timeout: Option<Expr>,
+    pub(crate) sensitive: Option<LitBool>,
 }
 
 impl Parse for Args {
@@ -145,6 +147,7 @@ impl Args {
             "near" => self.near = Some(lit_bool(input)?),
             "fail_safe" => self.fail_safe = Some(lit_bool(input)?),
             "early_refresh" => self.early_refresh = Some(lit_bool(input)?),
+            "sensitive" => self.sensitive = Some(lit_bool(input)?),
             "soft_timeout" => self.soft_timeout = Some(duration(input.parse()?)?),
             _ => unreachable!("checked against OPTIONS"),
         }

@@ -334,6 +334,7 @@ fn spec(args: &Args, name: &Ident, rt: &TokenStream) -> TokenStream {
     };
     let (near, fail_safe) = (opt_bool(&args.near), opt_bool(&args.fail_safe));
     let early_refresh = args.early_refresh.as_ref().is_some_and(|b| b.value);
+    let sensitive = args.sensitive.as_ref().is_some_and(|b| b.value);
     let soft_timeout = match &args.soft_timeout {
         Some(e) => quote_spanned!(e.span()=> ::core::option::Option::Some(#rt::__private::duration(#e))),
         None => quote!(::core::option::Option::None),
@@ -342,6 +343,7 @@ fn spec(args: &Args, name: &Ident, rt: &TokenStream) -> TokenStream {
         #rt::__private::Spec {
             name: #name, prefix: #prefix, ttl: #ttl, profile: #profile, version: #version,
             near: #near, fail_safe: #fail_safe, early_refresh: #early_refresh, soft_timeout: #soft_timeout,
+            sensitive: #sensitive,
         }
     }
 }

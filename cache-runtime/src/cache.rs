@@ -26,6 +26,7 @@ use crate::pending::Pending;
 use crate::redis_store::RedisStore;
 use crate::redis_tier::RedisTier;
 use crate::schema::Schema;
+use crate::seal::Sealer;
 use crate::stats::{CacheStats, Counters, Health};
 use crate::store::{FillFence, Raw, Store, Write};
 use crate::{CacheError, IntoTtl};
@@ -103,6 +104,8 @@ pub(crate) struct Inner {
     pub(crate) flights: Flights,
     /// Start-up warmers still running (`warmers.rs`).
     pub(crate) warming: std::sync::atomic::AtomicUsize,
+    /// Which prefixes are encrypted in Redis (`seal.rs`), shared with the Redis tier.
+    pub(crate) sealer: Arc<Sealer>,
     /// The runtime the Redis connections and upkeep loops live on, when Redis is configured.
     background: Option<Background>,
     /// In local mode, the thread the gauge refresh runs on (Redis mode uses `background`).
@@ -171,8 +174,16 @@ impl Cache {
             }
             key => key.map(crate::sign::Signer::new),
         };
-        let redis = RedisTier::new(store, schema.clone(), connect, config.big_value_bytes, signer);
-        let cache = Cache::assemble(config, schema, metrics, misconfig, Some((Box::new(redis), background)));
+        let sealer = Arc::new(Sealer::new(
+            config.encryption_keys(),
+            config.sensitive_prefixes(),
+            &config.key_prefix,
+            schema.shards() > 1,
+        )?);
+        let redis =
+            RedisTier::new(store, schema.clone(), connect, config.big_value_bytes, signer, sealer.clone());
+        let shared = Some((Box::new(redis) as Box<dyn Store>, background));
+        let cache = Cache::assemble(config, schema, metrics, misconfig, sealer, shared);
         if cache.inner.tiers.start().await? == Mode::Redis {
             tracing::info!(redis = %target, prefix = %cache.inner.config.key_prefix, "cache runs in redis mode");
         }
@@ -200,7 +211,7 @@ impl Cache {
         let metrics = Metrics::for_config(&config);
         let misconfig = Arc::new(Misconfig::new(metrics.config_errors.clone()));
         let schema = Schema::new(&config.key_prefix, 1);
-        let mut cache = Cache::assemble(config, schema, metrics, misconfig, None);
+        let mut cache = Cache::assemble(config, schema, metrics, misconfig, Arc::new(Sealer::local()), None);
         match Thread::start("upkeep") {
             Ok(upkeep) => {
                 let runtime = upkeep.handle().clone();
@@ -238,6 +249,7 @@ impl Cache {
         schema: Schema,
         metrics: Metrics,
         misconfig: Arc<Misconfig>,
+        sealer: Arc<Sealer>,
         shared: Option<(Box<dyn Store>, Background)>,
     ) -> Cache {
         let (shared, background) = shared.unzip();
@@ -274,6 +286,7 @@ impl Cache {
                 upkeep: None,
                 flights: Flights::new(config.operation_timeout() * 2 + Duration::from_millis(100)),
                 warming: std::sync::atomic::AtomicUsize::new(0),
+                sealer,
                 schema,
                 config,
             }),
@@ -530,6 +543,7 @@ impl Cache {
         stats.breaker_opened = tiers.breaker().opened_total();
         stats.pending_invalidations = tiers.pending_len() as u64;
         stats.bad_signatures = tiers.shared_store().map_or(0, |s| s.bad_signatures());
+        stats.bad_encryption = self.inner.sealer.refused();
         stats.near_cache_size = tiers.near.len();
         stats.near_cache_hits = tiers.near.hits.load(Ordering::Relaxed);
         stats.bus_listening = tiers.near.is_listening();

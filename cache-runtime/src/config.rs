@@ -354,6 +354,11 @@ settings! {
     /// A secret every entry written to Redis is signed with (a keyed BLAKE3
     /// MAC over the key and the value); entries without a valid MAC read as misses.
     signing_key: Option<Secret> = None, read as wire::MaybeSecret, env "CACHE_SIGNING_KEY";
+    /// Keys that encrypt the entries of sensitive prefixes, as
+    /// `name:secret,name:secret`: the first encrypts, every one decrypts.
+    encryption_keys: Option<Secret> = None, read as wire::MaybeSecret, env "CACHE_ENCRYPTION_KEYS";
+    /// Prefixes whose entries are encrypted in Redis (with `encryption_keys`).
+    sensitive_prefixes: Vec<String> = Vec::new(), read as wire::PrefixList, env "CACHE_SENSITIVE_PREFIXES";
     /// Up to this percentage is taken off each entry's TTL, at random, so
     /// that entries written together don't expire together.
     ttl_jitter_percent: u8 = 0, read as wire::Percent, env "CACHE_TTL_JITTER_PERCENT";
@@ -566,7 +571,7 @@ impl CacheConfig {
             let shown = match path.as_slice() {
                 // Seed URLs may carry a password.
                 [.., last]
-                    if ["password", "admin_token", "signing_key", "cluster_nodes"]
+                    if ["password", "admin_token", "signing_key", "encryption_keys", "cluster_nodes"]
                         .contains(&last.as_str()) =>
                 {
                     None
@@ -581,9 +586,9 @@ impl CacheConfig {
                 Some(()) => {
                     path.iter().try_fold(&section, |v, k| v.get(k.as_str())).map(show).unwrap_or_default()
                 }
-                None if path
-                    .last()
-                    .is_some_and(|k| ["password", "admin_token", "signing_key"].contains(&k.as_str())) =>
+                None if path.last().is_some_and(|k| {
+                    ["password", "admin_token", "signing_key", "encryption_keys"].contains(&k.as_str())
+                }) =>
                 {
                     "***".to_owned()
                 }
@@ -808,6 +813,17 @@ impl CacheConfig {
     }
     pub(crate) fn signing_key(&self) -> Option<&str> {
         self.signing_key.as_ref().map(Secret::expose)
+    }
+    /// Whether some entries are encrypted (`encryption_keys`, `CACHE_ENCRYPTION_KEYS`).
+    pub fn encrypts_entries(&self) -> bool {
+        self.encryption_keys.is_some()
+    }
+    pub(crate) fn encryption_keys(&self) -> Option<&str> {
+        self.encryption_keys.as_ref().map(Secret::expose)
+    }
+    /// The prefixes whose entries are encrypted in Redis (`sensitive_prefixes`).
+    pub fn sensitive_prefixes(&self) -> &[String] {
+        &self.sensitive_prefixes
     }
     /// Up to this percentage is taken off each entry's TTL, at random (default 0).
     pub fn ttl_jitter_percent(&self) -> u8 {
@@ -1060,6 +1076,33 @@ impl CacheConfigBuilder {
     /// prefix needs the same secret. It is never printed.
     pub fn signing_key(mut self, secret: impl Into<String>) -> Self {
         self.config.signing_key = Some(Secret(secret.into()));
+        self
+    }
+    /// Sets the keys that encrypt sensitive entries (`sensitive_prefixes`,
+    /// `#[cached(sensitive = true)]`), each `(name, secret)`, the secret at
+    /// least 16 characters. The first encrypts; every one decrypts, so a key is
+    /// rotated by putting a new one first and dropping the old one once its
+    /// entries have expired. The name is written in each entry's header.
+    pub fn encryption_keys<I, N, S>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = (N, S)>,
+        N: AsRef<str>,
+        S: AsRef<str>,
+    {
+        let ring: Vec<String> =
+            keys.into_iter().map(|(name, secret)| format!("{}:{}", name.as_ref(), secret.as_ref())).collect();
+        self.config.encryption_keys = (!ring.is_empty()).then(|| Secret(ring.join(",")));
+        self
+    }
+    /// Sets the prefixes (a function's `prefix`, or the first segment of a
+    /// key given to [`Cache::set`](crate::Cache::set)) whose entries are
+    /// encrypted in Redis, with [`encryption_keys`](Self::encryption_keys).
+    pub fn sensitive_prefixes<I, S>(mut self, prefixes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.sensitive_prefixes = prefixes.into_iter().map(Into::into).collect();
         self
     }
     /// Takes up to `percent` (at most 100) off each entry's TTL, at random, so

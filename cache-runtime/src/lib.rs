@@ -33,6 +33,7 @@ mod pending;
 mod redis_store;
 mod redis_tier;
 mod schema;
+mod seal;
 #[cfg(feature = "sentinel")]
 mod sentinel;
 mod shard;

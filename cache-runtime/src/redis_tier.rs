@@ -2,7 +2,7 @@
 //! under one prefix ([`Schema`]), over the commands of `redis_store.rs`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::bus::Listener;
@@ -13,6 +13,7 @@ use crate::lease::{Claim, Purpose};
 use crate::pending::Pending;
 use crate::redis_store::{Lane, RedisStore};
 use crate::schema::Schema;
+use crate::seal::Sealer;
 use crate::sign::Signer;
 use crate::store::{BoxFuture, FillFence, KeyPage, Raw, ServerInfo, Store, Write};
 use crate::CacheError;
@@ -60,6 +61,8 @@ pub(crate) struct RedisTier {
     signer: Option<Signer>,
     /// Reads refused for a missing or wrong MAC.
     bad_signatures: AtomicU64,
+    /// Seals the entries of sensitive prefixes and opens what is read (`seal.rs`).
+    sealer: Arc<Sealer>,
     /// The connection generation whose server was checked, and that server's run_id.
     checked: AtomicU64,
     server: tokio::sync::Mutex<Option<String>>,
@@ -72,11 +75,13 @@ impl RedisTier {
         connect_timeout: Duration,
         big_value_bytes: usize,
         signer: Option<Signer>,
+        sealer: Arc<Sealer>,
     ) -> Self {
         RedisTier {
             redis,
             big_value_bytes,
             signer,
+            sealer,
             bad_signatures: AtomicU64::new(0),
             shards: (0..schema.shards())
                 .map(|index| Shard { index, fence_key: schema.fence(index), observed: Observed::default() })
@@ -165,7 +170,8 @@ impl RedisTier {
         let body = self.redis.get_bulk(&body_key, size).await?;
         // Gone with an eviction while its pointer stayed, or replaced by
         // another fill since the pointer was read: a miss.
-        Ok(body.filter(|b| b.len() == size).and_then(|b| self.verified(&body_key, b)).map(Raw::Owned))
+        let body = body.filter(|b| b.len() == size).and_then(|b| self.verified(&body_key, b));
+        Ok(body.and_then(|b| self.sealer.open(full, b)).map(Raw::Owned))
     }
 
     /// What `bytes`, read under `name`, carry: all of them unsigned, or, with
@@ -358,7 +364,7 @@ impl Store for RedisTier {
             };
             let Some(bytes) = self.verified(full, bytes) else { return Ok(None) };
             match pointed_size(&bytes) {
-                None => Ok(Some(Raw::Owned(bytes))),
+                None => Ok(self.sealer.open(full, bytes).map(Raw::Owned)),
                 Some(size) => Box::pin(self.get_body(full, size)).await,
             }
         })
@@ -382,11 +388,12 @@ impl Store for RedisTier {
             let shard = self.shard_of(w.full);
             let tags = self.tag_indexes(shard, w.tags);
             let body_key = self.schema.body(w.full);
-            let big = w.bytes.len() > self.big_value_bytes;
-            let body = big.then(|| self.signed(&body_key, w.bytes));
+            let sealed = self.sealer.seal(w.full, w.bytes);
+            let big = sealed.len() > self.big_value_bytes;
+            let body = big.then(|| self.signed(&body_key, &sealed));
             // The pointer holds the body's size as stored, its MAC included.
             let pointer = pointer(body.as_ref().map_or(0, |b| b.len()));
-            let bytes = self.signed(w.full, if big { &pointer[..] } else { w.bytes });
+            let bytes = self.signed(w.full, if big { &pointer[..] } else { &sealed });
             let fill = Fill {
                 entry: w.full,
                 bytes: &bytes,
@@ -443,11 +450,13 @@ impl Store for RedisTier {
 
     fn drop_if_same<'a>(&'a self, full: &'a str, bytes: &'a [u8]) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
-            // A big value's entry holds its pointer: that is what must still be there.
+            // A big value's entry holds its pointer: that is what must still be
+            // there. Sealing is deterministic: the same entry seals the same.
+            let sealed = self.sealer.seal(full, bytes);
             let mac = if self.signer.is_some() { crate::sign::TAG_LEN } else { 0 };
-            let pointer = pointer(bytes.len() + mac);
+            let pointer = pointer(sealed.len() + mac);
             let held =
-                self.signed(full, if bytes.len() > self.big_value_bytes { &pointer[..] } else { bytes });
+                self.signed(full, if sealed.len() > self.big_value_bytes { &pointer[..] } else { &sealed });
             self.redis.drop_if_same(full, &held).await.map(drop)
         })
     }

@@ -205,7 +205,9 @@ impl KeyBuilder {
         if spec.version != 0 {
             let _ = write!(key, ".{}", spec.version);
         }
-        KeyBuilder { key, relative_start, uncacheable: false, shards }
+        // A sensitive function whose entries can't be encrypted bypasses the cache.
+        let uncacheable = spec.sensitive && !cache.inner.sealer.register(prefix);
+        KeyBuilder { key, relative_start, uncacheable, shards }
     }
 
     /// Appends one argument.

@@ -49,6 +49,8 @@ pub struct Spec {
     /// The `soft_timeout` option: how long a caller waits for a body while a
     /// last value (fail-safe) could be served, the body going on in the background.
     pub soft_timeout: Option<Duration>,
+    /// The `sensitive` option: entries are encrypted in Redis (`encryption_keys`).
+    pub sensitive: bool,
 }
 
 impl Spec {
@@ -64,6 +66,7 @@ impl Spec {
             fail_safe: None,
             early_refresh: false,
             soft_timeout: None,
+            sensitive: false,
         }
     }
 

@@ -59,6 +59,7 @@ impl Counters {
             breaker_opened: 0,
             pending_invalidations: 0,
             bad_signatures: 0,
+            bad_encryption: 0,
             near_cache_size: 0,
             near_cache_hits: 0,
             bus_listening: false,
@@ -134,6 +135,10 @@ pub struct CacheStats {
     pub pending_invalidations: u64,
     /// Redis reads refused for a missing or wrong signature (`signing_key`): misses.
     pub bad_signatures: u64,
+    /// Redis reads refused for encryption (`encryption_keys`): an entry of a
+    /// sensitive prefix not encrypted, or not opening (an unknown key name,
+    /// changed bytes). Misses.
+    pub bad_encryption: u64,
     /// Entries in the near tier (`near_cache`, `#[cached(near = true)]`).
     pub near_cache_size: u64,
     /// Hits the near tier served (counted in `hits` too).

@@ -494,3 +494,48 @@ impl<'de> Deserialize<'de> for HostList {
         d.deserialize_any(HostsVisitor)
     }
 }
+
+/// Key prefixes: a list, or one string of them separated by commas. Each is
+/// non-empty and has no `:` and no glob characters. Possibly none.
+pub(super) struct PrefixList(Vec<String>);
+
+impl Wire for PrefixList {
+    type Value = Vec<String>;
+    fn value(self) -> Vec<String> {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for PrefixList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PrefixesVisitor;
+        impl PrefixesVisitor {
+            fn checked<E: de::Error>(self, prefixes: Vec<String>) -> Result<PrefixList, E> {
+                let bad = |p: &String| p.is_empty() || p.contains([':', '*', '?', '[', ']', '\\']);
+                match prefixes.iter().find(|p| bad(p)) {
+                    Some(bad) => Err(E::invalid_value(Unexpected::Str(bad), &self)),
+                    None => Ok(PrefixList(prefixes)),
+                }
+            }
+        }
+        impl<'de> Visitor<'de> for PrefixesVisitor {
+            type Value = PrefixList;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("key prefixes without `:` or glob characters, as a list or separated by commas")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PrefixList, E> {
+                self.checked(
+                    v.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect(),
+                )
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<PrefixList, A::Error> {
+                let mut prefixes = Vec::new();
+                while let Some(prefix) = seq.next_element::<String>()? {
+                    prefixes.push(prefix.trim().to_owned());
+                }
+                self.checked(prefixes)
+            }
+        }
+        d.deserialize_any(PrefixesVisitor)
+    }
+}

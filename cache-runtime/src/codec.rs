@@ -252,17 +252,21 @@ pub(crate) struct Stamp {
     pub(crate) expires_ms: u64,
     /// When it may no longer be served, even as a last resort.
     pub(crate) stale_until_ms: u64,
-    /// How long the body that computed it took, in milliseconds (0: unknown).
+    /// How long the body that computed it took, in milliseconds (0: not recorded).
     pub(crate) took_ms: u32,
 }
 
-/// `encoded`, stamped.
+/// `encoded`, stamped. Without a body time, in the 17-byte layout every
+/// fail-safe build reads; with one (early refresh), in the 21-byte layout.
 pub(crate) fn stamp(stamp: Stamp, encoded: &[u8]) -> Vec<u8> {
+    let timed = stamp.took_ms > 0;
     let mut out = Vec::with_capacity(TIMED_STAMP_LEN + encoded.len());
-    out.push(TIMED_STAMP);
+    out.push(if timed { TIMED_STAMP } else { STAMP });
     out.extend_from_slice(&stamp.expires_ms.to_le_bytes());
     out.extend_from_slice(&stamp.stale_until_ms.to_le_bytes());
-    out.extend_from_slice(&stamp.took_ms.to_le_bytes());
+    if timed {
+        out.extend_from_slice(&stamp.took_ms.to_le_bytes());
+    }
     out.extend_from_slice(encoded);
     out
 }
@@ -506,12 +510,13 @@ mod tests {
         assert_eq!(stamped(&timed), Some(stamp));
         assert_eq!(unstamped(&timed), &encoded[..]);
         assert_eq!(decode::<u32>(&timed).unwrap(), 42);
-        // The earlier layout: no body time, read as 0.
+        // Without a body time: the 17-byte layout.
         let mut old = vec![STAMP];
         old.extend_from_slice(&1_000u64.to_le_bytes());
         old.extend_from_slice(&5_000u64.to_le_bytes());
         old.extend_from_slice(&encoded);
         assert_eq!(stamped(&old), Some(Stamp { took_ms: 0, ..stamp }));
+        assert_eq!(super::stamp(Stamp { took_ms: 0, ..stamp }, &encoded), old);
         assert_eq!(decode::<u32>(&old).unwrap(), 42);
         assert_eq!(stamped(&encoded), None, "an unstamped entry");
         assert_eq!(stamped(&timed[..TIMED_STAMP_LEN - 1]), None, "a truncated stamp");

@@ -1116,7 +1116,8 @@ impl CacheConfigBuilder {
     /// Sets XFetch's β for `early_refresh` functions: a hit refreshes its
     /// entry in the background with a probability that rises as expiry nears,
     /// scaled by how long the body took and by `beta` (1 by default; 2 starts
-    /// about twice as early). Clamped to (0, 100].
+    /// about twice as early). At most 100; a value that is not positive and
+    /// finite leaves the setting as it was.
     pub fn early_refresh_beta(mut self, beta: f64) -> Self {
         if beta.is_finite() && beta > 0.0 {
             self.config.early_refresh_beta = beta.min(100.0);

@@ -120,12 +120,24 @@ where
         let (gate, gate_rx) = oneshot::channel::<(C, Option<Held>)>();
         let (cache, spec, key, tags) =
             (call.cache.clone(), call.spec.clone(), call.key.clone(), tags.clone());
-        runtime.spawn(async move {
+        let task = runtime.spawn(async move {
             let began = Instant::now();
-            let out = fail_safe::caught(body).await;
+            let mut body = std::pin::pin!(fail_safe::caught(body));
+            let out = match tokio::time::timeout(background_limit(&cache), body.as_mut()).await {
+                Ok(out) => out,
+                // Left to fill in the background, and running on past the limit: given up.
+                Err(_) if result.is_closed() => {
+                    return tracing::warn!(
+                        key = key.full,
+                        "soft timeout: the body ran past its limit; given up"
+                    )
+                }
+                // Its caller waits for it still (the last value could not be served).
+                Err(_) => body.await,
+            };
             let Err(out) = result.send(out) else { return };
             // The caller served the last value and went on: this fills, once
-            // the caller has written that value back (or was dropped).
+            // the caller has written that value back.
             let Ok((condition, lease)) = gate_rx.await else { return };
             match out {
                 Ok(out) if !out.failed() => {
@@ -144,14 +156,25 @@ where
             }
             drop(lease);
         });
-        Ok(Soft { result: result_rx, gate })
+        Ok(Soft { result: result_rx, gate: Some(gate), task: Some(task.abort_handle()) })
     }
 }
 
 /// A body running in the background for a caller that may stop waiting.
+/// Dropped before the caller handed the body off (the call was cancelled),
+/// it stops the body, as dropping the call stops a body run in the caller.
 pub struct Soft<Out, C> {
     result: oneshot::Receiver<Result<Out, Panic>>,
-    gate: oneshot::Sender<(C, Option<Held>)>,
+    gate: Option<oneshot::Sender<(C, Option<Held>)>>,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl<Out, C> Drop for Soft<Out, C> {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
 /// How waiting on a [`Soft`] body ended.
@@ -182,27 +205,40 @@ impl<Out, C> Soft<Out, C> {
 
 impl<Out, C> Late<Out, C> {
     /// Waits for the body after all (the last value could not be served).
-    pub(crate) async fn finish(self) -> Waited<Out, C> {
-        match self.soft.result.await {
+    pub(crate) async fn finish(mut self) -> Waited<Out, C> {
+        match (&mut self.soft.result).await {
             Ok(out) => Waited::Done(out, self.condition),
             Err(_) => Waited::Done(Err(Box::new("the body's task was dropped")), self.condition),
         }
     }
 
-    /// Leaves the body to fill in the background, now that the last value is
-    /// written back: unless it finished meanwhile, and then its result is
-    /// given back to store here.
-    pub(crate) fn leave(mut self, lease: Option<Held>) -> Option<(Out, C)> {
+    /// Leaves the body to fill in the background, holding `lease`, now that
+    /// the last value is written back: unless it finished meanwhile, and then
+    /// its result is given back to store here (the lease stays with the caller).
+    pub(crate) fn leave(mut self, lease: &mut Option<Held>) -> Option<(Out, C)> {
         self.soft.result.close();
         match self.soft.result.try_recv() {
             Ok(Ok(out)) => Some((out, self.condition)),
-            Ok(_) => None,
+            Ok(Err(panic)) => {
+                tracing::warn!(cause = fail_safe::describe(&*panic), "soft timeout: the body failed");
+                None
+            }
             Err(_) => {
-                let _ = self.soft.gate.send((self.condition, lease));
+                // Handed off: the body goes on whatever becomes of this call.
+                self.soft.task = None;
+                if let Some(gate) = self.soft.gate.take() {
+                    let _ = gate.send((self.condition, lease.take()));
+                }
                 None
             }
         }
     }
+}
+
+/// How long a body left to run in the background may: `hard_timeout`, and
+/// never past the fill window, beyond which its fill would be refused anyway.
+fn background_limit(cache: &Cache) -> Duration {
+    cache.config().hard_timeout().unwrap_or(crate::fence::WINDOW).min(crate::fence::WINDOW)
 }
 
 /// The runtime background bodies run on: the caller's, else the cache's own.
@@ -249,7 +285,10 @@ async fn refresh<M, Out, C, B, Fut>(
     };
     let (tags, body) = miss();
     let began = Instant::now();
-    let out = match fail_safe::caught(body).await {
+    let Ok(out) = tokio::time::timeout(background_limit(&cache), fail_safe::caught(body)).await else {
+        return tracing::warn!(key = full, "early refresh: the body ran past its limit; given up");
+    };
+    let out = match out {
         Ok(out) if !out.failed() => out,
         // The entry serves until it expires; then a caller runs the body as on any miss.
         Ok(_) => return tracing::debug!(key = full, "early refresh: the body failed"),

@@ -484,7 +484,7 @@ where
             Guarded::Stale { out, bytes, at, late } => {
                 leader.publish(Outcome::Value(bytes.into(), at));
                 // Its body goes on, holding the lease, and fills; or it ended just now.
-                if let Some((fresh, condition)) = late.and_then(|late| late.leave(lease.take())) {
+                if let Some((fresh, condition)) = late.and_then(|late| late.leave(&mut lease)) {
                     let fill = Fill { took: began.elapsed(), ..fill };
                     store(&call, fresh.stored(), &tags, condition, fill).await;
                 }
@@ -543,7 +543,14 @@ where
     Fut: Future<Output = Out>,
     D: Detach<M, Out, C, B, Fut>,
 {
-    let body = match call.spec.soft_timeout {
+    let hard = call.cache.config().hard_timeout();
+    // Within `hard_timeout` too, which bounds any wait while a last value could be served.
+    let soft = call
+        .spec
+        .soft_timeout
+        .filter(|limit| !limit.is_zero())
+        .map(|soft| hard.map_or(soft, |h| h.min(soft)));
+    let body = match soft {
         Some(limit) => match detach.soft(call, tags, body, fill) {
             Ok(soft) => {
                 return match soft.wait(limit, condition).await {
@@ -566,7 +573,7 @@ where
         None => body,
     };
     let mut body = std::pin::pin!(fail_safe::caught(body));
-    match call.cache.config().hard_timeout() {
+    match hard {
         Some(limit) => match tokio::time::timeout(limit, body.as_mut()).await {
             Ok(done) => settle(call, tags, stale, done, condition).await,
             Err(_) => match last_value(call, "the hard timeout", stale, tags).await {
@@ -861,7 +868,7 @@ where
         if call.spec.stamped(cache) {
             let max =
                 if call.spec.fail_safe(cache) { cache.config().fail_safe_max() } else { Duration::ZERO };
-            (bytes, ttl) = fail_safe::stamp(&bytes, ttl, max, took);
+            (bytes, ttl) = fail_safe::stamp(&bytes, ttl, max, call.spec.early_refresh.then_some(took));
         }
         let tags = call.spec.tags(cache, tags.to_vec());
         match cache.write(full, &bytes, ttl, &tags, fence, bump).await {

@@ -59,12 +59,19 @@ pub(crate) fn describe(panic: &(dyn Any + Send)) -> String {
 
 /// A fresh value's bytes as a fail-safe or early-refreshed function stores
 /// them, and their TTL in the store: `ttl` logically, `max` more in all (0
-/// for a function that is not fail-safe). `took` is how long its body ran.
-pub(crate) fn stamp(encoded: &[u8], ttl: Duration, max: Duration, took: Duration) -> (Vec<u8>, Duration) {
+/// for a function that is not fail-safe). `took`, how long its body ran, is
+/// recorded for early refresh only: without it the stamp keeps the layout
+/// earlier fail-safe builds read, so a rolling upgrade keeps their entries.
+pub(crate) fn stamp(
+    encoded: &[u8],
+    ttl: Duration,
+    max: Duration,
+    took: Option<Duration>,
+) -> (Vec<u8>, Duration) {
     let now = now_ms();
     let expires_ms = now + ttl.as_millis() as u64;
     let stale_until_ms = expires_ms + max.as_millis() as u64;
-    let took_ms = u32::try_from(took.as_millis()).unwrap_or(u32::MAX);
+    let took_ms = took.map_or(0, |took| u32::try_from(took.as_millis()).unwrap_or(u32::MAX).max(1));
     (codec::stamp(codec::Stamp { expires_ms, stale_until_ms, took_ms }, encoded), ttl + max)
 }
 

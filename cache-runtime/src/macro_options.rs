@@ -15,6 +15,9 @@
 //! | [`cache_none`](#cache_none) | for `Option<T>`: store `None` too |
 //! | [`fail_safe`](#fail_safe) | when the body fails, serve the last value (up to `fail_safe_max` after it expired) |
 //! | [`near`](#near) | keep decoded values in this process in front of Redis, coherent across instances |
+//! | [`early_refresh`](#early_refresh) | refresh a hot entry in the background before it expires (XFetch) |
+//! | [`soft_timeout`](#soft_timeout) | serve the last value when the body takes longer, the body filling in the background |
+//! | [`sensitive`](#sensitive) | encrypt the entries in Redis (`encryption_keys`) |
 //! | [`crate`](#crate) | the path of `cache_runtime` when the dependency is renamed |
 //!
 //! Misuse is a compile error pointing at the option: an unknown one (with the
@@ -344,6 +347,75 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! assert_eq!(policy_rules().await.max, 3);
+//! # }
+//! ```
+//!
+//! # `early_refresh`
+//!
+//! `early_refresh = true` stamps each entry with how long its body took; a
+//! hit near the entry's expiry may then refresh it in a task of its own
+//! (XFetch: the nearer the expiry and the slower the body, the likelier),
+//! while it returns the value it found. Hot keys are refreshed before they
+//! expire, so their callers never wait for the body. The body runs once per
+//! process and once across the fleet, under the same fence as a fill. The
+//! task outlives the call: the function takes owned arguments (an `Arc` for
+//! shared state) and is not a method, which the attribute checks.
+//! `early_refresh_beta` in the config tunes how early.
+//!
+//! ```
+//! # use cache_runtime::cached;
+//! #[cached(early_refresh = true, ttl = 60)]
+//! async fn exchange_rate(currency: String) -> u64 {
+//!     1_085 // a slow upstream
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! assert_eq!(exchange_rate("EUR".into()).await, 1_085);
+//! # }
+//! ```
+//!
+//! # `soft_timeout`
+//!
+//! `soft_timeout = Duration::from_millis(200)` (or whole seconds) makes the
+//! function fail-safe, and also serves its last value when the body merely
+//! takes longer than that: the body goes on in a task of its own and fills.
+//! A key invalidated since the read waits for its body. Like
+//! `early_refresh`, it needs owned arguments.
+//!
+//! ```
+//! # use cache_runtime::cached;
+//! # use std::time::Duration;
+//! #[cached(soft_timeout = Duration::from_millis(200), ttl = 30)]
+//! async fn stock_level(sku: u64) -> Result<u32, String> {
+//!     Ok(12) // an upstream that is sometimes slow
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! assert_eq!(stock_level(7).await, Ok(12));
+//! # }
+//! ```
+//!
+//! # `sensitive`
+//!
+//! `sensitive = true` encrypts this function's entries before they reach
+//! Redis, under the config's `encryption_keys` (the README's "Encrypted
+//! entries"). On a cache without keys its calls bypass Redis rather than
+//! write in the clear. It covers this function's calls in processes that
+//! call it; `sensitive_prefixes` in the config covers a prefix everywhere,
+//! `Cache::set` and warm-ups included.
+//!
+//! ```
+//! # use cache_runtime::cached;
+//! #[cached(sensitive = true, ttl = 300, prefix = "profiles")]
+//! async fn profile_email(user: u64) -> String {
+//!     "carol@example.com".to_owned()
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! assert_eq!(profile_email(1).await, "carol@example.com");
 //! # }
 //! ```
 //!

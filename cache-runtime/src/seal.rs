@@ -27,8 +27,9 @@ use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 
 use crate::CacheError;
 
-/// The marker of a sealed entry; never a header's or a stamp's first byte.
-const SEALED: u8 = 0xCB;
+/// The marker of a sealed entry; never the first byte of a header, a stamp
+/// or a big value's pointer.
+const SEALED: u8 = 0xCD;
 const NONCE_LEN: usize = 12;
 /// The shortest secret taken: a short one is a guessable one.
 const MIN_SECRET: usize = 16;
@@ -166,8 +167,10 @@ impl Sealer {
             let Some(rest) = relative.get(crate::shard::TAG_LEN..) else { return false };
             relative = rest;
         }
-        let first = relative.split(':').next().unwrap_or(relative);
-        self.sensitive.load().iter().any(|p| p == first)
+        // The whole prefix, up to a segment boundary: a function's prefix may hold `:`.
+        self.sensitive.load().iter().any(|p| {
+            relative.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
+        })
     }
 
     /// `bytes` as they are written under `full`: sealed, under a sensitive prefix.
@@ -281,6 +284,19 @@ mod tests {
         // Other prefixes pass as they are.
         assert!(matches!(s.seal("app:orders:1", plain), Cow::Borrowed(_)));
         assert_eq!(s.open("app:orders:1", plain.to_vec()).as_deref(), Some(&plain[..]));
+    }
+
+    #[test]
+    fn a_registered_prefix_matches_whole_segments() {
+        let s = Sealer::new(Some("k1:0123456789abcdef0123"), &[], "app", false).unwrap();
+        assert!(matches!(s.seal("app:users:profile:v2:1", b"\xCAv"), Cow::Borrowed(_)), "not yet sensitive");
+        assert!(s.register("users:profile"));
+        assert!(matches!(s.seal("app:users:profile:v2:1", b"\xCAv"), Cow::Owned(_)));
+        assert!(matches!(s.seal("app:users:profiles:1", b"\xCAv"), Cow::Borrowed(_)), "another prefix");
+        assert!(matches!(s.seal("app:users:1", b"\xCAv"), Cow::Borrowed(_)));
+        let keyless = Sealer::new(None, &[], "app", false).unwrap();
+        assert!(!keyless.register("users"), "nothing to seal with: bypassed");
+        assert!(Sealer::local().register("users"), "local mode writes nothing to Redis");
     }
 
     #[test]

@@ -198,3 +198,33 @@ async fn past_the_soft_timeout_the_last_value_is_served_and_the_body_fills_in_th
         })
         .await;
 }
+
+static CANCELLED_DONE: AtomicBool = AtomicBool::new(false);
+static CANCELLED_SLOW: AtomicBool = AtomicBool::new(false);
+
+#[cached(soft_timeout = Duration::from_millis(200), ttl = SHORT, cache = support::current(), prefix = "cancelled")]
+async fn cancelled(id: u32) -> u32 {
+    if CANCELLED_SLOW.load(SeqCst) {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    CANCELLED_DONE.store(true, SeqCst);
+    id
+}
+
+#[tokio::test]
+async fn a_call_cancelled_before_its_soft_timeout_stops_its_body() {
+    let redis = Redis::start();
+    let cache = Cache::new(redis.config("cancelled").build().unwrap()).await.unwrap();
+    CURRENT
+        .scope(cache.clone(), async {
+            assert_eq!(cancelled(1).await, 1);
+            assert!(CANCELLED_DONE.swap(false, SeqCst), "the control: a body that is let run ends");
+            tokio::time::sleep(SHORT + Duration::from_millis(100)).await;
+            CANCELLED_SLOW.store(true, SeqCst);
+            // Dropped while it waits, before the soft timeout: as with any call, the body stops.
+            assert!(tokio::time::timeout(Duration::from_millis(50), cancelled(1)).await.is_err());
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            assert!(!CANCELLED_DONE.load(SeqCst), "the body ran on after its call was dropped");
+        })
+        .await;
+}

@@ -42,6 +42,7 @@ mod store;
 #[cfg(feature = "tls")]
 mod tls;
 mod warmers;
+mod write_behind;
 
 #[doc(hidden)]
 #[path = "private.rs"]
@@ -64,6 +65,7 @@ pub use get_with::{GetWith, TryGetWith};
 pub use metrics::{Metrics, Op};
 pub use stats::{CacheStats, Health};
 pub use warmers::Warmers;
+pub use write_behind::{CacheWrite, Flusher, FlusherHandle, Job, Queued, WriteBehind};
 
 use std::time::Duration;
 

@@ -25,7 +25,10 @@
 //! at a time; a job that is being retried holds back the later ones of its key.
 
 mod flusher;
+mod job;
+mod lease;
 mod stream;
+mod worker;
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
@@ -37,7 +40,8 @@ use crate::codec::Storable;
 use crate::redis_store::RedisStore;
 use crate::{Cache, CacheError, IntoTtl};
 
-pub use flusher::{Flusher, FlusherHandle, Job};
+pub use flusher::{Flusher, FlusherHandle};
+pub use job::Job;
 pub(crate) use stream::Figures;
 
 impl Cache {

@@ -298,6 +298,92 @@ async fn one_flusher_is_active_and_a_standby_takes_over_after_a_shutdown() {
     standby.shutdown().await;
 }
 
+/// Warn events' messages, seen while the guard lives.
+#[derive(Clone, Default)]
+struct Warnings(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        if *event.metadata().level() == tracing::Level::WARN {
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            self.0.lock().unwrap().push(message.0);
+        }
+    }
+}
+
+// One thread: the flusher's tasks log where the guard is set.
+#[tokio::test(flavor = "current_thread")]
+async fn a_flusher_rides_out_a_stalled_redis_and_warns_once_per_fault() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let warnings = Warnings::default();
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+    let redis = Redis::spawn();
+    let config = redis.config("wbfault").write_behind_lease_ttl(Duration::from_millis(600)).build().unwrap();
+    let cache = Cache::new(config).await.unwrap();
+    let seen = Seen::default();
+    let record = seen.clone();
+    let flusher = cache
+        .write_behind_flusher(move |job: Job<Save>| {
+            let seen = record.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let call = Call {
+                    key: job.key().to_owned(),
+                    seq: job.job().seq,
+                    id: job.idempotency_key().to_owned(),
+                    attempt: job.attempt(),
+                    at: Instant::now(),
+                    overlapping: 0,
+                };
+                seen.0.lock().unwrap().push(call);
+                Ok::<(), String>(())
+            }
+        })
+        .start()
+        .unwrap();
+    for seq in 1..=100 {
+        assert!(cache.write_behind("k", &seq, &Save { seq }).await.unwrap().is_done());
+    }
+    eventually("some applied", || async { seen.calls().len() >= 5 }).await;
+    // SIGSTOP: the sockets stay open and nothing answers, for three leases' time.
+    redis.pause();
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let during = seen.calls().len();
+    assert!(during < 100, "the pause came before the jobs were done: {during}");
+    redis.resume();
+    eventually("every job applied", || async {
+        let calls = seen.calls();
+        let mut seqs: Vec<u64> = calls.iter().map(|c| c.seq).collect();
+        seqs.dedup();
+        seqs == (1..=100).collect::<Vec<_>>()
+    })
+    .await;
+    eventually("the queue drained", || async { cache.stats().await.unwrap().write_behind_queue_length == 0 })
+        .await;
+    // In order: a job redelivered after the lease was lost repeats only the last one applied.
+    let seqs: Vec<u64> = seen.calls().iter().map(|c| c.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1 || w[1] == w[0]), "{seqs:?}");
+    flusher.shutdown().await;
+
+    let warned = warnings.0.lock().unwrap().clone();
+    assert!(warned.iter().any(|w| w.starts_with("write-behind")), "the fault was seen: {warned:?}");
+    let mut counts = HashMap::new();
+    for w in warned.iter().filter(|w| w.starts_with("write-behind")) {
+        *counts.entry(w.clone()).or_insert(0) += 1;
+    }
+    println!("write-behind warnings through the stall: {counts:?}");
+    assert!(counts.values().all(|&n| n <= 2), "warned per attempt, not per fault: {counts:?}");
+}
+
 /// The child process of the crash runs: does nothing unless started as one.
 #[test]
 #[ignore = "a child process of the crash runs, started by them"]

@@ -18,88 +18,31 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
 use redis::aio::MultiplexedConnection;
 use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 
+use super::job::{Apply, Job};
+use super::lease::Lease;
 use super::redis_of;
 use super::stream::{self, Entry, Keys, Scripts};
 use crate::bus::jittered;
 use crate::redis_store::RedisStore;
-use crate::store::BoxFuture;
 use crate::{Cache, CacheError};
 
 /// The longest one read waits for a new job: how long a flusher can take to
 /// notice a stop it was not woken for.
 const BLOCK: Duration = Duration::from_secs(2);
 /// Reconnecting and retrying Redis back off between these.
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+pub(super) const MIN_BACKOFF: Duration = Duration::from_millis(50);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How often the flusher refreshes the queue's gauges.
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
-
-/// One job, as the handler gets it.
-#[derive(Debug)]
-pub struct Job<J> {
-    job: J,
-    key: String,
-    id: String,
-    attempt: u32,
-    redelivered: bool,
-}
-
-impl<J> Job<J> {
-    /// The job, decoded.
-    pub fn job(&self) -> &J {
-        &self.job
-    }
-
-    /// The job, owned.
-    pub fn into_job(self) -> J {
-        self.job
-    }
-
-    /// The cache key it was queued with.
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// A key unique to this job and the same at every delivery of it (its
-    /// stream entry id): apply the job under it (a unique key, a conditional
-    /// write) and a job delivered twice takes effect once.
-    pub fn idempotency_key(&self) -> &str {
-        &self.id
-    }
-
-    /// This delivery's attempt, from 1; a job delivered again after a
-    /// flusher died counts from 1 again.
-    pub fn attempt(&self) -> u32 {
-        self.attempt
-    }
-
-    /// Whether the job was read back from the jobs in flight of an earlier
-    /// active flusher (one that died or lost its lease): it may have been applied already.
-    pub fn redelivered(&self) -> bool {
-        self.redelivered
-    }
-}
-
-/// What one attempt came to.
-enum Outcome {
-    Applied,
-    Failed(String),
-    /// Not a job this handler reads: retrying can't help.
-    Unreadable(String),
-}
-
-type Apply = Arc<dyn Fn(&Entry, u32) -> BoxFuture<'static, Outcome> + Send + Sync>;
 
 /// A flusher not started yet; see [`Cache::write_behind_flusher`].
 #[must_use = "a Flusher does nothing until started"]
@@ -116,33 +59,9 @@ impl Flusher {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: std::fmt::Display,
     {
-        let apply: Apply = Arc::new(move |entry: &Entry, attempt: u32| -> BoxFuture<'static, Outcome> {
-            let Some((key, bytes)) = &entry.job else {
-                return Box::pin(std::future::ready(Outcome::Unreadable("the entry holds no job".into())));
-            };
-            let job = match serde_json::from_slice::<J>(bytes) {
-                Ok(job) => job,
-                Err(e) => {
-                    return Box::pin(std::future::ready(Outcome::Unreadable(format!("undecodable job: {e}"))))
-                }
-            };
-            let job =
-                Job { job, key: key.clone(), id: entry.id.clone(), attempt, redelivered: entry.redelivered };
-            // A handler that panics, building its future or running it, fails this attempt only.
-            let Ok(fut) = std::panic::catch_unwind(AssertUnwindSafe(|| handler(job))) else {
-                return Box::pin(std::future::ready(Outcome::Failed("the handler panicked".into())));
-            };
-            Box::pin(AssertUnwindSafe(fut).catch_unwind().map(|done| match done {
-                Ok(Ok(())) => Outcome::Applied,
-                Ok(Err(e)) => Outcome::Failed(e.to_string()),
-                Err(_) => Outcome::Failed("the handler panicked".into()),
-            }))
-        });
-        Flusher { cache, apply }
+        Flusher { cache, apply: super::job::erase(handler) }
     }
-}
 
-impl Flusher {
     /// Starts the flusher on the current Tokio runtime, where the handler
     /// runs too. It stands by until it holds the queue's lease (at once if no
     /// other flusher of this Redis and prefix is active), then delivers the
@@ -162,7 +81,7 @@ impl Flusher {
         let shared = Arc::new(Shared {
             keys: Keys::new(&self.cache.inner.schema),
             scripts: Scripts::new(),
-            token: token(self.cache.inner.tiers.bus.me()),
+            token: super::lease::token(self.cache.inner.tiers.bus.me()),
             concurrency,
             max_attempts: config.write_behind_max_attempts(),
             backoff: config.write_behind_backoff(),
@@ -222,34 +141,34 @@ impl Drop for FlusherHandle {
     }
 }
 
-struct Shared {
-    cache: Cache,
-    apply: Apply,
-    keys: Keys,
-    scripts: Scripts,
+pub(super) struct Shared {
+    pub(super) cache: Cache,
+    pub(super) apply: Apply,
+    pub(super) keys: Keys,
+    pub(super) scripts: Scripts,
     /// This flusher's lease token.
-    token: String,
-    concurrency: usize,
-    max_attempts: u32,
-    backoff: Duration,
-    backoff_max: Duration,
-    lease_ttl: Duration,
+    pub(super) token: String,
+    pub(super) concurrency: usize,
+    pub(super) max_attempts: u32,
+    pub(super) backoff: Duration,
+    pub(super) backoff_max: Duration,
+    pub(super) lease_ttl: Duration,
     /// Handler calls running at once.
-    permits: Semaphore,
+    pub(super) permits: Semaphore,
     /// The jobs read and not settled yet, by cache key; a key is here while a worker runs its jobs.
-    queues: Mutex<HashMap<String, VecDeque<Entry>>>,
-    held: AtomicUsize,
+    pub(super) queues: Mutex<HashMap<String, VecDeque<Entry>>>,
+    pub(super) held: AtomicUsize,
     /// A job settled: there is room to read more.
-    room: Notify,
+    pub(super) room: Notify,
     /// Set by a graceful shutdown.
-    stop: watch::Sender<bool>,
-    active: AtomicBool,
+    pub(super) stop: watch::Sender<bool>,
+    pub(super) active: AtomicBool,
     /// Acknowledgements are failing (said once).
-    acks_failing: AtomicBool,
+    pub(super) acks_failing: AtomicBool,
 }
 
 impl Shared {
-    fn stopping(&self) -> bool {
+    pub(super) fn stopping(&self) -> bool {
         *self.stop.borrow()
     }
 
@@ -259,15 +178,10 @@ impl Shared {
         (self.concurrency * 8).max(64)
     }
 
-    fn backoff(&self, attempt: u32) -> Duration {
+    pub(super) fn backoff(&self, attempt: u32) -> Duration {
         let wait = self.backoff.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
         jittered(wait.min(self.backoff_max))
     }
-}
-
-fn token(me: u64) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("{me:x}:{}:{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A Redis fault seen by a loop that retries: warned once when it starts,
@@ -315,10 +229,11 @@ async fn run(shared: Arc<Shared>) {
             return;
         }
         let Ok(redis) = redis_of(&shared.cache) else { return };
+        let taking = Instant::now();
         let wait = match redis.take_flusher_lease(&shared.keys, &shared.token, shared.lease_ttl).await {
             Ok(true) => {
                 faults.recovered();
-                let mut lease = Lease::hold(&shared);
+                let mut lease = Lease::hold(&shared, taking);
                 tracing::info!("write-behind flusher: active");
                 match session(&shared, &mut lease.lost).await {
                     End::Stopped => {
@@ -337,92 +252,6 @@ async fn run(shared: Arc<Shared>) {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => {}
-        }
-    }
-}
-
-/// The lease while this flusher holds it: renewed by a task of its own, which
-/// says when it can no longer prove it holds it.
-struct Lease {
-    shared: Arc<Shared>,
-    lost: watch::Receiver<bool>,
-    renewal: AbortHandle,
-    released: bool,
-}
-
-impl Lease {
-    fn hold(shared: &Arc<Shared>) -> Lease {
-        let (tell, lost) = watch::channel(false);
-        let renewal = tokio::spawn(renew(shared.clone(), tell)).abort_handle();
-        Lease { shared: shared.clone(), lost, renewal, released: false }
-    }
-
-    async fn release(&mut self) {
-        self.renewal.abort();
-        self.released = true;
-        if let Ok(redis) = redis_of(&self.shared.cache) {
-            let shared = &self.shared;
-            if let Err(e) = redis.release_flusher_lease(&shared.scripts, &shared.keys, &shared.token).await {
-                tracing::debug!(error = %e, "write-behind flusher: lease not released; it expires");
-            }
-        }
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.renewal.abort();
-        self.shared.active.store(false, Ordering::Release);
-        if self.released {
-            return;
-        }
-        // Dropped with the flusher: let a standby take over now, not when the lease expires.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let shared = self.shared.clone();
-            runtime.spawn(async move {
-                if let Ok(redis) = redis_of(&shared.cache) {
-                    let _ = redis.release_flusher_lease(&shared.scripts, &shared.keys, &shared.token).await;
-                }
-            });
-        }
-    }
-}
-
-/// Renews every third of the lease. A renewal refused means another flusher
-/// holds it; renewals that fail for two thirds of the lease mean this one can
-/// no longer be sure it holds it, and must stop before it could have expired.
-async fn renew(shared: Arc<Shared>, lost: watch::Sender<bool>) {
-    let ttl = shared.lease_ttl;
-    let mut renewed = Instant::now();
-    loop {
-        tokio::time::sleep(ttl / 3).await;
-        loop {
-            let attempt = Instant::now();
-            let result = match redis_of(&shared.cache) {
-                Ok(redis) => {
-                    redis.renew_flusher_lease(&shared.scripts, &shared.keys, &shared.token, ttl).await
-                }
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(true) => {
-                    renewed = attempt;
-                    break;
-                }
-                Ok(false) => {
-                    tracing::warn!(
-                        "write-behind flusher: the lease expired and another flusher took it; standing by"
-                    );
-                    lost.send_replace(true);
-                    return;
-                }
-                Err(e) if renewed.elapsed() >= ttl * 2 / 3 => {
-                    tracing::warn!(error = %e, "write-behind flusher: the lease could not be renewed in time; standing by");
-                    lost.send_replace(true);
-                    return;
-                }
-                Err(_) => tokio::time::sleep(ttl / 12).await,
-            }
         }
     }
 }
@@ -468,7 +297,7 @@ async fn session(shared: &Arc<Shared>, lost: &mut watch::Receiver<bool>) -> End 
         match read {
             Ok(entries) => {
                 for entry in entries {
-                    dispatch(shared, &mut workers, entry);
+                    super::worker::dispatch(shared, &mut workers, entry);
                 }
             }
             Err(wait) => {
@@ -583,126 +412,4 @@ async fn open(redis: &RedisStore, node: Option<&(String, u16)>) -> Result<Dedica
         }
     }
     Err(failed)
-}
-
-fn dispatch(shared: &Arc<Shared>, workers: &mut JoinSet<()>, entry: Entry) {
-    let key = entry.job.as_ref().map(|(key, _)| key.clone()).unwrap_or_default();
-    shared.held.fetch_add(1, Ordering::AcqRel);
-    let mut queues = shared.queues.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(queue) = queues.get_mut(&key) {
-        queue.push_back(entry);
-        return;
-    }
-    queues.insert(key.clone(), VecDeque::from([entry]));
-    drop(queues);
-    workers.spawn(work(shared.clone(), key));
-}
-
-/// Runs one key's jobs in order, one at a time, until none is left.
-async fn work(shared: Arc<Shared>, key: String) {
-    loop {
-        let entry = {
-            let queues = shared.queues.lock().unwrap_or_else(|e| e.into_inner());
-            match queues.get(&key).and_then(VecDeque::front) {
-                Some(entry) => entry.clone(),
-                None => return,
-            }
-        };
-        let settled = deliver(&shared, &entry).await;
-        let mut queues = shared.queues.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(queue) = queues.get_mut(&key) else { return };
-        let done = if settled { queue.pop_front().map_or(0, |_| 1) } else { queue.len() };
-        // Stopping: this key's other jobs stay pending in Redis, in order, for the next active flusher.
-        if !settled || queue.is_empty() {
-            queues.remove(&key);
-        }
-        let more = queues.contains_key(&key);
-        drop(queues);
-        shared.held.fetch_sub(done, Ordering::AcqRel);
-        shared.room.notify_one();
-        if !more {
-            return;
-        }
-    }
-}
-
-/// Tries `entry` until it is applied or dead-lettered, and settles it in
-/// Redis; `false` if a shutdown came first.
-async fn deliver(shared: &Shared, entry: &Entry) -> bool {
-    let mut stop = shared.stop.subscribe();
-    let metrics = &shared.cache.inner.metrics.write_behind;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        if shared.stopping() {
-            return false;
-        }
-        let Ok(permit) = shared.permits.acquire().await else { return false };
-        if shared.stopping() {
-            return false;
-        }
-        let outcome = (shared.apply)(entry, attempt).await;
-        drop(permit);
-        let error = match outcome {
-            Outcome::Applied => {
-                settle(shared, entry, None).await;
-                metrics.applied.inc();
-                return true;
-            }
-            Outcome::Unreadable(error) => {
-                tracing::warn!(id = %entry.id, "write-behind: a job the handler can't read; dead-lettered");
-                error
-            }
-            Outcome::Failed(error) if attempt >= shared.max_attempts => {
-                tracing::warn!(id = %entry.id, attempts = attempt, "write-behind: a job failed every attempt; dead-lettered");
-                error
-            }
-            Outcome::Failed(error) => {
-                metrics.retries.inc();
-                tracing::debug!(id = %entry.id, attempt, error = %error, "write-behind: a job failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(shared.backoff(attempt)) => {}
-                    _ = stop.changed() => return false,
-                }
-                continue;
-            }
-        };
-        settle(shared, entry, Some((&error, attempt))).await;
-        metrics.dead_letters.inc();
-        return true;
-    }
-}
-
-/// Acknowledges `entry`, or dead-letters it with `error` after so many
-/// attempts, retrying while Redis can't take it. A shutdown gives up after
-/// one failure: the job is then delivered again by the next active flusher.
-async fn settle(shared: &Shared, entry: &Entry, dead: Option<(&str, u32)>) {
-    let mut wait = MIN_BACKOFF;
-    loop {
-        let Ok(redis) = redis_of(&shared.cache) else { return };
-        let done = match dead {
-            None => redis.ack(&shared.scripts, &shared.keys, &entry.id).await,
-            Some((error, attempts)) => {
-                redis.dead_letter(&shared.scripts, &shared.keys, entry, error, attempts).await
-            }
-        };
-        match done {
-            Ok(()) => {
-                if shared.acks_failing.swap(false, Ordering::AcqRel) {
-                    tracing::info!("write-behind: acknowledgements reach Redis again");
-                }
-                return;
-            }
-            Err(e) => {
-                if !shared.acks_failing.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(error = %e, "write-behind: acknowledgements fail; retrying until Redis takes them");
-                }
-                if shared.stopping() {
-                    return;
-                }
-                tokio::time::sleep(jittered(wait)).await;
-                wait = (wait * 2).min(MAX_BACKOFF);
-            }
-        }
-    }
 }

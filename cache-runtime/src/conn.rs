@@ -507,6 +507,14 @@ impl Endpoint {
     ) -> Result<(MultiplexedConnection, AbortHandle), CacheError> {
         let config = AsyncConnectionConfig::new().set_response_timeout(None);
         let redis = self.info.redis_settings();
+        // A node that announces no address of its own (`MOVED 3999 :6381`) is
+        // on the host this endpoint reached.
+        let node = node.map(|(host, port)| match (host, self.info.addr()) {
+            ("" | "?", ConnectionAddr::Tcp(seed, _)) => (seed.as_str(), port),
+            #[cfg(feature = "tls")]
+            ("" | "?", ConnectionAddr::TcpTls { host: seed, .. }) => (seed.as_str(), port),
+            _ => (host, port),
+        });
         let opened = async {
             match node {
                 Some((host, port)) => self.open_at(host, port, redis, config).await,

@@ -385,8 +385,12 @@ impl Reader {
                 }
                 Ok(entries)
             }
+            // `MOVED {slot} {host}:{port}`: the queue's slot lives on that node.
             Ok(Err(CacheError::Redis(e))) if e.redirect_node().is_some() => {
-                self.node = e.redirect_node().map(|(host, port)| (host.to_owned(), port));
+                self.node = e.redirect_node().and_then(|(addr, _slot)| {
+                    let (host, port) = addr.rsplit_once(':')?;
+                    Some((host.to_owned(), port.parse().ok()?))
+                });
                 self.conn = None;
                 Ok(Vec::new())
             }

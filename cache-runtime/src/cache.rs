@@ -547,6 +547,10 @@ impl Cache {
         stats.near_cache_size = tiers.near.len();
         stats.near_cache_hits = tiers.near.hits.load(Ordering::Relaxed);
         stats.bus_listening = tiers.near.is_listening();
+        if let Some(queue) = crate::write_behind::queue_figures(self).await {
+            stats.write_behind_queue_length = queue.length;
+            stats.write_behind_oldest_job_age_seconds = queue.oldest_age.as_secs_f64();
+        }
         match tiers.shared_stats(&pattern).await {
             Some((keys, None)) => {
                 stats.total_keys = keys;
@@ -730,6 +734,8 @@ impl Cache {
         m.memory_bytes.set(stats.used_memory_bytes.unwrap_or(stats.local_cache_bytes) as i64);
         m.size_bytes.set(stats.local_cache_bytes as i64);
         m.breaker_state.set(stats.breaker.as_gauge());
+        m.write_behind.queue_length.set(stats.write_behind_queue_length as i64);
+        m.write_behind.oldest_job_age.set(stats.write_behind_oldest_job_age_seconds);
         Ok(())
     }
 
@@ -1005,6 +1011,12 @@ impl<'a, T: Storable + ?Sized + Sync> Set<'a, T> {
     }
 
     async fn run(self) -> Result<(), CacheError> {
+        self.prepare()?.write().await
+    }
+
+    /// Everything a `set` checks and encodes before it sends anything: a
+    /// write-behind call queues its job only once the value can be written.
+    pub(crate) fn prepare(self) -> Result<PreparedSet<'a>, CacheError> {
         let ttl = self.ttl.unwrap_or(self.cache.inner.config.default_ttl);
         if ttl.is_zero() {
             return Err(CacheError::InvalidArgument("ttl must be positive".into()));
@@ -1013,7 +1025,23 @@ impl<'a, T: Storable + ?Sized + Sync> Set<'a, T> {
         self.cache.check_size(bytes.len())?;
         let full = self.cache.full_key(self.key);
         let ttl = self.cache.jittered(&full, ttl);
-        self.cache.write(&full, &bytes, ttl, &self.tags, None, true).await?;
+        Ok(PreparedSet { cache: self.cache, key: self.key, full, bytes, ttl, tags: self.tags })
+    }
+}
+
+/// A [`Set`] checked and encoded, not yet sent.
+pub(crate) struct PreparedSet<'a> {
+    pub(crate) cache: &'a Cache,
+    pub(crate) key: &'a str,
+    full: String,
+    bytes: Vec<u8>,
+    ttl: Duration,
+    tags: Vec<String>,
+}
+
+impl PreparedSet<'_> {
+    pub(crate) async fn write(&self) -> Result<(), CacheError> {
+        self.cache.write(&self.full, &self.bytes, self.ttl, &self.tags, None, true).await?;
         Ok(())
     }
 }

@@ -386,6 +386,17 @@ settings! {
     /// How long a fleet lease lasts unless its holder renews it: how soon a
     /// dead holder is replaced (a caller waits on one holder at most twice this).
     fleet_lease_ttl: Duration = Duration::from_secs(5), read as wire::Secs;
+    /// Handler calls a write-behind flusher runs at once; one key's jobs never run at once.
+    write_behind_concurrency: usize = 16, read as wire::Positive<usize>, env "CACHE_WRITE_BEHIND_CONCURRENCY";
+    /// Attempts a write-behind job gets before it goes to the dead-letter stream.
+    write_behind_max_attempts: u32 = 5, read as wire::Positive<u32>, env "CACHE_WRITE_BEHIND_MAX_ATTEMPTS";
+    /// The wait after a write-behind job's first failed attempt; it doubles after each further one.
+    write_behind_backoff: Duration = Duration::from_millis(200), read as wire::Secs, env "CACHE_WRITE_BEHIND_BACKOFF";
+    /// The longest wait between two attempts of a write-behind job.
+    write_behind_backoff_max: Duration = Duration::from_secs(30), read as wire::Secs;
+    /// How long the active write-behind flusher's lease lasts unless renewed:
+    /// how soon a standby takes over from one that died.
+    write_behind_lease_ttl: Duration = Duration::from_secs(10), read as wire::Secs, env "CACHE_WRITE_BEHIND_LEASE_TTL";
     /// Whether failures open the circuit breaker.
     circuit_breaker_enabled: bool = true, read as wire::Flag;
     /// Consecutive failures that open the breaker.
@@ -791,6 +802,26 @@ impl CacheConfig {
     pub fn fleet_lease_ttl(&self) -> Duration {
         self.fleet_lease_ttl
     }
+    /// Handler calls a write-behind flusher runs at once (default 16).
+    pub fn write_behind_concurrency(&self) -> usize {
+        self.write_behind_concurrency
+    }
+    /// Attempts a write-behind job gets before it is dead-lettered (default 5).
+    pub fn write_behind_max_attempts(&self) -> u32 {
+        self.write_behind_max_attempts
+    }
+    /// The wait after a write-behind job's first failed attempt, doubled after each further one (default 200 ms).
+    pub fn write_behind_backoff(&self) -> Duration {
+        self.write_behind_backoff
+    }
+    /// The longest wait between two attempts of a write-behind job (default 30 s).
+    pub fn write_behind_backoff_max(&self) -> Duration {
+        self.write_behind_backoff_max
+    }
+    /// How long the active write-behind flusher's lease lasts unless renewed (default 10 s).
+    pub fn write_behind_lease_ttl(&self) -> Duration {
+        self.write_behind_lease_ttl
+    }
     /// Whether every cached function is fail-safe (`fail_safe`, `CACHE_FAIL_SAFE`).
     pub fn fail_safe(&self) -> bool {
         self.fail_safe
@@ -1151,6 +1182,30 @@ impl CacheConfigBuilder {
     /// a dead holder is replaced; another instance waits on one holder at most twice this.
     pub fn fleet_lease_ttl(mut self, ttl: Duration) -> Self {
         self.config.fleet_lease_ttl = ttl.max(Duration::from_millis(10));
+        self
+    }
+    /// Sets how many write-behind handler calls run at once (one key's jobs
+    /// always run one after the other).
+    pub fn write_behind_concurrency(mut self, n: usize) -> Self {
+        self.config.write_behind_concurrency = n.max(1);
+        self
+    }
+    /// Sets how many attempts a write-behind job gets before it goes to the dead-letter stream.
+    pub fn write_behind_max_attempts(mut self, n: u32) -> Self {
+        self.config.write_behind_max_attempts = n.max(1);
+        self
+    }
+    /// Sets the wait after a write-behind job's first failed attempt (doubled
+    /// after each further one, up to `max`).
+    pub fn write_behind_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.config.write_behind_backoff = base.max(Duration::from_millis(1));
+        self.config.write_behind_backoff_max = max.max(self.config.write_behind_backoff);
+        self
+    }
+    /// Sets how long the active write-behind flusher's lease lasts unless
+    /// renewed: how soon a standby takes over from a flusher that died.
+    pub fn write_behind_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.config.write_behind_lease_ttl = ttl.max(Duration::from_millis(100));
         self
     }
     /// Sets how many shards each prefix's entries spread over on a Redis

@@ -494,6 +494,39 @@ impl Endpoint {
         }
     }
 
+    /// A connection of its own for blocking reads (the write-behind flusher's
+    /// `XREADGROUP … BLOCK`): a blocked command holds up every command queued
+    /// behind it on its connection, so it never shares the hot ones. It has
+    /// no response timeout: its caller times each read by the block it asked
+    /// for. To `node` (the master a cluster's MOVED names) when given, else to
+    /// the endpoint's server; within `timeout`.
+    pub(crate) async fn open_dedicated(
+        &self,
+        node: Option<(&str, u16)>,
+        timeout: Duration,
+    ) -> Result<(MultiplexedConnection, AbortHandle), CacheError> {
+        let config = AsyncConnectionConfig::new().set_response_timeout(None);
+        let redis = self.info.redis_settings();
+        // A node that announces no address of its own (`MOVED 3999 :6381`) is
+        // on the host this endpoint reached.
+        let node = node.map(|(host, port)| match (host, self.info.addr()) {
+            ("" | "?", ConnectionAddr::Tcp(seed, _)) => (seed.as_str(), port),
+            #[cfg(feature = "tls")]
+            ("" | "?", ConnectionAddr::TcpTls { host: seed, .. }) => (seed.as_str(), port),
+            _ => (host, port),
+        });
+        let opened = async {
+            match node {
+                Some((host, port)) => self.open_at(host, port, redis, config).await,
+                None => self.open_with(redis, config, timeout).await,
+            }
+        };
+        match tokio::time::timeout(timeout, opened).await {
+            Ok(opened) => opened,
+            Err(_) => Err(CacheError::Timeout(timeout)),
+        }
+    }
+
     async fn open_with(
         &self,
         redis: &RedisConnectionInfo,

@@ -44,6 +44,7 @@ mod store;
 #[cfg(feature = "tls")]
 mod tls;
 mod warmers;
+mod write_behind;
 
 #[doc(hidden)]
 #[path = "private.rs"]
@@ -66,6 +67,7 @@ pub use get_with::{GetWith, TryGetWith};
 pub use metrics::{Metrics, Op};
 pub use stats::{CacheStats, Health};
 pub use warmers::Warmers;
+pub use write_behind::{CacheWrite, Flusher, FlusherHandle, Job, Queued, WriteBehind};
 
 use std::time::Duration;
 

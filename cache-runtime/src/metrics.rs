@@ -69,8 +69,20 @@ pub struct Metrics {
     pub(crate) warmup_duration: Histogram,
     pub(crate) ttl_seconds: IntGaugeVec,
     pub(crate) breaker_state: IntGauge,
+    pub(crate) write_behind: WriteBehindMetrics,
     hit_rate: HitRate,
     registry: Registry,
+}
+
+/// The write-behind queue's figures: the gauges are the queue's in Redis
+/// (every instance sees the same), the counters this process's flusher's.
+#[derive(Clone)]
+pub(crate) struct WriteBehindMetrics {
+    pub(crate) queue_length: IntGauge,
+    pub(crate) oldest_job_age: Gauge,
+    pub(crate) applied: IntCounter,
+    pub(crate) retries: IntCounter,
+    pub(crate) dead_letters: IntCounter,
 }
 
 /// `*_cache_hit_rate`, worked out from the two counters when scraped: always
@@ -161,6 +173,29 @@ impl Metrics {
             )
             .map_err(err)?,
             breaker_state: gauge("circuit_breaker_state", "0 closed, 1 open, 2 half-open")?,
+            write_behind: WriteBehindMetrics {
+                queue_length: gauge(
+                    "write_behind_queue_length",
+                    "Write-behind jobs queued and not yet acknowledged",
+                )?,
+                oldest_job_age: Gauge::with_opts(Opts::new(
+                    name("write_behind_oldest_job_age_seconds"),
+                    "Age of the oldest write-behind job not yet acknowledged, 0 with none",
+                ))
+                .map_err(err)?,
+                applied: counter(
+                    "write_behind_applied_total",
+                    "Write-behind jobs this process's flusher applied and acknowledged",
+                )?,
+                retries: counter(
+                    "write_behind_retries_total",
+                    "Write-behind job attempts that failed and were retried",
+                )?,
+                dead_letters: counter(
+                    "write_behind_dead_letters_total",
+                    "Write-behind jobs moved to the dead-letter stream",
+                )?,
+            },
             hit_rate,
             registry: Registry::new(),
         };
@@ -188,7 +223,8 @@ impl Metrics {
 
     /// Registers every metric with `registry` (for example `prometheus::default_registry()`).
     pub fn register(&self, registry: &Registry) -> Result<(), CacheError> {
-        let collectors: [Box<dyn Collector>; 13] = [
+        let wb = &self.write_behind;
+        let collectors: [Box<dyn Collector>; 18] = [
             Box::new(self.hits.clone()),
             Box::new(self.misses.clone()),
             Box::new(self.errors.clone()),
@@ -202,6 +238,11 @@ impl Metrics {
             Box::new(self.ttl_seconds.clone()),
             Box::new(self.breaker_state.clone()),
             Box::new(self.hit_rate.clone()),
+            Box::new(wb.queue_length.clone()),
+            Box::new(wb.oldest_job_age.clone()),
+            Box::new(wb.applied.clone()),
+            Box::new(wb.retries.clone()),
+            Box::new(wb.dead_letters.clone()),
         ];
         for c in collectors {
             registry

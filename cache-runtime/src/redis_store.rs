@@ -234,6 +234,11 @@ impl RedisStore {
         }
     }
 
+    /// The operation timeout every small command runs under.
+    pub(crate) fn op_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+
     /// Whether the store is a Redis Cluster.
     pub(crate) fn is_cluster(&self) -> bool {
         !matches!(self.link, Link::Single(_))

@@ -540,6 +540,10 @@ impl Store for RedisTier {
         Box::pin(self.redis.publish(channel, message))
     }
 
+    fn redis(&self) -> Option<&RedisStore> {
+        Some(&self.redis)
+    }
+
     fn bad_signatures(&self) -> u64 {
         self.bad_signatures.load(Ordering::Relaxed)
     }

@@ -139,6 +139,13 @@ impl Schema {
         format!("{}#meta:{name}", self.prefix)
     }
 
+    /// A key of the write-behind queue, `{prefix}#wb:{{prefix}}:{name}`: the
+    /// prefix, which can't hold braces on a cluster, as the hash tag puts every
+    /// key of the queue in one slot, as its scripts need.
+    pub(crate) fn write_behind(&self, name: &str) -> String {
+        format!("{prefix}#wb:{{{prefix}}}:{name}", prefix = self.prefix)
+    }
+
     /// A glob over internal keys of every shard; `name` is a glob.
     fn all_internal(&self, name: &str) -> String {
         let any_tag = if self.sharded() { "{????}" } else { "" };

@@ -63,6 +63,11 @@ impl Counters {
             near_cache_size: 0,
             near_cache_hits: 0,
             bus_listening: false,
+            write_behind_queue_length: 0,
+            write_behind_oldest_job_age_seconds: 0.0,
+            write_behind_applied: metrics.write_behind.applied.get(),
+            write_behind_retries: metrics.write_behind.retries.get(),
+            write_behind_dead_letters: metrics.write_behind.dead_letters.get(),
         }
     }
 }
@@ -146,6 +151,16 @@ pub struct CacheStats {
     /// Whether this instance hears the other instances' invalidations: the
     /// near tier serves only while it does.
     pub bus_listening: bool,
+    /// Write-behind jobs queued in Redis and not yet acknowledged, by any instance.
+    pub write_behind_queue_length: u64,
+    /// How long the oldest of them has waited, in seconds (0 with none).
+    pub write_behind_oldest_job_age_seconds: f64,
+    /// Write-behind jobs this process's flusher applied and acknowledged.
+    pub write_behind_applied: u64,
+    /// Write-behind attempts that failed in this process and were retried.
+    pub write_behind_retries: u64,
+    /// Write-behind jobs this process moved to the dead-letter stream.
+    pub write_behind_dead_letters: u64,
 }
 
 /// What [`Cache::health`](crate::Cache::health) reports.

@@ -150,6 +150,12 @@ pub(crate) trait Store: Send + Sync {
         0
     }
 
+    /// The Redis server behind this store, for what only Redis offers (the
+    /// write-behind queue's streams).
+    fn redis(&self) -> Option<&crate::redis_store::RedisStore> {
+        None
+    }
+
     /// Publishes `message` on the bus's `channel` (`bus.rs`); nowhere to
     /// publish is nothing to do.
     fn publish<'a>(&'a self, channel: &'a str, message: &'a [u8]) -> BoxFuture<'a, Result<(), CacheError>> {

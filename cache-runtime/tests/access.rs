@@ -3,10 +3,11 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cache_runtime::{Cache, CacheConfig, CacheError, Mode};
+use cache_runtime::{Cache, CacheConfig, CacheError, Job, Mode};
 use support::{unique_prefix, Redis};
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -123,6 +124,30 @@ async fn the_documented_least_privilege_acl_is_enough() {
     assert!(stats.connected && stats.redis_version.is_some());
     assert_eq!(cache.health().await.status, "healthy");
     assert_eq!(cache.stats().await.unwrap().errors, 0);
+
+    // Write-behind under the same user: a job applied and acknowledged, one
+    // the handler can't read dead-lettered, the queue's figures read.
+    let applied = Arc::new(AtomicU32::new(0));
+    let counter = applied.clone();
+    let flusher = cache
+        .write_behind_flusher(move |_: Job<u32>| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), String>(())
+            }
+        })
+        .start()
+        .unwrap();
+    assert!(cache.write_behind("missions:4", "four", &4u32).await.unwrap().is_done());
+    assert!(cache.write_behind("missions:5", "five", "not a number").await.unwrap().is_done());
+    support::eventually("the queue drained", || async {
+        let stats = cache.stats().await.unwrap();
+        stats.write_behind_queue_length == 0 && stats.write_behind_dead_letters == 1
+    })
+    .await;
+    assert_eq!(applied.load(Ordering::SeqCst), 1);
+    flusher.shutdown().await;
 
     // Control: one documented command fewer is caught at start.
     let (dropped, rest) = commands.split_last().unwrap();

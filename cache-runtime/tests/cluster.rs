@@ -528,3 +528,45 @@ async fn near_tiers_the_fleet_lease_and_events_work_on_a_cluster() {
     caches[0].emit("updated", ()).await.unwrap();
     eventually("every handler ran", || async { heard.load(Ordering::SeqCst) == 3 }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_behind_queues_and_flushes_on_a_cluster() {
+    let cluster = Cluster::start();
+    // A prefix whose queue lives on another master than the first seed's: the
+    // flusher's reads, opened on that seed, must follow the MOVED to it.
+    let seed: u16 = cluster.seeds()[0].rsplit(':').next().unwrap().parse().unwrap();
+    let prefix = std::iter::repeat_with(|| support::unique_prefix("wb"))
+        .find(|prefix| {
+            let slot = support::cluster::cli(seed, &["CLUSTER", "KEYSLOT", &format!("{{{prefix}}}")]);
+            cluster.master_of(slot.trim().parse().unwrap()).port != seed
+        })
+        .unwrap();
+    let cache = Cache::new(cluster.config("unused").key_prefix(&prefix).build().unwrap()).await.unwrap();
+    for seq in 1..=10u32 {
+        for key in ["a", "b", "c"] {
+            assert!(cache.write_behind(key, &seq, &seq).await.unwrap().is_done());
+        }
+    }
+    assert_eq!(cache.stats().await.unwrap().write_behind_queue_length, 30);
+    let seen: Arc<std::sync::Mutex<Vec<(String, u32)>>> = Arc::default();
+    let record = seen.clone();
+    let flusher = cache
+        .write_behind_flusher(move |job: cache_runtime::Job<u32>| {
+            let seen = record.clone();
+            async move {
+                seen.lock().unwrap().push((job.key().to_owned(), *job.job()));
+                Ok::<(), String>(())
+            }
+        })
+        .start()
+        .unwrap();
+    eventually("the queue drained", || async { cache.stats().await.unwrap().write_behind_queue_length == 0 })
+        .await;
+    let seen = seen.lock().unwrap().clone();
+    for key in ["a", "b", "c"] {
+        let order: Vec<u32> = seen.iter().filter(|(k, _)| k == key).map(|(_, n)| *n).collect();
+        assert_eq!(order, (1..=10).collect::<Vec<_>>(), "key {key}");
+    }
+    assert_eq!(cache.stats().await.unwrap().write_behind_applied, 30);
+    flusher.shutdown().await;
+}

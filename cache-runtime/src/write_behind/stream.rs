@@ -1,0 +1,308 @@
+//! The write-behind queue in Redis: one stream of jobs with one consumer
+//! group, a dead-letter stream beside it and the active flusher's lease, all
+//! under one hash tag (`Schema::write_behind`).
+//!
+//! A job is acknowledged with `XACK` and `XDEL` in one script, so that the
+//! stream holds exactly the jobs not yet done: `XLEN` is the queue's length
+//! and its first entry the oldest job waiting.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{Script, Value};
+
+use crate::redis_store::{Lane, RedisStore};
+use crate::schema::Schema;
+use crate::CacheError;
+
+/// The consumer group every flusher reads through.
+pub(crate) const GROUP: &str = "flusher";
+
+/// The one consumer name every flusher reads as: only one flusher is active
+/// at a time (the lease), and a new one finds the jobs its predecessor had
+/// read but not acknowledged in this consumer's pending list.
+pub(crate) const CONSUMER: &str = "active";
+
+/// The keys of one cache's queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    pub(crate) jobs: String,
+    pub(crate) dead: String,
+    pub(crate) lease: String,
+}
+
+impl Keys {
+    pub(crate) fn new(schema: &Schema) -> Keys {
+        Keys {
+            jobs: schema.write_behind("jobs"),
+            dead: schema.write_behind("dead"),
+            lease: schema.write_behind("flusher"),
+        }
+    }
+}
+
+const ACK: &str = r"
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
+";
+
+// Moved and acknowledged in one script: a job is in one stream or the other, never both, never neither.
+const DEAD_LETTER: &str = r"
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'key', ARGV[3], 'job', ARGV[4], 'error', ARGV[5], 'attempts', ARGV[6])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
+";
+
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+";
+
+pub(crate) struct Scripts {
+    ack: Script,
+    dead_letter: Script,
+    renew: Script,
+    release: Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Scripts {
+        Scripts {
+            ack: Script::new(ACK),
+            dead_letter: Script::new(DEAD_LETTER),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
+        }
+    }
+}
+
+/// One entry read from the jobs stream.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    /// The stream entry's id: the job's idempotency key.
+    pub(crate) id: String,
+    /// The cache key and the encoded job; `None` for an entry whose fields
+    /// are gone or are not a job's.
+    pub(crate) job: Option<(String, Vec<u8>)>,
+    /// Read back from the pending list: a flusher may have handled it before.
+    pub(crate) redelivered: bool,
+}
+
+/// What the queue holds now.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Figures {
+    pub(crate) length: u64,
+    pub(crate) oldest_age: Duration,
+}
+
+fn millis(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
+}
+
+impl RedisStore {
+    /// Appends a job; its entry id.
+    pub(crate) async fn enqueue(&self, keys: &Keys, key: &str, job: &[u8]) -> Result<String, CacheError> {
+        let cmd = redis::cmd("XADD").arg(&keys.jobs).arg("*").arg("key").arg(key).arg("job").arg(job).take();
+        self.run_in(Lane::Hot, |mut conn| async move { cmd.query_async(&mut conn).await }).await
+    }
+
+    /// Creates the consumer group (and the stream) unless it exists. From the
+    /// stream's start: jobs queued before any flusher ever ran are read too.
+    pub(crate) async fn ensure_group(&self, keys: &Keys) -> Result<(), CacheError> {
+        let cmd =
+            redis::cmd("XGROUP").arg("CREATE").arg(&keys.jobs).arg(GROUP).arg("0").arg("MKSTREAM").take();
+        match self.run_in(Lane::Hot, |mut conn| async move { cmd.query_async::<()>(&mut conn).await }).await {
+            Err(CacheError::Redis(e)) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    pub(crate) async fn ack(&self, scripts: &Scripts, keys: &Keys, id: &str) -> Result<(), CacheError> {
+        let mut call = scripts.ack.key(&keys.jobs);
+        call.arg(GROUP).arg(id);
+        self.run_in(Lane::Hot, |mut conn| async move { call.invoke_async::<i64>(&mut conn).await }).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn dead_letter(
+        &self,
+        scripts: &Scripts,
+        keys: &Keys,
+        entry: &Entry,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), CacheError> {
+        let (key, job) = entry.job.as_ref().map_or(("", &[][..]), |(k, j)| (k.as_str(), j.as_slice()));
+        let mut call = scripts.dead_letter.key(&keys.jobs);
+        call.key(&keys.dead).arg(GROUP).arg(&entry.id).arg(key).arg(job).arg(error).arg(attempts);
+        self.run_in(Lane::Hot, |mut conn| async move { call.invoke_async::<i64>(&mut conn).await }).await?;
+        Ok(())
+    }
+
+    /// Takes the flusher lease if nobody holds it: whether this call holds it now.
+    pub(crate) async fn take_flusher_lease(
+        &self,
+        keys: &Keys,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, CacheError> {
+        let cmd = redis::cmd("SET").arg(&keys.lease).arg(token).arg("NX").arg("PX").arg(millis(ttl)).take();
+        let set: Option<String> =
+            self.run_in(Lane::Hot, |mut conn| async move { cmd.query_async(&mut conn).await }).await?;
+        Ok(set.is_some())
+    }
+
+    pub(crate) async fn renew_flusher_lease(
+        &self,
+        scripts: &Scripts,
+        keys: &Keys,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, CacheError> {
+        let mut call = scripts.renew.key(&keys.lease);
+        call.arg(token).arg(millis(ttl));
+        let renewed: i64 =
+            self.run_in(Lane::Hot, |mut conn| async move { call.invoke_async(&mut conn).await }).await?;
+        Ok(renewed == 1)
+    }
+
+    pub(crate) async fn release_flusher_lease(
+        &self,
+        scripts: &Scripts,
+        keys: &Keys,
+        token: &str,
+    ) -> Result<(), CacheError> {
+        let mut call = scripts.release.key(&keys.lease);
+        call.arg(token);
+        self.run_in(Lane::Hot, |mut conn| async move { call.invoke_async::<i64>(&mut conn).await }).await?;
+        Ok(())
+    }
+
+    /// The queue's length and the age of its oldest job, by this host's clock
+    /// against the server's (entry ids are the server's milliseconds).
+    pub(crate) async fn queue_figures(&self, keys: &Keys) -> Result<Figures, CacheError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XLEN").arg(&keys.jobs).cmd("XRANGE").arg(&keys.jobs).arg("-").arg("+").arg("COUNT").arg(1);
+        let pipe = &pipe;
+        let (length, first): (u64, Value) =
+            self.run_in(Lane::Hot, |mut conn| async move { pipe.query_async(&mut conn).await }).await?;
+        let oldest = entries(first).into_iter().next().map_or(0, |e| id_millis(&e.id));
+        let oldest_age = if length == 0 || oldest == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(crate::codec::now_ms().saturating_sub(oldest))
+        };
+        Ok(Figures { length, oldest_age })
+    }
+}
+
+/// Reads up to `count` entries on `conn`, a connection of the flusher's own:
+/// from its pending list after `after`, or new ones (`after` = `None`),
+/// waiting up to `block` for one.
+pub(crate) async fn read(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    after: Option<&str>,
+    count: usize,
+    block: Duration,
+) -> Result<Vec<Entry>, CacheError> {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP").arg(GROUP).arg(CONSUMER).arg("COUNT").arg(count.max(1));
+    if after.is_none() {
+        cmd.arg("BLOCK").arg(millis(block));
+    }
+    cmd.arg("STREAMS").arg(&keys.jobs).arg(after.unwrap_or(">"));
+    let reply: Value = cmd.query_async(conn).await?;
+    let mut read = Vec::new();
+    // [[stream, [entry, …]]], or nil when the block ran out.
+    if let Value::Array(streams) = reply {
+        for stream in streams {
+            if let Value::Array(mut parts) = stream {
+                if parts.len() == 2 {
+                    read.extend(entries(parts.swap_remove(1)));
+                }
+            }
+        }
+    }
+    for entry in &mut read {
+        entry.redelivered = after.is_some();
+    }
+    Ok(read)
+}
+
+/// Entries of an XRANGE or XREADGROUP reply: `[[id, [field, value, …] or nil], …]`.
+fn entries(reply: Value) -> Vec<Entry> {
+    let Value::Array(items) = reply else { return Vec::new() };
+    items
+        .into_iter()
+        .filter_map(|item| {
+            let Value::Array(mut pair) = item else { return None };
+            if pair.len() != 2 {
+                return None;
+            }
+            let fields = pair.pop()?;
+            let id = text(pair.pop()?)?;
+            Some(Entry { id, job: job(fields), redelivered: false })
+        })
+        .collect()
+}
+
+fn job(fields: Value) -> Option<(String, Vec<u8>)> {
+    let Value::Array(fields) = fields else { return None };
+    let (mut key, mut job) = (None, None);
+    for pair in fields.chunks_exact(2) {
+        match (&pair[0], &pair[1]) {
+            (Value::BulkString(name), Value::BulkString(value)) if name == b"key" => {
+                key = String::from_utf8(value.clone()).ok();
+            }
+            (Value::BulkString(name), Value::BulkString(value)) if name == b"job" => {
+                job = Some(value.clone())
+            }
+            _ => {}
+        }
+    }
+    Some((key?, job?))
+}
+
+fn text(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// The milliseconds of an entry id (`{ms}-{seq}`).
+pub(crate) fn id_millis(id: &str) -> u64 {
+    id.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_with_a_deleted_entry_reads_as_one_without_a_job() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                bulk("1-0"),
+                Value::Array(vec![bulk("key"), bulk("users:1"), bulk("job"), bulk("{}")]),
+            ]),
+            Value::Array(vec![bulk("2-0"), Value::Nil]),
+        ]);
+        let read = entries(reply);
+        assert_eq!(read.len(), 2);
+        assert_eq!(
+            read[0].job.as_ref().map(|(k, j)| (k.as_str(), j.as_slice())),
+            Some(("users:1", &b"{}"[..]))
+        );
+        assert!(read[1].job.is_none());
+        assert_eq!(id_millis("1700000000123-4"), 1_700_000_000_123);
+    }
+}

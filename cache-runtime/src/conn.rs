@@ -506,7 +506,8 @@ impl Endpoint {
         timeout: Duration,
     ) -> Result<(MultiplexedConnection, AbortHandle), CacheError> {
         let config = AsyncConnectionConfig::new().set_response_timeout(None);
-        let redis = self.info.redis_settings();
+        // RESP2 whatever the URL asks: the stream replies are read as arrays.
+        let redis = &self.info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP2);
         // A node that announces no address of its own (`MOVED 3999 :6381`) is
         // on the host this endpoint reached.
         let node = node.map(|(host, port)| match (host, self.info.addr()) {

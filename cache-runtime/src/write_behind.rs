@@ -185,7 +185,8 @@ where
         let set = self.set.prepare()?;
         let (cache, key) = (set.cache, set.key);
         let redis = redis_of(cache)?;
-        let id = redis.enqueue(&stream::Keys::new(&cache.inner.schema), key, &job).await?;
+        let id = token();
+        redis.enqueue(&stream::Keys::new(&cache.inner.schema), key, &job, &id).await?;
         let written = match set.write().await {
             Ok(()) if cache.mode() == Mode::Redis => return Ok(Queued { id, cache: CacheWrite::Written }),
             // The breaker opened: the value went to this process's local tier only,
@@ -233,7 +234,8 @@ pub struct Queued {
 }
 
 impl Queued {
-    /// The job's id in the stream: the idempotency key its handler gets.
+    /// The job's idempotency key: what its handler gets as
+    /// [`Job::idempotency_key`].
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -262,4 +264,22 @@ pub enum CacheWrite {
     /// Not written, and the key could not be invalidated either: the value
     /// the cache held before may be read until it expires.
     Stale(CacheError),
+}
+
+/// A new idempotency key: 128 bits, unique across processes (a keyed hash of
+/// a counter, keyed by this process's id and start), as text.
+fn token() -> String {
+    static SEED: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seed = SEED.get_or_init(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&std::process::id().to_le_bytes());
+        hasher.update(&now.as_nanos().to_le_bytes());
+        hasher.update(&(&NEXT as *const _ as usize).to_le_bytes());
+        *hasher.finalize().as_bytes()
+    });
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let hash = blake3::keyed_hash(seed, &n.to_le_bytes());
+    hash.to_hex()[..32].to_owned()
 }

@@ -430,8 +430,15 @@ async fn controls_without_a_durable_queue_or_the_idempotency_key_fail_the_crash_
         idempotent: false,
         kill_after: 400,
     };
-    let f = crash::crash(&redis, careless).await;
-    println!("control, idempotency key ignored: {f:?}");
-    assert_eq!(f.lost, 0, "{f:?}");
-    assert!(f.applied_more_than_once > 0, "{f:?}");
+    // A job applies twice only if the kill lands between its effect and its
+    // acknowledgement; a loaded machine can miss that window, so up to three kills.
+    for run in 1..=3 {
+        let f = crash::crash(&redis, careless).await;
+        println!("control, idempotency key ignored: {f:?}");
+        assert_eq!(f.lost, 0, "{f:?}");
+        if f.applied_more_than_once > 0 {
+            return;
+        }
+        assert!(run < 3, "three kills and no job applied twice: {f:?}");
+    }
 }

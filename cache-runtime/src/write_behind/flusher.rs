@@ -339,8 +339,8 @@ struct Reader {
     conn: Option<Dedicated>,
     /// The cluster node a MOVED named: where the queue's slot lives.
     node: Option<(String, u16)>,
-    /// Re-reading the pending list, after this id; `None` once it is read:
-    /// the jobs of this session held in memory are not read again after a reconnect.
+    /// Re-reading the pending list, after this id; `None` once it is read.
+    /// Jobs it returns that this session holds already are skipped (`dispatch`).
     after: Option<String>,
     faults: Faults,
 }
@@ -374,8 +374,11 @@ impl Reader {
             }
         }
         let Some(dedicated) = self.conn.as_mut() else { return Err(MIN_BACKOFF) };
-        let limit = BLOCK + redis.op_timeout() * 4;
-        let read = stream::read(&mut dedicated.conn, &shared.keys, self.after.as_deref(), count, BLOCK);
+        // A blocked read must end well within the lease: one still blocked in
+        // Redis after a takeover would take new jobs into the pending list.
+        let block = BLOCK.min(shared.lease_ttl / 6).max(Duration::from_millis(1));
+        let limit = block + redis.op_timeout() * 4;
+        let read = stream::read(&mut dedicated.conn, &shared.keys, self.after.as_deref(), count, block);
         match tokio::time::timeout(limit, read).await {
             Ok(Ok(entries)) => {
                 self.faults.recovered();
@@ -394,12 +397,18 @@ impl Reader {
                 self.conn = None;
                 Ok(Vec::new())
             }
+            // Redis may have run a `>` read whose reply was lost: its jobs are
+            // pending and held by nobody. The pending list is read again
+            // (skipping the jobs held here) before any newer job, so none is
+            // left behind and each key keeps its order.
             Ok(Err(e)) => {
                 self.conn = None;
+                self.after.get_or_insert_with(|| "0".into());
                 Err(self.faults.failed(&e))
             }
             Err(_) => {
                 self.conn = None;
+                self.after.get_or_insert_with(|| "0".into());
                 Err(self.faults.failed(&CacheError::Timeout(limit)))
             }
         }

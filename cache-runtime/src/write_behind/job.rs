@@ -36,9 +36,11 @@ impl<J> Job<J> {
         &self.key
     }
 
-    /// A key unique to this job and the same at every delivery of it (its
-    /// stream entry id): apply the job under it (a unique key, a conditional
-    /// write) and a job delivered twice takes effect once.
+    /// A key unique to this job and the same at every delivery of it (made
+    /// by `write_behind` before it queued the job, and what
+    /// [`Queued::id`](crate::Queued::id) returned): apply the job under it (a
+    /// unique key, a conditional write) and a job delivered twice, or queued
+    /// twice by a client that sent its append again, takes effect once.
     pub fn idempotency_key(&self) -> &str {
         &self.id
     }
@@ -84,8 +86,8 @@ where
                 return Box::pin(std::future::ready(Outcome::Unreadable(format!("undecodable job: {e}"))))
             }
         };
-        let job =
-            Job { job, key: key.clone(), id: entry.id.clone(), attempt, redelivered: entry.redelivered };
+        let id = entry.token.clone().unwrap_or_else(|| entry.id.clone());
+        let job = Job { job, key: key.clone(), id, attempt, redelivered: entry.redelivered };
         // A handler that panics, building its future or running it, fails this attempt only.
         let Ok(fut) = std::panic::catch_unwind(AssertUnwindSafe(|| handler(job))) else {
             return Box::pin(std::future::ready(Outcome::Failed("the handler panicked".into())));

@@ -47,9 +47,11 @@ return redis.call('XDEL', KEYS[1], ARGV[2])
 ";
 
 // Moved and acknowledged in one script: a job is in one stream or the other, never both, never neither.
+// Acknowledged first: a job settled already (a retried script, another
+// flusher's) is not dead-lettered again.
 const DEAD_LETTER: &str = r"
-redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'key', ARGV[3], 'job', ARGV[4], 'error', ARGV[5], 'attempts', ARGV[6])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[7], 'entry', ARGV[2], 'key', ARGV[3], 'job', ARGV[4], 'error', ARGV[5], 'attempts', ARGV[6])
 return redis.call('XDEL', KEYS[1], ARGV[2])
 ";
 
@@ -84,8 +86,11 @@ impl Scripts {
 /// One entry read from the jobs stream.
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
-    /// The stream entry's id: the job's idempotency key.
+    /// The stream entry's id.
     pub(crate) id: String,
+    /// The idempotency key `write_behind` gave the job; `None` for a job
+    /// queued without one (the entry id stands in).
+    pub(crate) token: Option<String>,
     /// The cache key and the encoded job; `None` for an entry whose fields
     /// are gone or are not a job's.
     pub(crate) job: Option<(String, Vec<u8>)>,
@@ -105,10 +110,21 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl RedisStore {
-    /// Appends a job; its entry id.
-    pub(crate) async fn enqueue(&self, keys: &Keys, key: &str, job: &[u8]) -> Result<String, CacheError> {
-        let cmd = redis::cmd("XADD").arg(&keys.jobs).arg("*").arg("key").arg(key).arg("job").arg(job).take();
-        self.run_in(Lane::Hot, |mut conn| async move { cmd.query_async(&mut conn).await }).await
+    /// Appends a job under the idempotency key `token`. A client that sends
+    /// the XADD again (a cluster client retrying a timed-out command) may
+    /// append it twice: both copies carry the same token.
+    pub(crate) async fn enqueue(
+        &self,
+        keys: &Keys,
+        key: &str,
+        job: &[u8],
+        token: &str,
+    ) -> Result<(), CacheError> {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&keys.jobs).arg("*").arg("key").arg(key).arg("job").arg(job).arg("idem").arg(token);
+        let _: String =
+            self.run_in(Lane::Hot, |mut conn| async move { cmd.query_async(&mut conn).await }).await?;
+        Ok(())
     }
 
     /// Creates the consumer group (and the stream) unless it exists. From the
@@ -140,6 +156,7 @@ impl RedisStore {
         let (key, job) = entry.job.as_ref().map_or(("", &[][..]), |(k, j)| (k.as_str(), j.as_slice()));
         let mut call = scripts.dead_letter.key(&keys.jobs);
         call.key(&keys.dead).arg(GROUP).arg(&entry.id).arg(key).arg(job).arg(error).arg(attempts);
+        call.arg(entry.token.as_deref().unwrap_or(&entry.id));
         self.run_in(Lane::Hot, |mut conn| async move { call.invoke_async::<i64>(&mut conn).await }).await?;
         Ok(())
     }
@@ -247,9 +264,19 @@ fn entries(reply: Value) -> Vec<Entry> {
             }
             let fields = pair.pop()?;
             let id = text(pair.pop()?)?;
-            Some(Entry { id, job: job(fields), redelivered: false })
+            let token = field(&fields, b"idem").and_then(|v| String::from_utf8(v).ok());
+            Some(Entry { id, job: job(fields), token, redelivered: false })
         })
         .collect()
+}
+
+/// The value of the field `name` of an entry's fields.
+fn field(fields: &Value, name: &[u8]) -> Option<Vec<u8>> {
+    let Value::Array(fields) = fields else { return None };
+    fields.chunks_exact(2).find_map(|pair| match (&pair[0], &pair[1]) {
+        (Value::BulkString(n), Value::BulkString(value)) if n == name => Some(value.clone()),
+        _ => None,
+    })
 }
 
 fn job(fields: Value) -> Option<(String, Vec<u8>)> {

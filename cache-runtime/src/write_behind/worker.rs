@@ -13,11 +13,16 @@ use super::redis_of;
 use super::stream::Entry;
 use crate::bus::jittered;
 
-/// Hands `entry` to its key's worker, starting one if the key has none.
+/// Hands `entry` to its key's worker, starting one if the key has none. A
+/// job read again from the pending list that is held here already is skipped.
 pub(super) fn dispatch(shared: &Arc<Shared>, workers: &mut JoinSet<()>, entry: Entry) {
     let key = entry.job.as_ref().map(|(key, _)| key.clone()).unwrap_or_default();
-    shared.held.fetch_add(1, Ordering::AcqRel);
     let mut queues = shared.queues.lock().unwrap_or_else(|e| e.into_inner());
+    if entry.redelivered && queues.get(&key).is_some_and(|queue| queue.iter().any(|held| held.id == entry.id))
+    {
+        return;
+    }
+    shared.held.fetch_add(1, Ordering::AcqRel);
     if let Some(queue) = queues.get_mut(&key) {
         queue.push_back(entry);
         return;
@@ -86,9 +91,10 @@ async fn deliver(shared: &Shared, entry: &Entry) -> bool {
                 tracing::warn!(id = %entry.id, attempts = attempt, "write-behind: a job failed every attempt; dead-lettered");
                 error
             }
-            Outcome::Failed(error) => {
+            Outcome::Failed(_) => {
                 metrics.retries.inc();
-                tracing::debug!(id = %entry.id, attempt, error = %error, "write-behind: a job failed; retrying");
+                // Not the handler's error text: it may carry the job's values.
+                tracing::debug!(id = %entry.id, attempt, "write-behind: a job failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(shared.backoff(attempt)) => {}
                     _ = stop.changed() => return false,

@@ -478,7 +478,7 @@ fn main() {
         REDIS.set(redis_cache.clone()).unwrap();
         let solo = CacheConfig::builder().redis_url(server.url()).key_prefix("loadgen").fleet_lease(false);
         SOLO.set(Cache::new(solo.build().unwrap()).await.unwrap()).unwrap();
-        let signed = CacheConfig::builder().redis_url(server.url()).key_prefix("loadgen").signing_key("loadgen-secret");
+        let signed = CacheConfig::builder().redis_url(server.url()).key_prefix("loadgen").signing_key("loadgen-signing-secret");
         SIGNED.set(Cache::new(signed.build().unwrap()).await.unwrap()).unwrap();
         LOCAL.set(Cache::local(config("loadgen"))).unwrap();
         redis_cache.clear().await.unwrap();

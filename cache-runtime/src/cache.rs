@@ -657,6 +657,7 @@ impl Cache {
                             expected: Some(*fence),
                             bump: true,
                             check_only: false,
+                            replaces: None,
                         };
                         stored += u64::from(cache.inner.tiers.write(write).await?);
                     }
@@ -841,6 +842,7 @@ impl Cache {
             expected: Some(fence),
             bump: false,
             check_only: true,
+            replaces: None,
         };
         matches!(self.inner.tiers.write(check).await, Ok(true))
     }
@@ -874,7 +876,32 @@ impl Cache {
         expected: Option<FillFence>,
         bump: bool,
     ) -> Result<bool, CacheError> {
-        let write = Write { full, bytes, ttl, tags, expected, bump, check_only: false };
+        let write = Write { full, bytes, ttl, tags, expected, bump, check_only: false, replaces: None };
+        self.timed(Op::Set, self.inner.tiers.write(write)).await
+    }
+
+    /// Writes `bytes` back over `read`, what a read under `fence` found,
+    /// and only over it: an entry since filled by another call or instance,
+    /// or invalidated, stays as it is. Whether it was stored.
+    pub(crate) async fn write_back(
+        &self,
+        full: &str,
+        read: &[u8],
+        bytes: &[u8],
+        ttl: Duration,
+        tags: &[String],
+        fence: FillFence,
+    ) -> Result<bool, CacheError> {
+        let write = Write {
+            full,
+            bytes,
+            ttl,
+            tags,
+            expected: Some(fence),
+            bump: false,
+            check_only: false,
+            replaces: Some(read),
+        };
         self.timed(Op::Set, self.inner.tiers.write(write)).await
     }
 

@@ -649,7 +649,7 @@ async fn serve_stale<M, Out: Cacheable<M>>(
     tracing::debug!(key = full, cause, "fail-safe: the body failed; its last value is served");
     let bytes = match fail_safe::throttled(&stale.bytes, cache.config().fail_safe_throttle()) {
         Some((bytes, ttl)) => {
-            if let Err(e) = cache.write(full, &bytes, ttl, tags, Some(stale.fence), false).await {
+            if let Err(e) = cache.write_back(full, &stale.bytes, &bytes, ttl, tags, stale.fence).await {
                 cache.record_fault("set", full, &e);
             }
             bytes

@@ -8,8 +8,9 @@
 //! `fail_safe_throttle`, so the body is not retried by every call meanwhile.
 //! It is served only if nothing covering the key was invalidated since the
 //! read that found it (checked against that read's fence when the body
-//! fails), and written back under the same fence; an invalidation deletes
-//! the entry besides. So nothing invalidated is ever served, however stale.
+//! fails), and written back under the same fence, only over the bytes that
+//! read found, so never over a newer fill; an invalidation deletes the entry
+//! besides. So nothing invalidated is ever served, however stale.
 
 use std::any::Any;
 use std::future::Future;

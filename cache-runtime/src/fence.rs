@@ -120,7 +120,9 @@ end
 // KEYS: fence, entry, body, tag indexes…; ARGV: nonce, bytes, ttl ms, expected
 // id ('' = unfenced), expected seq, mode ('1': fence the key after writing, so
 // fills that read before this write are refused; '2': only check), the body ('' = none: the
-// entry holds the value itself), tag names… (one per index).
+// entry holds the value itself), what the entry must still hold if it exists
+// ('' = anything: a write-back never replaces a newer fill), the SHA-1 (hex)
+// its body must still hash to ('' = no body), tag names… (one per index).
 // Returns {stored, id, seq}.
 const FILL: &str = r"
 local entry, ttl, exp_id, exp = KEYS[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
@@ -128,7 +130,7 @@ local id, seq
 if exp_id ~= '' then
   -- One read for every field the check needs: the miss path's server time.
   local fields = {'id', 'seq', 'k:' .. entry, 'pn', 'floor'}
-  for i = 8, #ARGV do fields[#fields + 1] = 't:' .. ARGV[i] end
+  for i = 10, #ARGV do fields[#fields + 1] = 't:' .. ARGV[i] end
   local v = redis.call('HMGET', F, unpack(fields))
   if not v[1] then
     id, seq = incarnation(ARGV[1])
@@ -153,6 +155,12 @@ else
 end
 -- Mode '2' asks whether the fill would be stored, and stores nothing.
 if ARGV[6] == '2' then return {1, id, seq} end
+if ARGV[8] ~= '' then
+  local held = redis.call('GET', entry)
+  if held and (held ~= ARGV[8] or (ARGV[9] ~= '' and redis.sha1hex(redis.call('GET', KEYS[3]) or '') ~= ARGV[9])) then
+    return {0, id, seq}
+  end
+end
 -- The body first: a reader that finds the new pointer finds its body.
 if ARGV[7] ~= '' then redis.call('SET', KEYS[3], ARGV[7], 'PX', ttl) end
 redis.call('SET', entry, ARGV[2], 'PX', ttl)
@@ -160,7 +168,7 @@ if ARGV[6] == '1' then id, seq = fence(ARGV[1], {'k:' .. entry}) end
 if #KEYS > 3 then
   local now = now_ms()
   for i = 4, #KEYS do
-    local note = 'r:' .. ARGV[i + 4]
+    local note = 'r:' .. ARGV[i + 6]
     local noted = tonumber(redis.call('HGET', F, note) or '0')
     if noted > now and redis.call('EXISTS', KEYS[i]) == 0 then
       -- The index was lost while entries it listed live: a new one would hide them.
@@ -409,6 +417,16 @@ pub(crate) struct Fill<'a> {
     pub(crate) bump: bool,
     /// Check `expected` only; store nothing.
     pub(crate) check_only: bool,
+    /// Store only where `entry` is gone or still holds what a read found.
+    pub(crate) replaces: Option<Held<'a>>,
+}
+
+/// What an entry held when a read found it, as stored: a write-back of that
+/// read stores only over the same bytes, never over a newer fill.
+pub(crate) struct Held<'a> {
+    pub(crate) entry: &'a [u8],
+    /// A big value's body, as its SHA-1 (hex): its pointer holds only its size.
+    pub(crate) body_sha1: Option<String>,
 }
 
 fn parse_id(id: &str) -> u64 {
@@ -471,6 +489,10 @@ impl RedisStore {
         };
         call.arg(fill.expected.map_or(0, |f| f.seq)).arg(mode);
         call.arg(fill.body.unwrap_or_default());
+        match &fill.replaces {
+            Some(held) => call.arg(held.entry).arg(held.body_sha1.as_deref().unwrap_or_default()),
+            None => call.arg("").arg(""),
+        };
         for (tag, _) in fill.tags {
             call.arg(tag);
         }

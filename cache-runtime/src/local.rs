@@ -138,7 +138,9 @@ impl LocalTier {
     }
 
     /// Stores unless `expected_epoch` is given and something covering `key` or
-    /// one of `tags` was invalidated since.
+    /// one of `tags` was invalidated since, or `replaces` is given and the
+    /// entry holds other bytes (it was filled since that read).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn set(
         &self,
         key: &str,
@@ -147,6 +149,7 @@ impl LocalTier {
         tags: &[String],
         expected_epoch: Option<u64>,
         bump: bool,
+        replaces: Option<&[u8]>,
     ) -> bool {
         let entry = Arc::new(Entry {
             bytes: bytes.into(),
@@ -161,6 +164,10 @@ impl LocalTier {
             (self.index.lock().unwrap_or_else(|e| e.into_inner()), None)
         };
         if expected_epoch.is_some_and(|e| index.fenced(&key, tags, e)) {
+            return false;
+        }
+        // Under the index lock, as every write of this tier: none lands between the look and the write.
+        if replaces.is_some_and(|read| self.entries.get(&key).is_some_and(|held| *held.bytes != *read)) {
             return false;
         }
         if let Some(stamp) = stamp {
@@ -285,7 +292,7 @@ impl LocalTier {
             let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
             return Ok(expected.is_some_and(|e| !index.fenced(w.full, w.tags, e)));
         }
-        Ok(self.set(w.full, w.bytes.to_vec(), w.ttl, w.tags, expected, w.bump))
+        Ok(self.set(w.full, w.bytes.to_vec(), w.ttl, w.tags, expected, w.bump, w.replaces))
     }
 
     /// One page of live keys matching `glob`, in key order, from `cursor` (an offset).

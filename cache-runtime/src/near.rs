@@ -74,7 +74,7 @@ impl Near {
             return false;
         }
         let ttl = ttl.min(self.max_ttl).saturating_sub(taken.elapsed());
-        !ttl.is_zero() && self.tier.set(full, bytes, ttl, tags, Some(epoch), false)
+        !ttl.is_zero() && self.tier.set(full, bytes, ttl, tags, Some(epoch), false, None)
     }
 
     /// Applies an invalidation made here or heard on the bus.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::bus::Listener;
 use crate::cache::KeyTtl;
-use crate::fence::{Fill, Observed, TagKeys, WINDOW};
+use crate::fence::{Fill, Held, Observed, TagKeys, WINDOW};
 use crate::glob::to_lua_pattern;
 use crate::lease::{Claim, Purpose};
 use crate::pending::Pending;
@@ -194,6 +194,18 @@ impl RedisTier {
     }
 
     /// `bytes` as they are written under `name`: signed, with a signer.
+    /// `bytes` as the entry `full` holds them in Redis, and a big value's body
+    /// apart. Sealing and signing are deterministic: the same bytes store the same.
+    fn as_stored(&self, full: &str, bytes: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
+        let sealed = self.sealer.seal(full, bytes);
+        if sealed.len() <= self.big_value_bytes {
+            return (self.signed(full, &sealed).into_owned(), None);
+        }
+        let body = self.signed(&self.schema.body(full), &sealed).into_owned();
+        // The pointer holds the body's size as stored, its MAC included.
+        (self.signed(full, &pointer(body.len())).into_owned(), Some(body))
+    }
+
     fn signed<'b>(&self, name: &str, bytes: &'b [u8]) -> std::borrow::Cow<'b, [u8]> {
         match &self.signer {
             Some(signer) => std::borrow::Cow::Owned(signer.sign(name, bytes)),
@@ -388,12 +400,18 @@ impl Store for RedisTier {
             let shard = self.shard_of(w.full);
             let tags = self.tag_indexes(shard, w.tags);
             let body_key = self.schema.body(w.full);
+            // Not `as_stored`: that copies what the miss path need not.
             let sealed = self.sealer.seal(w.full, w.bytes);
             let big = sealed.len() > self.big_value_bytes;
             let body = big.then(|| self.signed(&body_key, &sealed));
             // The pointer holds the body's size as stored, its MAC included.
             let pointer = pointer(body.as_ref().map_or(0, |b| b.len()));
             let bytes = self.signed(w.full, if big { &pointer[..] } else { &sealed });
+            let read = w.replaces.map(|read| self.as_stored(w.full, read));
+            let replaces = read.as_ref().map(|(entry, body)| Held {
+                entry,
+                body_sha1: body.as_ref().map(|b| sha1_smol::Sha1::from(b).digest().to_string()),
+            });
             let fill = Fill {
                 entry: w.full,
                 bytes: &bytes,
@@ -404,6 +422,7 @@ impl Store for RedisTier {
                 expected,
                 bump: w.bump,
                 check_only: w.check_only,
+                replaces,
             };
             let lane = crate::fence::fill_lane(&fill);
             let (stored, fence) = self.redis.fill(&shard.fence_key, fill).await?;
@@ -450,13 +469,8 @@ impl Store for RedisTier {
 
     fn drop_if_same<'a>(&'a self, full: &'a str, bytes: &'a [u8]) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
-            // A big value's entry holds its pointer: that is what must still be
-            // there. Sealing is deterministic: the same entry seals the same.
-            let sealed = self.sealer.seal(full, bytes);
-            let mac = if self.signer.is_some() { crate::sign::TAG_LEN } else { 0 };
-            let pointer = pointer(sealed.len() + mac);
-            let held =
-                self.signed(full, if sealed.len() > self.big_value_bytes { &pointer[..] } else { &sealed });
+            // A big value's entry holds its pointer: that is what must still be there.
+            let (held, _) = self.as_stored(full, bytes);
             self.redis.drop_if_same(full, &held).await.map(drop)
         })
     }

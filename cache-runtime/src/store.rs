@@ -69,6 +69,9 @@ pub(crate) struct Write<'a> {
     pub(crate) bump: bool,
     /// Only check `expected`: whether a fill would be stored, without storing.
     pub(crate) check_only: bool,
+    /// Store only where the entry is gone or still holds these bytes, as a
+    /// read found them: a fail-safe write-back never replaces a newer fill.
+    pub(crate) replaces: Option<&'a [u8]>,
 }
 
 /// One page of key names (bytes: another client may have written any) and the

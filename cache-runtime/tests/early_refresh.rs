@@ -63,13 +63,17 @@ async fn a_hot_key_is_refreshed_before_it_expires_and_no_caller_waits_for_its_bo
 
     CURRENT.scope(cache.clone(), hot(7)).await;
     let waited = hammer(&cache, 8, period, || hot(7)).await;
-    let refreshes = cache.stats().await.unwrap().early_refreshes;
+    let stats = cache.stats().await.unwrap();
+    let refreshes = stats.early_refreshes;
     assert_eq!(waited, 0, "callers that waited for the body after the first fill");
     assert!(refreshes >= 3, "one refresh per 1 s expiry over 3.5 s, got {refreshes}");
-    assert_eq!(
-        HOT_RUNS.load(SeqCst) as u64,
-        1 + refreshes,
-        "the body ran for the first fill and each refresh"
+    // A refresh whose fill Redis took but answered late (a loaded machine) ran
+    // its body uncounted: an error stands for it.
+    let runs = HOT_RUNS.load(SeqCst) as u64;
+    assert!(
+        (1 + refreshes..=1 + refreshes + stats.errors).contains(&runs),
+        "the body ran for the first fill and each refresh: {runs} runs, {refreshes} refreshes, {} errors",
+        stats.errors
     );
 
     // The control: the same key without early refresh misses at every expiry.

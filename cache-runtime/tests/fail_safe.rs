@@ -7,7 +7,7 @@ mod support;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::time::Duration;
 
-use cache_runtime::{cached, Cache};
+use cache_runtime::{cached, Cache, CacheConfig, CacheConfigBuilder};
 use support::{Redis, CURRENT};
 
 static FAILING: AtomicBool = AtomicBool::new(false);
@@ -63,6 +63,27 @@ async fn racing(id: u32, mode: u8) -> Result<u32, String> {
         }
         _ => Ok(id),
     }
+}
+
+static CONTESTED_RUNS: AtomicU32 = AtomicU32::new(0);
+
+/// Fails; with `meanwhile`, only once that other instance has filled the key afresh.
+#[cached(fail_safe = true, ttl = TTL, cache = support::current(), prefix = "contested", skip = [fail, meanwhile])]
+async fn contested(id: u32, fail: bool, meanwhile: Option<Cache>) -> Result<u32, String> {
+    let run = CONTESTED_RUNS.fetch_add(1, SeqCst) + 1;
+    if let Some(other) = meanwhile {
+        CURRENT.scope(other, contested_elsewhere(id)).await?;
+    }
+    if fail {
+        return Err("the origin is down".into());
+    }
+    Ok(id * 100 + run)
+}
+
+/// `contested` as another instance runs it: the same prefix, so the same keys.
+#[cached(fail_safe = true, ttl = TTL, cache = support::current(), prefix = "contested")]
+async fn contested_elsewhere(id: u32) -> Result<u32, String> {
+    Ok(id * 100 + CONTESTED_RUNS.fetch_add(1, SeqCst) + 1)
 }
 
 async fn cache(redis: &Redis) -> Cache {
@@ -140,4 +161,53 @@ async fn the_last_value_is_served_when_the_body_fails_and_never_after_an_invalid
             );
         })
         .await;
+}
+
+/// The last value written back after a failure never replaces a value another
+/// instance filled while the body ran (there is no fleet lease to keep it from
+/// running its own body, as with `fleet_lease` off, or a lease given up on);
+/// also where entries are signed, sealed, and big (a pointer to a body).
+#[tokio::test]
+async fn a_written_back_last_value_never_replaces_a_newer_fill() {
+    let redis = Redis::start();
+    let plain = |b: CacheConfigBuilder| b;
+    let sealed_big = |b: CacheConfigBuilder| {
+        b.signing_key("fail-safe-signing-secret")
+            .encryption_keys([("k1", "fail-safe-sealing-secret")])
+            .sensitive_prefixes(["contested"])
+            .big_value_bytes(8)
+    };
+    for (round, shape) in [plain, sealed_big].into_iter().enumerate() {
+        let prefix = support::unique_prefix("contested");
+        let config = || {
+            let b =
+                CacheConfig::builder().redis_url(redis.url()).key_prefix(prefix.clone()).fleet_lease(false);
+            shape(b.fail_safe_throttle(Duration::from_secs(5))).build().unwrap()
+        };
+        let here = Cache::new(config()).await.unwrap();
+        let there = Cache::new(config()).await.unwrap();
+        let (id, control) = (round as u32 * 10 + 1, round as u32 * 10 + 2);
+        CURRENT
+            .scope(here.clone(), async {
+                assert_eq!(contested_key(id), contested_elsewhere_key(id));
+                let first = contested(id, false, None).await.unwrap();
+                let second = contested(control, false, None).await.unwrap();
+                tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+
+                // The control: with no fill meanwhile the last value is written
+                // back, and read as live within the throttle.
+                assert_eq!(contested(control, true, None).await, Ok(second));
+                let back = there.get::<u32>(&contested_key(control)).await.unwrap();
+                assert_eq!(back, Some(second), "written back (round {round})");
+
+                // The other instance fills while this one's body runs and fails: the
+                // caller here gets the last value it read, and Redis keeps the newer one.
+                assert_eq!(contested(id, true, Some(there.clone())).await, Ok(first));
+                let fresh = there.get::<u32>(&contested_key(id)).await.unwrap();
+                assert!(fresh.is_some_and(|v| v != first), "round {round}: {fresh:?} replaced by {first}");
+                assert_eq!(contested(id, true, None).await, Ok(fresh.unwrap()), "a hit on the newer value");
+                assert_eq!(here.stats().await.unwrap().stale_served, 2);
+            })
+            .await;
+    }
 }

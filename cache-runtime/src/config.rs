@@ -1113,7 +1113,8 @@ impl CacheConfigBuilder {
     /// `#[cached(sensitive = true)]`), each `(name, secret)`, the secret at
     /// least 16 characters. The first encrypts; every one decrypts, so a key is
     /// rotated by putting a new one first and dropping the old one once its
-    /// entries have expired. The name is written in each entry's header.
+    /// entries have expired. The name is written in each entry's header. As
+    /// in `CACHE_ENCRYPTION_KEYS`, a secret holds no comma and is trimmed.
     pub fn encryption_keys<I, N, S>(mut self, keys: I) -> Self
     where
         I: IntoIterator<Item = (N, S)>,
@@ -1235,6 +1236,20 @@ impl CacheConfigBuilder {
         if c.connections == 0 {
             return Err(CacheError::config("connections", 0, "must be at least 1"));
         }
+        // A renewal has the middle third of the lease to land; shorter than
+        // that, the flusher would lose its lease to every slow answer.
+        if c.write_behind_lease_ttl < c.operation_timeout() * 2 {
+            let ttl = format!("{:?}", c.write_behind_lease_ttl);
+            return Err(CacheError::config(
+                "write_behind_lease_ttl",
+                ttl,
+                "must be at least twice operation_timeout, or its renewals can't land in time",
+            ));
+        }
+        if c.fail_safe_max > MAX_FAIL_SAFE {
+            let max = format!("{:?}", c.fail_safe_max);
+            return Err(CacheError::config("fail_safe_max", max, "must be at most 365 days"));
+        }
         if c.hard_timeout.is_some_and(|d| d.is_zero()) {
             return Err(CacheError::config("hard_timeout", "0", "must be positive"));
         }
@@ -1267,6 +1282,10 @@ impl TextRule {
         Ok(text)
     }
 }
+
+/// The longest `fail_safe_max`: a year past its TTL is as long as a last
+/// value is worth keeping, and keeps every stamp and Redis TTL in range.
+const MAX_FAIL_SAFE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 const PREFIX: TextRule = TextRule {
     ok: |prefix| !prefix.is_empty() && !prefix.contains(['*', '?', '[', ']', '\\', ':', ' ', '#']),
@@ -1483,6 +1502,13 @@ REDIS:
     #[test]
     fn builder_checks_values() {
         assert!(CacheConfig::builder().key_prefix("a:b").build().is_err());
+        let err = CacheConfig::builder().fail_safe_max(Duration::MAX).build().unwrap_err();
+        assert!(err.to_string().contains("fail_safe_max"), "{err}");
+        let short = Duration::from_millis(400);
+        let err = CacheConfig::builder().write_behind_lease_ttl(short).build().unwrap_err();
+        assert!(err.to_string().contains("write_behind_lease_ttl"), "{err}");
+        let fast = CacheConfig::builder().operation_timeout(Duration::from_millis(100));
+        assert!(fast.write_behind_lease_ttl(short).build().is_ok());
         assert!(CacheConfig::builder().default_ttl(Duration::ZERO).build().is_err());
         let c = CacheConfig::builder().key_prefix("app").redis_url("redis://127.0.0.1:1/0").build().unwrap();
         assert_eq!(c.key_prefix(), "app");

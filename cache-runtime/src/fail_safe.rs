@@ -70,10 +70,10 @@ pub(crate) fn stamp(
     took: Option<Duration>,
 ) -> (Vec<u8>, Duration) {
     let now = now_ms();
-    let expires_ms = now + ttl.as_millis() as u64;
-    let stale_until_ms = expires_ms + max.as_millis() as u64;
+    let expires_ms = now.saturating_add(ttl.as_millis().try_into().unwrap_or(u64::MAX));
+    let stale_until_ms = expires_ms.saturating_add(max.as_millis().try_into().unwrap_or(u64::MAX));
     let took_ms = took.map_or(0, |took| u32::try_from(took.as_millis()).unwrap_or(u32::MAX).max(1));
-    (codec::stamp(codec::Stamp { expires_ms, stale_until_ms, took_ms }, encoded), ttl + max)
+    (codec::stamp(codec::Stamp { expires_ms, stale_until_ms, took_ms }, encoded), ttl.saturating_add(max))
 }
 
 /// A served last value written back to expire after `throttle`, for no

@@ -72,7 +72,9 @@ impl Sealer {
         let mut ring: Vec<SealKey> = Vec::new();
         for entry in keys.into_iter().flat_map(|k| k.split(',')).map(str::trim).filter(|e| !e.is_empty()) {
             let Some((name, secret)) = entry.split_once(':') else {
-                return Err(refuse("expected `name:secret` pairs separated by commas"));
+                return Err(refuse(
+                    "expected `name:secret` pairs separated by commas (a secret holds no comma)",
+                ));
             };
             let name = name.trim();
             if name.is_empty()

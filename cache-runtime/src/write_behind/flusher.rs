@@ -93,6 +93,7 @@ impl Flusher {
             room: Notify::new(),
             stop: watch::channel(false).0,
             active: AtomicBool::new(false),
+            lease_until: Mutex::new(None),
             acks_failing: AtomicBool::new(false),
             cache: self.cache,
             apply: self.apply,
@@ -163,6 +164,8 @@ pub(super) struct Shared {
     /// Set by a graceful shutdown.
     pub(super) stop: watch::Sender<bool>,
     pub(super) active: AtomicBool,
+    /// Until when this flusher holds the lease for sure (`None`: it does not).
+    lease_until: Mutex<Option<Instant>>,
     /// Acknowledgements are failing (said once).
     pub(super) acks_failing: AtomicBool,
 }
@@ -170,6 +173,17 @@ pub(super) struct Shared {
 impl Shared {
     pub(super) fn stopping(&self) -> bool {
         *self.stop.borrow()
+    }
+
+    /// Whether the lease is this flusher's for sure now: a handler call
+    /// starts only then, whatever the renewal task has had time to say (a
+    /// process that stalled past its lease wakes with its deadline passed).
+    pub(super) fn holds_lease(&self) -> bool {
+        self.lease_until.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|until| Instant::now() < until)
+    }
+
+    pub(super) fn hold_lease_until(&self, until: Option<Instant>) {
+        *self.lease_until.lock().unwrap_or_else(|e| e.into_inner()) = until;
     }
 
     /// Jobs held in memory at most: enough to keep every handler slot busy
@@ -282,7 +296,7 @@ async fn session(shared: &Arc<Shared>, lost: &mut watch::Receiver<bool>) -> End 
         if *stop.borrow() {
             break End::Stopped;
         }
-        if *lost.borrow() {
+        if *lost.borrow() || !shared.holds_lease() {
             break End::Lost;
         }
         let room = shared.capacity().saturating_sub(shared.held.load(Ordering::Acquire));

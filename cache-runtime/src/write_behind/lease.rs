@@ -22,6 +22,7 @@ pub(super) struct Lease {
 
 impl Lease {
     pub(super) fn hold(shared: &Arc<Shared>, taken: Instant) -> Lease {
+        shared.hold_lease_until(Some(deadline(shared, taken)));
         let (tell, lost) = watch::channel(false);
         let renewal = tokio::spawn(renew(shared.clone(), tell, taken)).abort_handle();
         Lease { shared: shared.clone(), lost, renewal, released: false }
@@ -29,6 +30,7 @@ impl Lease {
 
     pub(super) async fn release(&mut self) {
         self.renewal.abort();
+        self.shared.hold_lease_until(None);
         self.released = true;
         if let Ok(redis) = redis_of(&self.shared.cache) {
             let shared = &self.shared;
@@ -42,6 +44,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renewal.abort();
+        self.shared.hold_lease_until(None);
         self.shared.active.store(false, Ordering::Release);
         if self.released {
             return;
@@ -58,41 +61,58 @@ impl Drop for Lease {
     }
 }
 
+/// Until when a lease last set at `set` is this flusher's for sure: two
+/// thirds of it, so that it stops before the lease could have expired even
+/// with Redis's clock and this one's drifting apart.
+fn deadline(shared: &Shared, set: Instant) -> Instant {
+    set + shared.lease_ttl * 2 / 3
+}
+
 /// Renews every third of the lease. A renewal refused means another flusher
-/// holds it; renewals that fail for two thirds of the lease mean this one can
-/// no longer be sure it holds it, and must stop before it could have expired.
+/// holds it; no renewal by the deadline (Redis unreachable or slow, this
+/// process stalled) means this one can no longer be sure it holds it, and
+/// must stop before it could have expired. Each renewal that lands moves the
+/// deadline that handler calls check before they start (`Shared::holds_lease`).
 async fn renew(shared: Arc<Shared>, lost: watch::Sender<bool>, taken: Instant) {
     let ttl = shared.lease_ttl;
     // From before the SET that took it: the lease can't have been set any earlier.
     let mut renewed = taken;
     loop {
         tokio::time::sleep(ttl / 3).await;
+        let until = tokio::time::Instant::from_std(deadline(&shared, renewed));
+        let mut failed = None;
         loop {
             let attempt = Instant::now();
-            let result = match redis_of(&shared.cache) {
-                Ok(redis) => {
-                    redis.renew_flusher_lease(&shared.scripts, &shared.keys, &shared.token, ttl).await
-                }
-                Err(e) => Err(e),
+            let renewal = async {
+                let redis = redis_of(&shared.cache)?;
+                redis.renew_flusher_lease(&shared.scripts, &shared.keys, &shared.token, ttl).await
             };
-            match result {
-                Ok(true) => {
+            match tokio::time::timeout_at(until, renewal).await {
+                Ok(Ok(true)) => {
                     renewed = attempt;
+                    shared.hold_lease_until(Some(deadline(&shared, renewed)));
                     break;
                 }
-                Ok(false) => {
+                Ok(Ok(false)) => {
                     tracing::warn!(
                         "write-behind flusher: the lease expired and another flusher took it; standing by"
                     );
                     lost.send_replace(true);
                     return;
                 }
-                Err(e) if renewed.elapsed() >= ttl * 2 / 3 => {
-                    tracing::warn!(error = %e, "write-behind flusher: the lease could not be renewed in time; standing by");
+                Ok(Err(e)) => {
+                    failed = Some(e);
+                    tokio::time::sleep(ttl / 12).await;
+                }
+                Err(_) => {
+                    let error = failed.map_or_else(|| "no answer in time".to_owned(), |e| e.to_string());
+                    tracing::warn!(
+                        error,
+                        "write-behind flusher: the lease could not be renewed in time; standing by"
+                    );
                     lost.send_replace(true);
                     return;
                 }
-                Err(_) => tokio::time::sleep(ttl / 12).await,
             }
         }
     }

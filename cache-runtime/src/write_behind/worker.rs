@@ -61,7 +61,7 @@ async fn work(shared: Arc<Shared>, key: String) {
 }
 
 /// Tries `entry` until it is applied or dead-lettered, and settles it in
-/// Redis; `false` if a shutdown came first.
+/// Redis; `false` if a shutdown or the lease's deadline came first.
 async fn deliver(shared: &Shared, entry: &Entry) -> bool {
     let mut stop = shared.stop.subscribe();
     let metrics = &shared.cache.inner.metrics.write_behind;
@@ -72,7 +72,9 @@ async fn deliver(shared: &Shared, entry: &Entry) -> bool {
             return false;
         }
         let Ok(permit) = shared.permits.acquire().await else { return false };
-        if shared.stopping() {
+        // Past the lease's deadline another flusher may take over: this job
+        // and its key's later ones stay pending for it (or for this one's next session).
+        if shared.stopping() || !shared.holds_lease() {
             return false;
         }
         let outcome = (shared.apply)(entry, attempt).await;

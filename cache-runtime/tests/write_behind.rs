@@ -442,3 +442,113 @@ async fn controls_without_a_durable_queue_or_the_idempotency_key_fail_the_crash_
         assert!(run < 3, "three kills and no job applied twice: {f:?}");
     }
 }
+
+/// How the late read of the partition test reaches Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LateRead {
+    /// The cut-off flusher's own, held by a partition that heals.
+    Flusher,
+    /// The control: the same read unfenced, as a raw `XREADGROUP … >` in the
+    /// flusher's consumer name.
+    Unfenced,
+}
+
+/// A flusher is cut off by a partition (requests held, not lost), loses its
+/// lease, and another takes over and saturates its memory with one key's jobs,
+/// so that newer jobs wait unread in the stream. Then the late read arrives.
+/// Returns the `late` key's jobs applied once the active flusher is let go.
+async fn after_a_late_read(late: LateRead) -> Vec<u64> {
+    use support::proxy::{Fault, Proxy};
+    let redis = Redis::spawn();
+    let proxy = Proxy::start(redis.port()).await;
+    let prefix = support::unique_prefix("wblate");
+    let config = |url: String| {
+        let b = cache_runtime::CacheConfig::builder().redis_url(url).key_prefix(prefix.clone());
+        b.write_behind_concurrency(1).write_behind_lease_ttl(Duration::from_millis(600)).build().unwrap()
+    };
+    let cut = Cache::new(config(proxy.url())).await.unwrap();
+    let direct = Cache::new(config(redis.url().to_owned())).await.unwrap();
+    let applied: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = |gated: bool| {
+        let (applied, gate) = (applied.clone(), gate.clone());
+        move |job: Job<Save>| {
+            let (applied, gate) = (applied.clone(), gate.clone());
+            async move {
+                if gated {
+                    gate.acquire().await.unwrap().forget();
+                }
+                applied.lock().unwrap().push((job.key().to_owned(), job.job().seq));
+                Ok::<(), String>(())
+            }
+        }
+    };
+    let first = cut.write_behind_flusher(handler(false)).start().unwrap();
+    eventually("the first flusher active", || async { first.is_active() }).await;
+    proxy.set(Fault::Hold);
+    // Its reads go on every ~100 ms: one is held now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = direct.write_behind_flusher(handler(true)).start().unwrap();
+    eventually("the second took over", || async { second.is_active() }).await;
+
+    // 64 jobs fill the second's memory; the `late` key's wait unread behind them.
+    let jobs = jobs_key(&direct, "jobs");
+    for seq in 1..=64 {
+        assert!(direct.write_behind("busy", &seq, &Save { seq }).await.unwrap().is_done());
+    }
+    let pending = || async {
+        let reply: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+            .arg(&jobs)
+            .arg("flusher")
+            .query_async(&mut redis.raw().await)
+            .await
+            .unwrap();
+        reply.0
+    };
+    eventually("the second read every busy job", || async { pending().await == 64 }).await;
+    for seq in 1..=10 {
+        assert!(direct.write_behind("late", &seq, &Save { seq }).await.unwrap().is_done());
+    }
+    match late {
+        LateRead::Flusher => proxy.set(Fault::None),
+        LateRead::Unfenced => {
+            let mut read = redis::cmd("XREADGROUP");
+            read.arg("GROUP")
+                .arg("flusher")
+                .arg("active")
+                .arg("COUNT")
+                .arg(64)
+                .arg("STREAMS")
+                .arg(&jobs)
+                .arg(">");
+            let _: redis::Value = read.query_async(&mut redis.raw().await).await.unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.add_permits(1_000);
+    let busy_done =
+        || async { applied.lock().unwrap().iter().filter(|(key, _)| key == "busy").count() == 64 };
+    eventually("the busy jobs applied", busy_done).await;
+    // Time for the active flusher to read and apply the `late` key's jobs, as it reads new jobs at once.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let late_jobs = || -> Vec<u64> {
+        applied.lock().unwrap().iter().filter(|(key, _)| key == "late").map(|(_, seq)| *seq).collect()
+    };
+    while Instant::now() < deadline && late_jobs().len() < 10 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop((first, second, proxy));
+    late_jobs()
+}
+
+/// A read of new jobs sent by a flusher before it lost its lease, reaching
+/// Redis after another flusher took over (a partition that heals), must not
+/// take jobs into the pending list where the active flusher never looks: the
+/// read is fenced by the lease. The control sends the same read unfenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_read_from_a_flusher_that_lost_its_lease_takes_no_job() {
+    let applied = after_a_late_read(LateRead::Flusher).await;
+    assert_eq!(applied, (1..=10).collect::<Vec<_>>(), "every late job applied, in order");
+    let stranded = after_a_late_read(LateRead::Unfenced).await;
+    assert!(stranded.is_empty(), "the control's unfenced read strands the jobs it took: {stranded:?}");
+}

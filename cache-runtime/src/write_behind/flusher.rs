@@ -30,7 +30,7 @@ use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use super::job::{Apply, Job};
 use super::lease::Lease;
 use super::redis_of;
-use super::stream::{self, Entry, Keys, Scripts};
+use super::stream::{self, Entry, Keys, Read, Scripts};
 use crate::bus::jittered;
 use crate::redis_store::RedisStore;
 use crate::{Cache, CacheError};
@@ -392,9 +392,16 @@ impl Reader {
         // Redis after a takeover would take new jobs into the pending list.
         let block = BLOCK.min(shared.lease_ttl / 6).max(Duration::from_millis(1));
         let limit = block + redis.op_timeout() * 4;
-        let read = stream::read(&mut dedicated.conn, &shared.keys, self.after.as_deref(), count, block);
+        let (keys, after) = (&shared.keys, self.after.as_deref());
+        let read =
+            stream::read(&mut dedicated.conn, &shared.scripts, keys, &shared.token, after, count, block);
         match tokio::time::timeout(limit, read).await {
-            Ok(Ok(entries)) => {
+            Ok(Ok(Read::NotHolder)) => {
+                tracing::warn!("write-behind flusher: the lease is no longer this flusher's; standing by");
+                shared.hold_lease_until(None);
+                Err(MIN_BACKOFF)
+            }
+            Ok(Ok(Read::Entries(entries))) => {
                 self.faults.recovered();
                 if self.after.is_some() {
                     // The pending list is read once it reads empty; new jobs from then on.

@@ -19,8 +19,9 @@ use crate::CacheError;
 pub(crate) const GROUP: &str = "flusher";
 
 /// The one consumer name every flusher reads as: only one flusher is active
-/// at a time (the lease), and a new one finds the jobs its predecessor had
-/// read but not acknowledged in this consumer's pending list.
+/// at a time (the lease, which fences every read), and a new one finds the
+/// jobs its predecessor had read but not acknowledged in this consumer's
+/// pending list.
 pub(crate) const CONSUMER: &str = "active";
 
 /// The keys of one cache's queue.
@@ -55,6 +56,20 @@ redis.call('XADD', KEYS[2], '*', 'id', ARGV[7], 'entry', ARGV[2], 'key', ARGV[3]
 return redis.call('XDEL', KEYS[1], ARGV[2])
 ";
 
+// KEYS: lease, jobs; ARGV: token, group, consumer, count, id ('>' = new jobs).
+// Reads only while `token` holds the lease: a read sent by a flusher that has
+// lost it and reaching Redis late (a partition that heals) moves nothing into
+// the pending list behind the back of the flusher that took over. Returns -1
+// when another holds it (or nobody); else {entries or nil, the id of the last
+// entry in the stream ('0-0' when empty) when none were read}.
+const READ: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local read = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4], 'STREAMS', KEYS[2], ARGV[5])
+if read then return {read, ''} end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+return {false, last and last[1] or '0-0'}
+";
+
 const RENEW: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -66,6 +81,7 @@ return redis.call('DEL', KEYS[1])
 ";
 
 pub(crate) struct Scripts {
+    read: Script,
     ack: Script,
     dead_letter: Script,
     renew: Script,
@@ -75,6 +91,7 @@ pub(crate) struct Scripts {
 impl Scripts {
     pub(crate) fn new() -> Scripts {
         Scripts {
+            read: Script::new(READ),
             ack: Script::new(ACK),
             dead_letter: Script::new(DEAD_LETTER),
             renew: Script::new(RENEW),
@@ -218,25 +235,69 @@ impl RedisStore {
     }
 }
 
-/// Reads up to `count` entries on `conn`, a connection of the flusher's own:
-/// from its pending list after `after`, or new ones (`after` = `None`),
-/// waiting up to `block` for one.
+/// What a read found.
+pub(crate) enum Read {
+    Entries(Vec<Entry>),
+    /// The lease is not `token`'s (any more): nothing was read.
+    NotHolder,
+}
+
+/// Reads up to `count` entries on `conn`, a connection of the flusher's own,
+/// while `token` holds the lease: from its pending list after `after`, or
+/// new ones (`after` = `None`), waiting up to `block` for one.
+///
+/// The read itself is a script, so that it is fenced by the lease; scripts
+/// don't block, so the wait is a plain `XREAD BLOCK` from the stream's last
+/// entry, which moves nothing: one that reaches Redis late is harmless.
 pub(crate) async fn read(
     conn: &mut MultiplexedConnection,
+    scripts: &Scripts,
     keys: &Keys,
+    token: &str,
     after: Option<&str>,
     count: usize,
     block: Duration,
-) -> Result<Vec<Entry>, CacheError> {
-    let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP").arg(GROUP).arg(CONSUMER).arg("COUNT").arg(count.max(1));
-    if after.is_none() {
-        cmd.arg("BLOCK").arg(millis(block));
+) -> Result<Read, CacheError> {
+    let mut call = scripts.read.key(&keys.lease);
+    call.key(&keys.jobs).arg(token).arg(GROUP).arg(CONSUMER).arg(count.max(1)).arg(after.unwrap_or(">"));
+    let mut waited = false;
+    loop {
+        let (read, last) = match call.invoke_async::<Value>(conn).await? {
+            Value::Int(_) => return Ok(Read::NotHolder),
+            Value::Array(mut reply) if reply.len() == 2 => {
+                let last = text(reply.pop().unwrap_or(Value::Nil)).unwrap_or_default();
+                (reply.pop().unwrap_or(Value::Nil), last)
+            }
+            other => {
+                let message = format!("unexpected reply to the write-behind read: {other:?}");
+                return Err(CacheError::Redis(redis::RedisError::from((
+                    redis::ErrorKind::Parse,
+                    "bad reply",
+                    message,
+                ))));
+            }
+        };
+        let mut entries = read_entries(read);
+        if !entries.is_empty() || after.is_some() || waited {
+            for entry in &mut entries {
+                entry.redelivered = after.is_some();
+            }
+            return Ok(Read::Entries(entries));
+        }
+        // Nothing new: wait for an entry past the stream's last, then read it fenced.
+        let mut wait = redis::cmd("XREAD");
+        wait.arg("COUNT").arg(1).arg("BLOCK").arg(millis(block)).arg("STREAMS").arg(&keys.jobs).arg(&last);
+        let woken: Value = wait.query_async(conn).await?;
+        if matches!(woken, Value::Nil) {
+            return Ok(Read::Entries(Vec::new()));
+        }
+        waited = true;
     }
-    cmd.arg("STREAMS").arg(&keys.jobs).arg(after.unwrap_or(">"));
-    let reply: Value = cmd.query_async(conn).await?;
+}
+
+/// The entries of an XREADGROUP reply: `[[stream, [entry, …]]]`, or nil when there were none.
+fn read_entries(reply: Value) -> Vec<Entry> {
     let mut read = Vec::new();
-    // [[stream, [entry, …]]], or nil when the block ran out.
     if let Value::Array(streams) = reply {
         for stream in streams {
             if let Value::Array(mut parts) = stream {
@@ -246,10 +307,7 @@ pub(crate) async fn read(
             }
         }
     }
-    for entry in &mut read {
-        entry.redelivered = after.is_some();
-    }
-    Ok(read)
+    read
 }
 
 /// Entries of an XRANGE or XREADGROUP reply: `[[id, [field, value, …] or nil], …]`.

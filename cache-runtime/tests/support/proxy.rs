@@ -1,6 +1,7 @@
 //! A TCP proxy in front of a test Redis that injects faults: added latency, a
-//! black hole (bytes are swallowed, nothing answers), connection resets, and
-//! replies cut off in the middle.
+//! black hole (bytes are swallowed, nothing answers), a partition that heals
+//! (requests held, then delivered late), connection resets, and replies cut
+//! off in the middle.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -23,6 +24,10 @@ pub enum Fault {
     Reset = 3,
     /// Forward only the first half of the next reply chunk, then close.
     CutReply = 4,
+    /// Hold every request until the fault changes, then deliver them in
+    /// order, also those of connections the client closed meanwhile: what
+    /// TCP does for data sent into a partition that heals.
+    Hold = 5,
 }
 
 pub struct Proxy {
@@ -97,16 +102,43 @@ async fn pump(
     mut kick: watch::Receiver<u64>,
     replies: bool,
 ) {
+    let holding = || !replies && fault.load(Ordering::SeqCst) == Fault::Hold as u8;
+    let mut held: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut open = true;
     loop {
+        if !held.is_empty() && !holding() {
+            if to.write_all(&held).await.is_err() {
+                return;
+            }
+            held.clear();
+        }
+        if !open {
+            if held.is_empty() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => continue,
+                _ = kick.changed() => return,
+            }
+        }
         let n = tokio::select! {
             read = from.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => {
+                    open = false;
+                    continue;
+                }
                 Ok(n) => n,
             },
+            // Held bytes go out as soon as the hold ends.
+            _ = tokio::time::sleep(Duration::from_millis(10)), if !held.is_empty() => continue,
             _ = kick.changed() => return,
         };
         match fault.load(Ordering::SeqCst) {
+            _ if holding() => {
+                held.extend_from_slice(&buf[..n]);
+                continue;
+            }
             f if f == Fault::BlackHole as u8 => continue,
             f if f == Fault::Reset as u8 => return,
             f if f == Fault::Latency as u8 && replies => {

@@ -149,6 +149,7 @@ impl Cache {
     /// Dropping the future before it completes leaves no cache behind: the
     /// upkeep loops are spawned only once the connection check is done.
     pub async fn new(config: CacheConfig) -> Result<Cache, CacheError> {
+        config.check_bounds()?;
         let Some(target) = config.redis().cloned() else {
             tracing::info!(prefix = %config.key_prefix, "no Redis configured: cache runs in local mode");
             return Ok(Cache::local(config));

@@ -615,6 +615,24 @@ impl CacheConfig {
         })
     }
 
+    /// The checks that span settings, or that no setting's own type makes:
+    /// run by the builder and again by `Cache::new`, whichever of the file,
+    /// the environment or the builder the values came from.
+    pub(crate) fn check_bounds(&self) -> Result<(), CacheError> {
+        // A renewal has the middle third of the lease to land in: shorter
+        // than an operation, and the flusher loses its lease to a slow answer.
+        if self.write_behind_lease_ttl < self.operation_timeout() * 3 {
+            let ttl = format!("{:?}", self.write_behind_lease_ttl);
+            let reason = "must be at least three times operation_timeout, or its renewals can't land in time";
+            return Err(CacheError::config("write_behind_lease_ttl", ttl, reason));
+        }
+        if self.fail_safe_max > MAX_FAIL_SAFE {
+            let max = format!("{:?}", self.fail_safe_max);
+            return Err(CacheError::config("fail_safe_max", max, "must be at most 365 days"));
+        }
+        Ok(())
+    }
+
     /// Loads the `REDIS:` (or `redis:`) section of a YAML settings file such as
     /// `config/settings.yaml`; other sections are the app's and are left alone.
     #[cfg(feature = "yaml")]
@@ -1236,20 +1254,7 @@ impl CacheConfigBuilder {
         if c.connections == 0 {
             return Err(CacheError::config("connections", 0, "must be at least 1"));
         }
-        // A renewal has the middle third of the lease to land; shorter than
-        // that, the flusher would lose its lease to every slow answer.
-        if c.write_behind_lease_ttl < c.operation_timeout() * 2 {
-            let ttl = format!("{:?}", c.write_behind_lease_ttl);
-            return Err(CacheError::config(
-                "write_behind_lease_ttl",
-                ttl,
-                "must be at least twice operation_timeout, or its renewals can't land in time",
-            ));
-        }
-        if c.fail_safe_max > MAX_FAIL_SAFE {
-            let max = format!("{:?}", c.fail_safe_max);
-            return Err(CacheError::config("fail_safe_max", max, "must be at most 365 days"));
-        }
+        c.check_bounds()?;
         if c.hard_timeout.is_some_and(|d| d.is_zero()) {
             return Err(CacheError::config("hard_timeout", "0", "must be positive"));
         }
@@ -1504,11 +1509,15 @@ REDIS:
         assert!(CacheConfig::builder().key_prefix("a:b").build().is_err());
         let err = CacheConfig::builder().fail_safe_max(Duration::MAX).build().unwrap_err();
         assert!(err.to_string().contains("fail_safe_max"), "{err}");
-        let short = Duration::from_millis(400);
+        let short = Duration::from_millis(600);
         let err = CacheConfig::builder().write_behind_lease_ttl(short).build().unwrap_err();
         assert!(err.to_string().contains("write_behind_lease_ttl"), "{err}");
-        let fast = CacheConfig::builder().operation_timeout(Duration::from_millis(100));
+        let fast = CacheConfig::builder().operation_timeout(Duration::from_millis(200));
         assert!(fast.write_behind_lease_ttl(short).build().is_ok());
+        // However it was set: the environment too.
+        let c =
+            CacheConfig::default().with_vars(|k| (k == "CACHE_WRITE_BEHIND_LEASE_TTL").then(|| "0.5".into()));
+        assert!(c.unwrap().check_bounds().is_err());
         assert!(CacheConfig::builder().default_ttl(Duration::ZERO).build().is_err());
         let c = CacheConfig::builder().key_prefix("app").redis_url("redis://127.0.0.1:1/0").build().unwrap();
         assert_eq!(c.key_prefix(), "app");

@@ -193,7 +193,6 @@ impl RedisTier {
         verified
     }
 
-    /// `bytes` as they are written under `name`: signed, with a signer.
     /// `bytes` as the entry `full` holds them in Redis, and a big value's body
     /// apart. Sealing and signing are deterministic: the same bytes store the same.
     fn as_stored(&self, full: &str, bytes: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
@@ -206,6 +205,7 @@ impl RedisTier {
         (self.signed(full, &pointer(body.len())).into_owned(), Some(body))
     }
 
+    /// `bytes` as they are written under `name`: signed, with a signer.
     fn signed<'b>(&self, name: &str, bytes: &'b [u8]) -> std::borrow::Cow<'b, [u8]> {
         match &self.signer {
             Some(signer) => std::borrow::Cow::Owned(signer.sign(name, bytes)),

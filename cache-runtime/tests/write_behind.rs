@@ -256,7 +256,7 @@ async fn a_job_redis_does_not_take_is_an_error_and_the_cache_is_not_written() {
 async fn one_flusher_is_active_and_a_standby_takes_over_after_a_shutdown() {
     let redis = Redis::spawn();
     let config =
-        redis.config("wbstandby").write_behind_lease_ttl(Duration::from_millis(500)).build().unwrap();
+        redis.config("wbstandby").write_behind_lease_ttl(Duration::from_millis(750)).build().unwrap();
     let prefix = config.key_prefix().to_owned();
     let one = Cache::new(config.clone()).await.unwrap();
     let two = Cache::new(config).await.unwrap();
@@ -327,7 +327,7 @@ async fn a_flusher_rides_out_a_stalled_redis_and_warns_once_per_fault() {
     let warnings = Warnings::default();
     let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
     let redis = Redis::spawn();
-    let config = redis.config("wbfault").write_behind_lease_ttl(Duration::from_millis(600)).build().unwrap();
+    let config = redis.config("wbfault").write_behind_lease_ttl(Duration::from_millis(750)).build().unwrap();
     let cache = Cache::new(config).await.unwrap();
     let seen = Seen::default();
     let record = seen.clone();
@@ -464,7 +464,7 @@ async fn after_a_late_read(late: LateRead) -> Vec<u64> {
     let prefix = support::unique_prefix("wblate");
     let config = |url: String| {
         let b = cache_runtime::CacheConfig::builder().redis_url(url).key_prefix(prefix.clone());
-        b.write_behind_concurrency(1).write_behind_lease_ttl(Duration::from_millis(600)).build().unwrap()
+        b.write_behind_concurrency(1).write_behind_lease_ttl(Duration::from_millis(750)).build().unwrap()
     };
     let cut = Cache::new(config(proxy.url())).await.unwrap();
     let direct = Cache::new(config(redis.url().to_owned())).await.unwrap();

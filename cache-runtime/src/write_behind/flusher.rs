@@ -81,7 +81,7 @@ impl Flusher {
         let shared = Arc::new(Shared {
             keys: Keys::new(&self.cache.inner.schema),
             scripts: Scripts::new(),
-            token: super::lease::token(self.cache.inner.tiers.bus.me()),
+            me: self.cache.inner.tiers.bus.me(),
             concurrency,
             max_attempts: config.write_behind_max_attempts(),
             backoff: config.write_behind_backoff(),
@@ -147,8 +147,8 @@ pub(super) struct Shared {
     pub(super) apply: Apply,
     pub(super) keys: Keys,
     pub(super) scripts: Scripts,
-    /// This flusher's lease token.
-    pub(super) token: String,
+    /// This process's id on the bus, in each of its lease tokens.
+    pub(super) me: u64,
     pub(super) concurrency: usize,
     pub(super) max_attempts: u32,
     pub(super) backoff: Duration,
@@ -164,8 +164,8 @@ pub(super) struct Shared {
     /// Set by a graceful shutdown.
     pub(super) stop: watch::Sender<bool>,
     pub(super) active: AtomicBool,
-    /// Until when this flusher holds the lease for sure (`None`: it does not).
-    lease_until: Mutex<Option<Instant>>,
+    /// The lease this flusher holds, by its token, and until when for sure.
+    lease_until: Mutex<Option<(Arc<str>, Instant)>>,
     /// Acknowledgements are failing (said once).
     pub(super) acks_failing: AtomicBool,
 }
@@ -179,11 +179,36 @@ impl Shared {
     /// starts only then, whatever the renewal task has had time to say (a
     /// process that stalled past its lease wakes with its deadline passed).
     pub(super) fn holds_lease(&self) -> bool {
-        self.lease_until.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|until| Instant::now() < until)
+        let held = self.lease_until.lock().unwrap_or_else(|e| e.into_inner());
+        held.as_ref().is_some_and(|(_, until)| Instant::now() < *until)
     }
 
-    pub(super) fn hold_lease_until(&self, until: Option<Instant>) {
-        *self.lease_until.lock().unwrap_or_else(|e| e.into_inner()) = until;
+    /// Holds the lease taken under `token` until `until`.
+    pub(super) fn hold_lease(&self, token: &Arc<str>, until: Instant) {
+        *self.lease_until.lock().unwrap_or_else(|e| e.into_inner()) = Some((token.clone(), until));
+    }
+
+    /// Moves the deadline of the lease held under `token` to `until`, unless
+    /// that lease has been let go or its deadline has passed: a lease this
+    /// flusher stopped acting on is never taken up again, though a renewal
+    /// answered late says Redis still has it. Whether it was moved.
+    pub(super) fn extend_lease(&self, token: &str, until: Instant) -> bool {
+        let mut held = self.lease_until.lock().unwrap_or_else(|e| e.into_inner());
+        match held.as_mut() {
+            Some((mine, deadline)) if &**mine == token && Instant::now() < *deadline => {
+                *deadline = until;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Lets go of the lease held under `token`, if it is still the one held.
+    pub(super) fn let_go(&self, token: &str) {
+        let mut held = self.lease_until.lock().unwrap_or_else(|e| e.into_inner());
+        if held.as_ref().is_some_and(|(mine, _)| &**mine == token) {
+            *held = None;
+        }
     }
 
     /// Jobs held in memory at most: enough to keep every handler slot busy
@@ -244,12 +269,15 @@ async fn run(shared: Arc<Shared>) {
         }
         let Ok(redis) = redis_of(&shared.cache) else { return };
         let taking = Instant::now();
-        let wait = match redis.take_flusher_lease(&shared.keys, &shared.token, shared.lease_ttl).await {
+        // A token of its own for each lease: nothing sent under an earlier
+        // one (a late read, a late release) acts on this one.
+        let token: Arc<str> = super::lease::token(shared.me).into();
+        let wait = match redis.take_flusher_lease(&shared.keys, &token, shared.lease_ttl).await {
             Ok(true) => {
                 faults.recovered();
-                let mut lease = Lease::hold(&shared, taking);
+                let mut lease = Lease::hold(&shared, taking, token);
                 tracing::info!("write-behind flusher: active");
-                match session(&shared, &mut lease.lost).await {
+                match session(&shared, &mut lease).await {
                     End::Stopped => {
                         lease.release().await;
                         return;
@@ -278,7 +306,8 @@ enum End {
 
 /// Delivers jobs while the lease holds: reads, and hands each job to its
 /// key's worker.
-async fn session(shared: &Arc<Shared>, lost: &mut watch::Receiver<bool>) -> End {
+async fn session(shared: &Arc<Shared>, lease: &mut Lease) -> End {
+    let (token, lost) = (lease.token.clone(), &mut lease.lost);
     shared.active.store(true, Ordering::Release);
     let mut stop = shared.stop.subscribe();
     let mut workers = JoinSet::new();
@@ -301,7 +330,7 @@ async fn session(shared: &Arc<Shared>, lost: &mut watch::Receiver<bool>) -> End 
         }
         let room = shared.capacity().saturating_sub(shared.held.load(Ordering::Acquire));
         let read = tokio::select! {
-            read = reader.read(shared, room), if room > 0 => read,
+            read = reader.read(shared, &token, room), if room > 0 => read,
             // Woken by a settled job, and now and then to reap finished workers.
             _ = shared.room.notified(), if room == 0 => Ok(Vec::new()),
             _ = tokio::time::sleep(Duration::from_millis(100)), if room == 0 => Ok(Vec::new()),
@@ -372,7 +401,7 @@ impl Drop for Dedicated {
 
 impl Reader {
     /// Up to `count` jobs; `Err` is how long to wait before the next try.
-    async fn read(&mut self, shared: &Shared, count: usize) -> Result<Vec<Entry>, Duration> {
+    async fn read(&mut self, shared: &Shared, token: &str, count: usize) -> Result<Vec<Entry>, Duration> {
         let redis = redis_of(&shared.cache).map_err(|_| MAX_BACKOFF)?;
         if self.conn.is_none() {
             // The group first: a read without it fails, and it may have been deleted.
@@ -393,12 +422,11 @@ impl Reader {
         let block = BLOCK.min(shared.lease_ttl / 6).max(Duration::from_millis(1));
         let limit = block + redis.op_timeout() * 4;
         let (keys, after) = (&shared.keys, self.after.as_deref());
-        let read =
-            stream::read(&mut dedicated.conn, &shared.scripts, keys, &shared.token, after, count, block);
+        let read = stream::read(&mut dedicated.conn, &shared.scripts, keys, token, after, count, block);
         match tokio::time::timeout(limit, read).await {
             Ok(Ok(Read::NotHolder)) => {
                 tracing::warn!("write-behind flusher: the lease is no longer this flusher's; standing by");
-                shared.hold_lease_until(None);
+                shared.let_go(token);
                 Err(MIN_BACKOFF)
             }
             Ok(Ok(Read::Entries(entries))) => {

@@ -15,26 +15,28 @@ use super::redis_of;
 /// says when it can no longer prove it holds it.
 pub(super) struct Lease {
     shared: Arc<Shared>,
+    /// This lease's own token: taken, renewed, read under and released with.
+    pub(super) token: Arc<str>,
     pub(super) lost: watch::Receiver<bool>,
     renewal: AbortHandle,
     released: bool,
 }
 
 impl Lease {
-    pub(super) fn hold(shared: &Arc<Shared>, taken: Instant) -> Lease {
-        shared.hold_lease_until(Some(deadline(shared, taken)));
+    pub(super) fn hold(shared: &Arc<Shared>, taken: Instant, token: Arc<str>) -> Lease {
+        shared.hold_lease(&token, deadline(shared, taken));
         let (tell, lost) = watch::channel(false);
-        let renewal = tokio::spawn(renew(shared.clone(), tell, taken)).abort_handle();
-        Lease { shared: shared.clone(), lost, renewal, released: false }
+        let renewal = tokio::spawn(renew(shared.clone(), token.clone(), tell, taken)).abort_handle();
+        Lease { shared: shared.clone(), token, lost, renewal, released: false }
     }
 
     pub(super) async fn release(&mut self) {
         self.renewal.abort();
-        self.shared.hold_lease_until(None);
+        self.shared.let_go(&self.token);
         self.released = true;
         if let Ok(redis) = redis_of(&self.shared.cache) {
             let shared = &self.shared;
-            if let Err(e) = redis.release_flusher_lease(&shared.scripts, &shared.keys, &shared.token).await {
+            if let Err(e) = redis.release_flusher_lease(&shared.scripts, &shared.keys, &self.token).await {
                 tracing::debug!(error = %e, "write-behind flusher: lease not released; it expires");
             }
         }
@@ -44,17 +46,17 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renewal.abort();
-        self.shared.hold_lease_until(None);
+        self.shared.let_go(&self.token);
         self.shared.active.store(false, Ordering::Release);
         if self.released {
             return;
         }
         // Dropped with the flusher: let a standby take over now, not when the lease expires.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let shared = self.shared.clone();
+            let (shared, token) = (self.shared.clone(), self.token.clone());
             runtime.spawn(async move {
                 if let Ok(redis) = redis_of(&shared.cache) {
-                    let _ = redis.release_flusher_lease(&shared.scripts, &shared.keys, &shared.token).await;
+                    let _ = redis.release_flusher_lease(&shared.scripts, &shared.keys, &token).await;
                 }
             });
         }
@@ -73,7 +75,7 @@ fn deadline(shared: &Shared, set: Instant) -> Instant {
 /// process stalled) means this one can no longer be sure it holds it, and
 /// must stop before it could have expired. Each renewal that lands moves the
 /// deadline that handler calls check before they start (`Shared::holds_lease`).
-async fn renew(shared: Arc<Shared>, lost: watch::Sender<bool>, taken: Instant) {
+async fn renew(shared: Arc<Shared>, token: Arc<str>, lost: watch::Sender<bool>, taken: Instant) {
     let ttl = shared.lease_ttl;
     // From before the SET that took it: the lease can't have been set any earlier.
     let mut renewed = taken;
@@ -85,12 +87,18 @@ async fn renew(shared: Arc<Shared>, lost: watch::Sender<bool>, taken: Instant) {
             let attempt = Instant::now();
             let renewal = async {
                 let redis = redis_of(&shared.cache)?;
-                redis.renew_flusher_lease(&shared.scripts, &shared.keys, &shared.token, ttl).await
+                redis.renew_flusher_lease(&shared.scripts, &shared.keys, &token, ttl).await
             };
             match tokio::time::timeout_at(until, renewal).await {
+                // Answered, but only once the deadline had passed: this
+                // flusher may have stopped acting on the lease already.
+                Ok(Ok(true)) if !shared.extend_lease(&token, deadline(&shared, attempt)) => {
+                    tracing::warn!("write-behind flusher: the lease was renewed too late; standing by");
+                    lost.send_replace(true);
+                    return;
+                }
                 Ok(Ok(true)) => {
                     renewed = attempt;
-                    shared.hold_lease_until(Some(deadline(&shared, renewed)));
                     break;
                 }
                 Ok(Ok(false)) => {

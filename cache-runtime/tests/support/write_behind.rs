@@ -129,7 +129,7 @@ fn config(url: &str, prefix: &str) -> CacheConfig {
         .redis_url(url)
         .key_prefix(prefix)
         .write_behind_concurrency(16)
-        .write_behind_lease_ttl(Duration::from_millis(2000))
+        .write_behind_lease_ttl(Duration::from_millis(3000))
         .write_behind_backoff(Duration::from_millis(10), Duration::from_millis(100))
         .operation_timeout(Duration::from_secs(1))
         .build()

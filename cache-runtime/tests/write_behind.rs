@@ -40,6 +40,18 @@ impl Seen {
     fn calls(&self) -> Vec<Call> {
         self.0.lock().unwrap().clone()
     }
+
+    /// Records a call of `job`, now, with `overlapping` calls of its key running.
+    fn record(&self, job: &Job<Save>, overlapping: usize) {
+        self.0.lock().unwrap().push(Call {
+            key: job.key().to_owned(),
+            seq: job.job().seq,
+            id: job.idempotency_key().to_owned(),
+            attempt: job.attempt(),
+            at: Instant::now(),
+            overlapping,
+        });
+    }
 }
 
 fn jobs_key(cache: &Cache, name: &str) -> String {
@@ -87,14 +99,7 @@ async fn jobs_of_a_key_are_applied_in_order_one_at_a_time_and_the_queue_drains()
                 };
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 *running.lock().unwrap().get_mut(&key).unwrap() -= 1;
-                seen.0.lock().unwrap().push(Call {
-                    key,
-                    seq: job.job().seq,
-                    id: job.idempotency_key().to_owned(),
-                    attempt: job.attempt(),
-                    at: Instant::now(),
-                    overlapping,
-                });
+                seen.record(&job, overlapping);
                 Ok::<(), String>(())
             }
         })
@@ -162,15 +167,7 @@ async fn a_failing_job_is_retried_then_dead_lettered_while_only_its_key_waits() 
         .write_behind_flusher(move |job: Job<Save>| {
             let seen = record.clone();
             async move {
-                let call = Call {
-                    key: job.key().to_owned(),
-                    seq: job.job().seq,
-                    id: job.idempotency_key().to_owned(),
-                    attempt: job.attempt(),
-                    at: Instant::now(),
-                    overlapping: 0,
-                };
-                seen.0.lock().unwrap().push(call);
+                seen.record(&job, 0);
                 if job.key() == "a" && job.job().seq == 1 {
                     return Err("the database says no");
                 }
@@ -336,15 +333,7 @@ async fn a_flusher_rides_out_a_stalled_redis_and_warns_once_per_fault() {
             let seen = record.clone();
             async move {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                let call = Call {
-                    key: job.key().to_owned(),
-                    seq: job.job().seq,
-                    id: job.idempotency_key().to_owned(),
-                    attempt: job.attempt(),
-                    at: Instant::now(),
-                    overlapping: 0,
-                };
-                seen.0.lock().unwrap().push(call);
+                seen.record(&job, 0);
                 Ok::<(), String>(())
             }
         })

@@ -1,6 +1,7 @@
 //! Redis as a [`Store`]: entries, per-key fences (`fence.rs`) and tag indexes
 //! under one prefix ([`Schema`]), over the commands of `redis_store.rs`.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -193,23 +194,29 @@ impl RedisTier {
         verified
     }
 
-    /// `bytes` as the entry `full` holds them in Redis, and a big value's body
-    /// apart. Sealing and signing are deterministic: the same bytes store the same.
-    fn as_stored(&self, full: &str, bytes: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
-        let sealed = self.sealer.seal(full, bytes);
+    /// `sealed` (the entry `full`'s bytes, sealed) as Redis holds them: what
+    /// the entry holds, and a big value's body apart, under `body_key`.
+    /// Sealing and signing are deterministic: the same bytes store the same.
+    fn stored<'b>(
+        &self,
+        full: &str,
+        body_key: &str,
+        sealed: &'b [u8],
+    ) -> (Cow<'b, [u8]>, Option<Cow<'b, [u8]>>) {
         if sealed.len() <= self.big_value_bytes {
-            return (self.signed(full, &sealed).into_owned(), None);
+            return (self.signed(full, sealed), None);
         }
-        let body = self.signed(&self.schema.body(full), &sealed).into_owned();
+        let body = self.signed(body_key, sealed);
         // The pointer holds the body's size as stored, its MAC included.
-        (self.signed(full, &pointer(body.len())).into_owned(), Some(body))
+        let pointer = self.signed(full, &pointer(body.len())).into_owned();
+        (Cow::Owned(pointer), Some(body))
     }
 
     /// `bytes` as they are written under `name`: signed, with a signer.
-    fn signed<'b>(&self, name: &str, bytes: &'b [u8]) -> std::borrow::Cow<'b, [u8]> {
+    fn signed<'b>(&self, name: &str, bytes: &'b [u8]) -> Cow<'b, [u8]> {
         match &self.signer {
-            Some(signer) => std::borrow::Cow::Owned(signer.sign(name, bytes)),
-            None => std::borrow::Cow::Borrowed(bytes),
+            Some(signer) => Cow::Owned(signer.sign(name, bytes)),
+            None => Cow::Borrowed(bytes),
         }
     }
 
@@ -400,14 +407,10 @@ impl Store for RedisTier {
             let shard = self.shard_of(w.full);
             let tags = self.tag_indexes(shard, w.tags);
             let body_key = self.schema.body(w.full);
-            // Not `as_stored`: that copies what the miss path need not.
             let sealed = self.sealer.seal(w.full, w.bytes);
-            let big = sealed.len() > self.big_value_bytes;
-            let body = big.then(|| self.signed(&body_key, &sealed));
-            // The pointer holds the body's size as stored, its MAC included.
-            let pointer = pointer(body.as_ref().map_or(0, |b| b.len()));
-            let bytes = self.signed(w.full, if big { &pointer[..] } else { &sealed });
-            let read = w.replaces.map(|read| self.as_stored(w.full, read));
+            let (bytes, body) = self.stored(w.full, &body_key, &sealed);
+            let read_sealed = w.replaces.map(|read| self.sealer.seal(w.full, read));
+            let read = read_sealed.as_deref().map(|sealed| self.stored(w.full, &body_key, sealed));
             let replaces = read.as_ref().map(|(entry, body)| Held {
                 entry,
                 body_sha1: body.as_ref().map(|b| sha1_smol::Sha1::from(b).digest().to_string()),
@@ -470,7 +473,8 @@ impl Store for RedisTier {
     fn drop_if_same<'a>(&'a self, full: &'a str, bytes: &'a [u8]) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
             // A big value's entry holds its pointer: that is what must still be there.
-            let (held, _) = self.as_stored(full, bytes);
+            let sealed = self.sealer.seal(full, bytes);
+            let (held, _) = self.stored(full, &self.schema.body(full), &sealed);
             self.redis.drop_if_same(full, &held).await.map(drop)
         })
     }

@@ -325,7 +325,8 @@ async fn session(shared: &Arc<Shared>, lease: &mut Lease) -> End {
         if *stop.borrow() {
             break End::Stopped;
         }
-        if *lost.borrow() || !shared.holds_lease() {
+        // The renewal task and a refused read let the lease go before they wake this loop.
+        if !shared.holds_lease() {
             break End::Lost;
         }
         let room = shared.capacity().saturating_sub(shared.held.load(Ordering::Acquire));

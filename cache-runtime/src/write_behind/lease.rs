@@ -70,56 +70,53 @@ fn deadline(shared: &Shared, set: Instant) -> Instant {
     set + shared.lease_ttl * 2 / 3
 }
 
-/// Renews every third of the lease. A renewal refused means another flusher
-/// holds it; no renewal by the deadline (Redis unreachable or slow, this
-/// process stalled) means this one can no longer be sure it holds it, and
-/// must stop before it could have expired. Each renewal that lands moves the
-/// deadline that handler calls check before they start (`Shared::holds_lease`).
+/// Renews the lease until it can't, then lets it go and says so: the
+/// session, woken by `lost`, finds that it no longer holds it.
 async fn renew(shared: Arc<Shared>, token: Arc<str>, lost: watch::Sender<bool>, taken: Instant) {
+    let cause = keep(&shared, &token, taken).await;
+    tracing::warn!(cause, "write-behind flusher: the lease is lost; standing by");
+    shared.let_go(&token);
+    lost.send_replace(true);
+}
+
+/// Renews every third of the lease; returns why it stopped. A renewal
+/// refused means another flusher holds it; no renewal by the deadline (Redis
+/// unreachable or slow, this process stalled) means this one can no longer be
+/// sure it holds it, and must stop before it could have expired. Each renewal
+/// that lands moves the deadline that handler calls check before they start
+/// (`Shared::holds_lease`).
+async fn keep(shared: &Shared, token: &str, taken: Instant) -> String {
     let ttl = shared.lease_ttl;
     // From before the SET that took it: the lease can't have been set any earlier.
     let mut renewed = taken;
     loop {
         tokio::time::sleep(ttl / 3).await;
-        let until = tokio::time::Instant::from_std(deadline(&shared, renewed));
+        let until = tokio::time::Instant::from_std(deadline(shared, renewed));
         let mut failed = None;
         loop {
             let attempt = Instant::now();
             let renewal = async {
                 let redis = redis_of(&shared.cache)?;
-                redis.renew_flusher_lease(&shared.scripts, &shared.keys, &token, ttl).await
+                redis.renew_flusher_lease(&shared.scripts, &shared.keys, token, ttl).await
             };
             match tokio::time::timeout_at(until, renewal).await {
                 // Answered, but only once the deadline had passed: this
                 // flusher may have stopped acting on the lease already.
-                Ok(Ok(true)) if !shared.extend_lease(&token, deadline(&shared, attempt)) => {
-                    tracing::warn!("write-behind flusher: the lease was renewed too late; standing by");
-                    lost.send_replace(true);
-                    return;
+                Ok(Ok(true)) if !shared.extend_lease(token, deadline(shared, attempt)) => {
+                    return "renewed only past its deadline".into();
                 }
                 Ok(Ok(true)) => {
                     renewed = attempt;
                     break;
                 }
-                Ok(Ok(false)) => {
-                    tracing::warn!(
-                        "write-behind flusher: the lease expired and another flusher took it; standing by"
-                    );
-                    lost.send_replace(true);
-                    return;
-                }
+                Ok(Ok(false)) => return "it expired and another flusher took it".into(),
                 Ok(Err(e)) => {
                     failed = Some(e);
                     tokio::time::sleep(ttl / 12).await;
                 }
                 Err(_) => {
-                    let error = failed.map_or_else(|| "no answer in time".to_owned(), |e| e.to_string());
-                    tracing::warn!(
-                        error,
-                        "write-behind flusher: the lease could not be renewed in time; standing by"
-                    );
-                    lost.send_replace(true);
-                    return;
+                    let error = failed.map_or_else(|| "no answer".to_owned(), |e| e.to_string());
+                    return format!("not renewed by its deadline ({error})");
                 }
             }
         }
